@@ -1,0 +1,59 @@
+"""Server settings: every setting is a ``BILIK_*`` environment variable with a matching flag."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+
+@dataclasses.dataclass(frozen=True)
+class Caps:
+    """Operator caps: the largest values a create may ask for."""
+
+    cpu: int = 4
+    memory_mb: int = 8192
+    disk_mb: int = 20480
+    pids: int = 32768
+    lifetime_s: int = 3600
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    data_dir: Path = Path("/var/lib/bilik")
+    # Names the host objects (bridge, nftables table, cgroup parent, netns prefix) so that two
+    # installations, or a test run beside a real server, never touch each other's sandboxes.
+    instance: str = "bilik"
+    oci_runtime: str = "crun"
+    subnet: str = "10.213.0.0/16"
+    # Root inside a sandbox is this host uid; template layers are stored shifted by it.
+    uid_base: int = 1_000_000
+    host: str = "127.0.0.1"
+    port: int = 3000
+    caps: Caps = dataclasses.field(default_factory=Caps)
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides: object) -> Settings:
+        """Read ``BILIK_*`` variables; explicit ``overrides`` (e.g. from flags) win."""
+        env = dict(os.environ if env is None else env)
+        values: dict[str, object] = {}
+        caps: dict[str, int] = {}
+        for field in dataclasses.fields(cls):
+            raw = env.get(f"BILIK_{field.name.upper()}")
+            if raw is None or field.name == "caps":
+                continue
+            if field.name == "data_dir":
+                values[field.name] = Path(raw)
+            elif field.type in ("int", int):
+                values[field.name] = int(raw)
+            else:
+                values[field.name] = raw
+        for field in dataclasses.fields(Caps):
+            raw = env.get(f"BILIK_MAX_{field.name.upper()}")
+            if raw is not None:
+                caps[field.name] = int(raw)
+        values["caps"] = Caps(**caps)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if isinstance(values.get("data_dir"), str):
+            values["data_dir"] = Path(str(values["data_dir"]))
+        return cls(**values)  # type: ignore[arg-type]

@@ -1,0 +1,93 @@
+"""The runtime interface: what the control plane, the CLI and the tests use to run sandboxes."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Sequence
+from typing import Protocol
+
+from .spec import Limits, SandboxSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class SandboxInfo:
+    sandbox_id: str
+    template: str
+    state: str  # "running", "stopped" (its container is gone) or "creating"
+    limits: Limits
+    internet: bool
+    address: str
+    oci_runtime: str
+    created_at: float
+    end_at: float
+    metadata: dict[str, str]
+    env: dict[str, str]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecResult:
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+
+
+class Process:
+    """A process running inside a sandbox. Read its output with :meth:`output`."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self._proc = proc
+
+    @property
+    def stdin(self) -> asyncio.StreamWriter | None:
+        return self._proc.stdin
+
+    async def output(self) -> AsyncIterator[tuple[str, bytes]]:
+        """Yield ``("stdout" | "stderr", chunk)`` as the process produces output, until both end."""
+        queue: asyncio.Queue[tuple[str, bytes] | None] = asyncio.Queue()
+
+        async def pump(name: str, stream: asyncio.StreamReader | None) -> None:
+            try:
+                while stream is not None and (chunk := await stream.read(65536)):
+                    await queue.put((name, chunk))
+            finally:
+                await queue.put(None)
+
+        tasks = [asyncio.create_task(pump("stdout", self._proc.stdout)),
+                 asyncio.create_task(pump("stderr", self._proc.stderr))]
+        try:
+            open_streams = 2
+            while open_streams:
+                item = await queue.get()
+                if item is None:
+                    open_streams -= 1
+                else:
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def wait(self) -> int:
+        """Wait for the process to end; returns its exit code (128+N when killed by signal N)."""
+        code = await self._proc.wait()
+        return 128 - code if code < 0 else code
+
+    def kill(self) -> None:
+        if self._proc.returncode is None:
+            self._proc.kill()
+
+
+class Runtime(Protocol):
+    """What every sandbox backend provides."""
+
+    async def start(self) -> None: ...
+    async def create(self, spec: SandboxSpec) -> SandboxInfo: ...
+    async def kill(self, sandbox_id: str) -> None: ...
+    async def list(self) -> list[SandboxInfo]: ...
+    async def inspect(self, sandbox_id: str) -> SandboxInfo: ...
+    async def exec(self, sandbox_id: str, argv: Sequence[str], *, user: str = "root",
+                   env: dict[str, str] | None = None, cwd: str | None = None,
+                   stdin: bool = False) -> Process: ...
+    async def set_timeout(self, sandbox_id: str, seconds: float) -> SandboxInfo: ...
+    async def reap_expired(self) -> list[str]: ...
+    async def reconcile(self) -> None: ...

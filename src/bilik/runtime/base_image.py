@@ -1,0 +1,109 @@
+"""The ``base`` template: a Debian rootfs built with mmdebstrap from the host's own apt sources."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import StepFailed
+from .fsutil import shift_owners
+from .layers import Image, LayerStore, layer_key
+
+# Bump when the recipe below changes meaning, so cached layers are rebuilt.
+RECIPE_VERSION = 1
+
+PACKAGES = (
+    "bash", "coreutils", "python3", "python3-pip", "python3-venv", "ca-certificates", "curl",
+    "wget", "git", "procps", "iproute2", "iputils-ping", "sudo", "less", "nano", "unzip", "zip",
+    "xz-utils", "file", "jq", "openssh-client", "tini",
+)
+
+BASE_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "LANG": "C.UTF-8",
+}
+
+# Run inside the new rootfs (mmdebstrap passes it as $1).
+_CUSTOMIZE = [
+    'chroot "$1" useradd --create-home --uid 1000 --user-group --shell /bin/bash user',
+    "echo 'user ALL=(ALL:ALL) NOPASSWD: ALL' > \"$1/etc/sudoers.d/user\"",
+    'chmod 0440 "$1/etc/sudoers.d/user"',
+    # Files the runtime bind-mounts per sandbox must exist as mount points.
+    'touch "$1/etc/hostname" "$1/etc/hosts" "$1/etc/resolv.conf"',
+    'rm -rf "$1/var/cache/apt/archives"/*.deb "$1/var/lib/apt/lists"/*',
+]
+
+Log = Callable[[str], None]
+
+
+def host_release() -> str:
+    for line in Path("/etc/os-release").read_text().splitlines():
+        if line.startswith("VERSION_CODENAME="):
+            return line.split("=", 1)[1].strip().strip('"')
+    return "bookworm"
+
+
+def host_apt_sources() -> list[Path]:
+    """The host's configured apt sources, so images come from the same Debian mirror."""
+    paths = []
+    legacy = Path("/etc/apt/sources.list")
+    if legacy.exists() and any(
+        line.strip() and not line.lstrip().startswith("#") for line in legacy.read_text().splitlines()
+    ):
+        paths.append(legacy)
+    parts = Path("/etc/apt/sources.list.d")
+    if parts.is_dir():
+        paths += sorted(p for p in parts.iterdir() if p.suffix in (".list", ".sources"))
+    return paths
+
+
+def base_layer_key(uid_base: int, release: str) -> str:
+    return layer_key("debian-base", RECIPE_VERSION, release, PACKAGES, _CUSTOMIZE, uid_base)
+
+
+def ensure_base_image(store: LayerStore, uid_base: int, log: Log, *, rebuild: bool = False) -> Image:
+    """Return the ``base`` image, building its layer first if it is not cached (or ``rebuild``)."""
+    release = host_release()
+    key = base_layer_key(uid_base, release)
+    image = Image(name="base", layers=(key,), env=dict(BASE_ENV), user="user", workdir="/home/user")
+    with store.lock(key):
+        if rebuild or not store.has(key):
+            _build(store, key, release, uid_base, log, replace=rebuild)
+        store.save_image(image)
+    return image
+
+
+def _build(store: LayerStore, key: str, release: str, uid_base: int, log: Log, *,
+           replace: bool) -> None:
+    sources = host_apt_sources()
+    if not sources:
+        raise StepFailed("build-base", "no apt sources configured on this host")
+    scratch = store.scratch(key)
+    rootfs = scratch / "rootfs"
+    cmd = [
+        "mmdebstrap", "--variant=minbase", "--mode=root", "--format=directory",
+        f"--include={','.join(PACKAGES)}",
+        *[f"--customize-hook={hook}" for hook in _CUSTOMIZE],
+        release, str(rootfs), *map(str, sources),
+    ]
+    log(f"building base image from Debian {release} with mmdebstrap")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, text=True, errors="replace")
+    assert proc.stdout is not None
+    tail: list[str] = []
+    for line in proc.stdout:
+        log(line.rstrip("\n"))
+        tail = [*tail[-19:], line.rstrip("\n")]
+    if proc.wait() != 0:
+        subprocess.run(["rm", "-rf", str(scratch)], check=False)
+        raise StepFailed("build-base", "mmdebstrap failed:\n" + "\n".join(tail))
+    log("shifting file owners for the sandbox user namespace")
+    shift_owners(rootfs, uid_base)
+    if replace and store.has(key):
+        old = store.path(key).rename(store.tmp_dir / f"{key}.old")
+        subprocess.run(["rm", "-rf", str(old)], check=False)
+    rootfs.rename(scratch.with_suffix(".done"))
+    scratch.rmdir()
+    store.publish(key, scratch.with_suffix(".done"))
+    log("base image ready")

@@ -1,0 +1,46 @@
+"""The runtime's exceptions: one root, each named after what went wrong.
+
+    RuntimeFailure
+    ├── SandboxNotFound     no sandbox with that id
+    ├── InvalidSpec         a create asked for something impossible (bad limits, unknown template)
+    ├── SandboxExists       a create reused a live id
+    ├── TemplateNotFound    no template of that name
+    └── StepFailed          a host-side step of create or kill failed (names the step)
+"""
+
+from __future__ import annotations
+
+
+class RuntimeFailure(Exception):
+    """Root of every error the runtime raises."""
+
+
+class SandboxNotFound(RuntimeFailure):
+    def __init__(self, sandbox_id: str) -> None:
+        super().__init__(f"sandbox {sandbox_id!r} not found")
+        self.sandbox_id = sandbox_id
+
+
+class InvalidSpec(RuntimeFailure):
+    pass
+
+
+class SandboxExists(RuntimeFailure):
+    def __init__(self, sandbox_id: str) -> None:
+        super().__init__(f"sandbox {sandbox_id!r} already exists")
+        self.sandbox_id = sandbox_id
+
+
+class TemplateNotFound(InvalidSpec):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"template {name!r} not found")
+        self.name = name
+
+
+class StepFailed(RuntimeFailure):
+    """A host-side step failed; ``step`` says which (``mount-disk``, ``oci-start``, …)."""
+
+    def __init__(self, step: str, detail: str) -> None:
+        super().__init__(f"{step}: {detail}")
+        self.step = step
+        self.detail = detail

@@ -1,0 +1,61 @@
+"""Small filesystem helpers shared by the runtime: atomic writes, locks, uid shifting."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON so that a crash leaves either the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_text(path: Path, text: str, mode: int = 0o644) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+    os.chmod(path, mode)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock shared by every bilik process on this host (flock)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def shift_owners(root: Path, offset: int) -> None:
+    """Add ``offset`` to the owner and group of every file under ``root``.
+
+    Root inside a sandbox is host uid ``offset``, so a layer stored this way looks owned by
+    root inside. ``chown`` clears set-id bits, so they are put back afterwards.
+    """
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in (*dirnames, *filenames):
+            _shift_one(os.path.join(dirpath, name), offset)
+    _shift_one(str(root), offset)
+
+
+def _shift_one(path: str, offset: int) -> None:
+    st = os.lstat(path)
+    if st.st_uid >= offset:
+        return
+    os.lchown(path, st.st_uid + offset, st.st_gid + offset)
+    if not stat.S_ISLNK(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+        os.chmod(path, stat.S_IMODE(st.st_mode))

@@ -1,0 +1,233 @@
+"""Sandbox networking: one network namespace per sandbox, a veth to a host bridge, NAT for egress.
+
+The host side is one bridge per bilik instance with the gateway address, and one nftables table
+that always drops traffic from sandboxes to the host itself, to other sandboxes, to link-local and
+to private ranges, and drops all forwarded traffic of sandboxes whose internet is off. Bridge
+ports are isolated, so sandboxes cannot reach each other even at layer 2.
+
+Namespaces are made with unshare in a worker thread and configured over netlink (pyroute2),
+without spawning ``ip``: that costs ~45 ms per sandbox.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import ipaddress
+import os
+import subprocess
+from pathlib import Path
+
+from pyroute2 import IPRoute
+
+from . import syscalls
+from .errors import StepFailed
+
+NETNS_DIR = Path("/run/netns")
+
+# Never reachable from a sandbox, whatever else is allowed.
+BLOCKED_V4 = (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+    "192.0.0.0/24", "192.168.0.0/16", "198.18.0.0/15", "224.0.0.0/3",
+)
+
+
+def veth_name(sandbox_id: str) -> str:
+    """Host-side veth name: ``bk`` + a hash, within the 15 bytes Linux allows."""
+    return "bk" + hashlib.sha1(sandbox_id.encode()).hexdigest()[:11]
+
+
+class HostNetwork:
+    """The host side of sandbox networking for one bilik instance."""
+
+    def __init__(self, instance: str, subnet: str) -> None:
+        self.instance = instance
+        self.bridge = f"{instance}0"
+        self.network = ipaddress.ip_network(subnet)
+        self.gateway = next(self.network.hosts())
+        self.table = instance
+
+    def netns_name(self, sandbox_id: str) -> str:
+        return f"{self.instance}-{sandbox_id}"
+
+    def netns_path(self, sandbox_id: str) -> Path:
+        return NETNS_DIR / self.netns_name(sandbox_id)
+
+    # -- host setup ---------------------------------------------------------------------------
+
+    def ensure(self) -> None:
+        """Create the bridge and load the rules (idempotent; called at every start)."""
+        Path("/proc/sys/net/ipv4/ip_forward").write_text("1")
+        with IPRoute() as ipr:
+            if not ipr.link_lookup(ifname=self.bridge):
+                ipr.link("add", ifname=self.bridge, kind="bridge")
+            idx = ipr.link_lookup(ifname=self.bridge)[0]
+            addrs = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=idx, family=2)}
+            if str(self.gateway) not in addrs:
+                ipr.addr("add", index=idx, address=str(self.gateway),
+                         prefixlen=self.network.prefixlen)
+            ipr.link("set", index=idx, state="up")
+        with contextlib.suppress(OSError):
+            Path(f"/proc/sys/net/ipv6/conf/{self.bridge}/disable_ipv6").write_text("1")
+        self._load_rules()
+
+    def _load_rules(self) -> None:
+        br, net = self.bridge, str(self.network)
+        blocked = ", ".join(BLOCKED_V4)
+        # Declaring the table first makes the delete valid when it does not exist yet, so the whole
+        # file replaces the table atomically. The offline set survives only through re-adding.
+        offline = self.offline_addresses()
+        elements = f"elements = {{ {', '.join(offline)} }};" if offline else ""
+        rules = f"""
+table inet {self.table} {{}}
+delete table inet {self.table}
+table inet {self.table} {{
+  set blocked4 {{ type ipv4_addr; flags interval; elements = {{ {blocked} }}; }}
+  set offline4 {{ type ipv4_addr; {elements} }}
+  chain input {{
+    type filter hook input priority filter - 10; policy accept;
+    iifname "{br}" ct state established,related accept
+    iifname "{br}" drop;
+  }}
+  chain forward {{
+    type filter hook forward priority filter - 10; policy accept;
+    iifname "{br}" ip saddr @offline4 reject with icmp type admin-prohibited
+    iifname "{br}" oifname "{br}" drop
+    iifname "{br}" ip daddr @blocked4 reject with icmp type admin-prohibited
+    iifname "{br}" meta nfproto ipv6 drop
+    iifname "{br}" accept
+    oifname "{br}" ct state established,related accept
+    oifname "{br}" drop;
+  }}
+  chain postrouting {{
+    type nat hook postrouting priority srcnat; policy accept;
+    ip saddr {net} oifname != "{br}" masquerade;
+  }}
+}}
+"""
+        _nft(rules)
+
+    def offline_addresses(self) -> list[str]:
+        try:
+            out = _nft_capture(f"list set inet {self.table} offline4")
+        except StepFailed:
+            return []
+        if "elements" not in out:
+            return []
+        body = out.split("elements = {", 1)[1].split("}", 1)[0]
+        return [e.strip() for e in body.split(",") if e.strip()]
+
+    def teardown(self) -> None:
+        """Remove the bridge and the rules (used when an instance is removed, e.g. by tests)."""
+        with contextlib.suppress(StepFailed):
+            _nft(f"table inet {self.table} {{}}\ndelete table inet {self.table}\n")
+        with IPRoute() as ipr:
+            for idx in ipr.link_lookup(ifname=self.bridge):
+                ipr.link("del", index=idx)
+
+    # -- per sandbox --------------------------------------------------------------------------
+
+    def address(self, index: int) -> str:
+        """The sandbox address with allocation index ``index`` (0 is the first after the gateway)."""
+        addr = self.network.network_address + 2 + index
+        if addr >= self.network.broadcast_address:
+            raise StepFailed("allocate-address", f"subnet {self.network} is full")
+        return str(addr)
+
+    def create(self, sandbox_id: str, address: str, internet: bool) -> Path:
+        """Make the sandbox's namespace, plug it into the bridge and give it ``address``."""
+        path = self.netns_path(sandbox_id)
+        veth = veth_name(sandbox_id)
+        try:
+            inner = _new_netns(path)
+            try:
+                with IPRoute() as ipr:
+                    ipr.link("add", ifname=veth, kind="veth",
+                             peer={"ifname": "eth0", "net_ns_fd": str(path)})
+                    idx = ipr.link_lookup(ifname=veth)[0]
+                    bridge = ipr.link_lookup(ifname=self.bridge)[0]
+                    ipr.link("set", index=idx, master=bridge)
+                    ipr.brport("set", index=idx, isolated=1)
+                    ipr.link("set", index=idx, state="up")
+                lo = inner.link_lookup(ifname="lo")[0]
+                eth0 = inner.link_lookup(ifname="eth0")[0]
+                inner.link("set", index=lo, state="up")
+                inner.addr("add", index=eth0, address=address, prefixlen=self.network.prefixlen)
+                inner.link("set", index=eth0, state="up")
+                inner.route("add", dst="0.0.0.0/0", gateway=str(self.gateway))
+            finally:
+                inner.close()
+            if not internet:
+                self.set_internet(address, False)
+        except Exception as e:
+            self.delete(sandbox_id, address)
+            raise StepFailed("setup-network", str(e)) from e
+        return path
+
+    def set_internet(self, address: str, on: bool) -> None:
+        verb = "delete" if on else "add"
+        with contextlib.suppress(StepFailed):
+            _nft(f"{verb} element inet {self.table} offline4 {{ {address} }}\n")
+
+    def delete(self, sandbox_id: str, address: str | None) -> None:
+        """Release everything ``create`` made; safe to call on a half-made or missing sandbox."""
+        path = self.netns_path(sandbox_id)
+        if address:
+            self.set_internet(address, True)
+        with IPRoute() as ipr:
+            for idx in ipr.link_lookup(ifname=veth_name(sandbox_id)):
+                with contextlib.suppress(Exception):
+                    ipr.link("del", index=idx)
+        syscalls.umount(str(path))
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+    def leftover_ids(self) -> list[str]:
+        prefix = f"{self.instance}-"
+        if not NETNS_DIR.is_dir():
+            return []
+        return sorted(p.name[len(prefix):] for p in NETNS_DIR.iterdir()
+                      if p.name.startswith(prefix))
+
+
+def _new_netns(path: Path) -> IPRoute:
+    """Create a network namespace pinned at ``path`` and return a netlink socket inside it.
+
+    unshare(CLONE_NEWNET) moves only the calling thread, so this runs in whatever worker thread
+    called it and moves that thread back before returning. The socket keeps talking to the new
+    namespace after the thread has left it.
+    """
+    NETNS_DIR.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0o444)
+    os.close(fd)
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        syscalls.unshare(syscalls.CLONE_NEWNET)
+        try:
+            syscalls.mount("/proc/thread-self/ns/net", str(path), None, syscalls.MS_BIND)
+            # Per-namespace sysctls, written while this thread is inside the namespace.
+            sysctl = Path("/proc/sys/net")
+            (sysctl / "ipv6/conf/all/disable_ipv6").write_text("1")
+            (sysctl / "ipv6/conf/default/disable_ipv6").write_text("1")
+            # Root inside a sandbox has no capability over this namespace: let it bind low ports
+            # and ping without CAP_NET_RAW.
+            (sysctl / "ipv4/ip_unprivileged_port_start").write_text("0")
+            (sysctl / "ipv4/ping_group_range").write_text("0 2147483647")
+            return IPRoute()
+        finally:
+            syscalls.setns(home, syscalls.CLONE_NEWNET)
+    finally:
+        os.close(home)
+
+
+def _nft(script: str) -> None:
+    proc = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise StepFailed("nftables", proc.stderr.strip())
+
+
+def _nft_capture(command: str) -> str:
+    proc = subprocess.run(["nft", *command.split()], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise StepFailed("nftables", proc.stderr.strip())
+    return proc.stdout

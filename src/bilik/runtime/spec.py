@@ -1,0 +1,77 @@
+"""What a create asks for, validated against the operator's caps before anything is touched."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import secrets
+import string
+
+from .errors import InvalidSpec
+
+_ID_ALPHABET = string.ascii_lowercase + string.digits
+_ID_RE = re.compile(r"^[a-z0-9]{8,32}$")
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+# E2B's defaults.
+DEFAULT_CPU = 1
+DEFAULT_MEMORY_MB = 512
+DEFAULT_DISK_MB = 1024
+DEFAULT_PIDS = 1024
+DEFAULT_TIMEOUT_S = 300
+
+MIN_MEMORY_MB = 32
+MIN_DISK_MB = 16
+
+
+def new_sandbox_id() -> str:
+    """A fresh id in E2B's shape: 20 lowercase letters and digits."""
+    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(20))
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Resource limits of one sandbox."""
+
+    cpu: float = DEFAULT_CPU
+    memory_mb: int = DEFAULT_MEMORY_MB
+    disk_mb: int = DEFAULT_DISK_MB
+    pids: int = DEFAULT_PIDS
+
+
+@dataclasses.dataclass(frozen=True)
+class SandboxSpec:
+    """Everything a create needs. ``validate`` raises :class:`InvalidSpec` on nonsense."""
+
+    template: str = "base"
+    limits: Limits = dataclasses.field(default_factory=Limits)
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    internet: bool = True
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+    sandbox_id: str | None = None
+    metadata: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def validate(self, *, max_cpu: int, max_memory_mb: int, max_disk_mb: int, max_pids: int,
+                 max_lifetime_s: int) -> None:
+        lim = self.limits
+        _check_range("cpu", lim.cpu, 0.1, max_cpu)
+        _check_range("memory_mb", lim.memory_mb, MIN_MEMORY_MB, max_memory_mb)
+        _check_range("disk_mb", lim.disk_mb, MIN_DISK_MB, max_disk_mb)
+        _check_range("pids", lim.pids, 16, max_pids)
+        _check_range("timeout", self.timeout_s, 0, max_lifetime_s)
+        if self.sandbox_id is not None and not _ID_RE.match(self.sandbox_id):
+            raise InvalidSpec(f"sandbox id {self.sandbox_id!r} must be 8-32 of [a-z0-9]")
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$", self.template):
+            raise InvalidSpec(f"template name {self.template!r} is not valid")
+        for name, value in self.env.items():
+            if not _ENV_NAME_RE.match(name):
+                raise InvalidSpec(f"environment variable name {name!r} is not valid")
+            if "\0" in value:
+                raise InvalidSpec(f"environment variable {name!r} contains a NUL byte")
+
+
+def _check_range(name: str, value: float, low: float, high: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        raise InvalidSpec(f"{name} must be a number, got {value!r}")
+    if not low <= value <= high:
+        raise InvalidSpec(f"{name} must be between {low:g} and {high:g}, got {value:g}")
