@@ -66,7 +66,8 @@ def ensure_base_image(store: LayerStore, uid_base: int, log: Log, *, rebuild: bo
     """Return the ``base`` image, building its layer first if it is not cached (or ``rebuild``)."""
     release = host_release()
     key = base_layer_key(uid_base, release)
-    image = Image(name="base", layers=(key,), env=dict(BASE_ENV), user="user", workdir="/home/user")
+    name = "base" if uid_base else "base@unshifted"
+    image = Image(name=name, layers=(key,), env=dict(BASE_ENV), user="user", workdir="/home/user")
     with store.lock(key):
         if rebuild or not store.has(key):
             _build(store, key, release, uid_base, log, replace=rebuild)
@@ -98,8 +99,9 @@ def _build(store: LayerStore, key: str, release: str, uid_base: int, log: Log, *
     if proc.wait() != 0:
         subprocess.run(["rm", "-rf", str(scratch)], check=False)
         raise StepFailed("build-base", "mmdebstrap failed:\n" + "\n".join(tail))
-    log("shifting file owners for the sandbox user namespace")
-    shift_owners(rootfs, uid_base)
+    if uid_base:
+        log("shifting file owners for the sandbox user namespace")
+        shift_owners(rootfs, uid_base)
     if replace and store.has(key):
         old = store.path(key).rename(store.tmp_dir / f"{key}.old")
         subprocess.run(["rm", "-rf", str(old)], check=False)

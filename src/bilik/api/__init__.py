@@ -1,0 +1,1 @@
+"""Control plane: the HTTP application ``bilik serve`` runs."""

@@ -1,0 +1,208 @@
+"""The ``bilik`` command: ``serve``, ``sandbox``, ``template`` and ``bench``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .config import Settings
+from .runtime import LocalRuntime, Limits, RuntimeFailure, SandboxInfo, SandboxSpec
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings.from_env(
+        data_dir=getattr(args, "data_dir", None), instance=getattr(args, "instance", None),
+        oci_runtime=getattr(args, "oci_runtime", None), host=getattr(args, "host", None),
+        port=getattr(args, "port", None))
+
+
+def _runtime(args: argparse.Namespace) -> LocalRuntime:
+    return LocalRuntime(_settings(args), log=lambda line: print(line, file=sys.stderr))
+
+
+def _env_pairs(pairs: Sequence[str]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--env expects NAME=VALUE, got {pair!r}")
+        env[name] = value
+    return env
+
+
+def _row(info: SandboxInfo) -> dict[str, object]:
+    return {
+        "sandboxId": info.sandbox_id, "template": info.template, "state": info.state,
+        "cpu": info.limits.cpu, "memoryMB": info.limits.memory_mb, "diskMB": info.limits.disk_mb,
+        "internet": info.internet, "address": info.address, "runtime": info.oci_runtime,
+        "endAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(info.end_at)),
+    }
+
+
+async def _sandbox_create(args: argparse.Namespace) -> int:
+    runtime = _runtime(args)
+    await runtime.start(reconcile=False)
+    spec = SandboxSpec(
+        template=args.template,
+        limits=Limits(cpu=args.cpu, memory_mb=args.memory_mb, disk_mb=args.disk_mb,
+                      pids=args.pids),
+        timeout_s=args.timeout, internet=not args.no_internet, env=_env_pairs(args.env))
+    info = await runtime.create(spec, oci_runtime=args.runtime)
+    print(info.sandbox_id)
+    return 0
+
+
+async def _sandbox_exec(args: argparse.Namespace) -> int:
+    runtime = _runtime(args)
+    command = list(args.command)
+    if not command:
+        raise SystemExit("bilik sandbox exec: give a command after --")
+    proc = await runtime.exec(args.sandbox_id, command, user=args.user, cwd=args.cwd,
+                              env=_env_pairs(args.env))
+    streams = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
+    async for name, chunk in proc.output():
+        streams[name].write(chunk)
+        streams[name].flush()
+    return await proc.wait()
+
+
+async def _sandbox_list(args: argparse.Namespace) -> int:
+    rows = [_row(i) for i in await _runtime(args).list()]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    columns = ["sandboxId", "template", "state", "cpu", "memoryMB", "internet", "endAt"]
+    table = [columns] + [[str(r[c]) for c in columns] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+async def _sandbox_inspect(args: argparse.Namespace) -> int:
+    print(json.dumps(_row(await _runtime(args).inspect(args.sandbox_id)), indent=1))
+    return 0
+
+
+async def _sandbox_kill(args: argparse.Namespace) -> int:
+    await _runtime(args).kill(args.sandbox_id)
+    return 0
+
+
+async def _template_build_base(args: argparse.Namespace) -> int:
+    runtime = _runtime(args)
+    image = await asyncio.to_thread(runtime.image, "base", rebuild=args.rebuild)
+    print(f"base: layer {image.layers[0][:12]}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from .api.app import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    settings = _settings(args)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    # The benchmarks live in the bench/ tree of the source checkout, beside src/.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from bench import runtime as bench_runtime
+
+    return bench_runtime.main(_settings(args), creates=args.creates, idle=args.idle,
+                              runtimes=args.runtimes)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bilik", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data-dir", type=Path, help="data directory (BILIK_DATA_DIR)")
+    common.add_argument("--instance", help="name of host objects (BILIK_INSTANCE)")
+    common.add_argument("--oci-runtime", choices=["crun", "runc", "runsc"],
+                        help="default OCI runtime (BILIK_OCI_RUNTIME)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", parents=[common], help="run the bilik server")
+    serve.add_argument("--host", help="address to listen on (BILIK_HOST)")
+    serve.add_argument("--port", type=int, help="port to listen on (BILIK_PORT)")
+    serve.set_defaults(func=_serve, sync=True)
+
+    sandbox = sub.add_parser("sandbox", help="create, inspect and kill sandboxes on this host")
+    sb = sandbox.add_subparsers(dest="action", required=True)
+    create = sb.add_parser("create", parents=[common], help="create a sandbox, print its id")
+    create.add_argument("--template", default="base")
+    create.add_argument("--cpu", type=float, default=1)
+    create.add_argument("--memory-mb", type=int, default=512)
+    create.add_argument("--disk-mb", type=int, default=1024)
+    create.add_argument("--pids", type=int, default=1024)
+    create.add_argument("--timeout", type=float, default=300, help="lifetime in seconds")
+    create.add_argument("--no-internet", action="store_true")
+    create.add_argument("--runtime", choices=["crun", "runc", "runsc"])
+    create.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
+    create.set_defaults(func=_sandbox_create)
+    exe = sb.add_parser("exec", parents=[common], help="run a command, stream its output")
+    exe.add_argument("sandbox_id")
+    exe.add_argument("--user", default="root")
+    exe.add_argument("--cwd")
+    exe.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
+    exe.add_argument("command", nargs="*", help="the command, after --")
+    exe.set_defaults(func=_sandbox_exec)
+    ls = sb.add_parser("list", parents=[common], help="list sandboxes")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=_sandbox_list)
+    inspect = sb.add_parser("inspect", parents=[common], help="show one sandbox")
+    inspect.add_argument("sandbox_id")
+    inspect.set_defaults(func=_sandbox_inspect)
+    kill = sb.add_parser("kill", parents=[common], help="kill a sandbox")
+    kill.add_argument("sandbox_id")
+    kill.set_defaults(func=_sandbox_kill)
+
+    template = sub.add_parser("template", help="templates")
+    tp = template.add_subparsers(dest="action", required=True)
+    base = tp.add_parser("build-base", parents=[common], help="build the base image")
+    base.add_argument("--rebuild", action="store_true", help="rebuild even if cached")
+    base.set_defaults(func=_template_build_base)
+
+    bench = sub.add_parser("bench", parents=[common], help="measure speed and memory")
+    bench.add_argument("suite", choices=["runtime"])
+    bench.add_argument("--creates", type=int, default=50)
+    bench.add_argument("--idle", type=int, default=50, help="idle sandboxes to hold at once")
+    bench.add_argument("--runtimes", default="crun,runsc")
+    bench.set_defaults(func=_bench, sync=True)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``bilik`` command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after "--" is the sandbox command, verbatim (argparse mangles it in subparsers).
+    tail: list[str] = []
+    if "--" in argv:
+        at = argv.index("--")
+        argv, tail = argv[:at], argv[at + 1:]
+    args = _parser().parse_args(argv)
+    if tail:
+        args.command = [*getattr(args, "command", []), *tail]
+    try:
+        if getattr(args, "sync", False):
+            return int(args.func(args))
+        return int(asyncio.run(args.func(args)))
+    except RuntimeFailure as e:
+        print(f"bilik: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

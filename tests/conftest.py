@@ -1,0 +1,88 @@
+"""Shared fixtures: one runtime for the session, and a check that the suite leaves nothing behind."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import pytest_asyncio
+
+from bilik.runtime import LocalRuntime, SandboxInfo, SandboxSpec
+from bilik.runtime.network import HostNetwork
+from helpers import DATA_DIR, SETTINGS, host_state, sh
+
+INET_NS = "biltest-inet"
+INET_HOST = "203.0.113.1"
+INET_PEER = "203.0.113.2"
+PRIVATE_PEER = "192.168.213.2"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_behind() -> Iterator[None]:
+    """Fail the run if the suite leaves any mount, netns, veth, cgroup, process or container."""
+    before = host_state(SETTINGS)
+    yield
+    after = host_state(SETTINGS)
+    HostNetwork(SETTINGS.instance, SETTINGS.subnet).teardown()
+    leaked = {k: sorted(set(after[k]) - set(before[k])) for k in after}
+    leaked = {k: v for k, v in leaked.items() if v}
+    if leaked:
+        pytest.fail(f"the test suite left these behind: {leaked}", pytrace=False)
+
+
+@pytest_asyncio.fixture(scope="session")
+async def runtime() -> AsyncIterator[LocalRuntime]:
+    rt = LocalRuntime(SETTINGS, log=lambda line: print(line, file=sys.stderr))
+    await rt.start()
+    yield rt
+
+
+@pytest_asyncio.fixture
+async def sandbox(runtime: LocalRuntime) -> AsyncIterator[SandboxInfo]:
+    info = await runtime.create(SandboxSpec())
+    yield info
+    await runtime.kill(info.sandbox_id)
+
+
+@pytest.fixture(scope="session")
+def internet() -> Iterator[dict[str, str]]:
+    """A stand-in for the internet: a host in a network namespace on 203.0.113.0/24 (a
+    documentation range), routed from the host, serving HTTP on port 8080; and a host on a
+    private range, 192.168.213.2, which sandboxes must never reach."""
+    sh("ip", "netns", "del", INET_NS, check=False)
+    sh("ip", "link", "del", "bkt-inet", check=False)
+    sh("ip", "netns", "add", INET_NS)
+    sh("ip", "link", "add", "bkt-inet", "type", "veth", "peer", "name", "eth0", "netns", INET_NS)
+    sh("ip", "addr", "add", f"{INET_HOST}/24", "dev", "bkt-inet")
+    sh("ip", "link", "set", "bkt-inet", "up")
+    sh("ip", "route", "add", "192.168.213.0/24", "via", INET_PEER)
+    for cmd in (["ip", "addr", "add", f"{INET_PEER}/24", "dev", "eth0"],
+                ["ip", "addr", "add", f"{PRIVATE_PEER}/32", "dev", "lo"],
+                ["ip", "link", "set", "eth0", "up"], ["ip", "link", "set", "lo", "up"]):
+        sh("ip", "netns", "exec", INET_NS, *cmd)
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", INET_NS, sys.executable, "-m", "http.server", "--bind",
+         "0.0.0.0", "8080"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_port(INET_NS, 8080)
+    try:
+        yield {"public": INET_PEER, "private": PRIVATE_PEER}
+    finally:
+        server.kill()
+        server.wait()
+        sh("ip", "route", "del", "192.168.213.0/24", check=False)
+        sh("ip", "link", "del", "bkt-inet", check=False)
+        sh("ip", "netns", "del", INET_NS, check=False)
+
+
+def _wait_port(netns: str, port: int) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        probe = sh("ip", "netns", "exec", netns, "bash", "-c",
+                   f"exec 3<>/dev/tcp/127.0.0.1/{port}", check=False)
+        if probe.returncode == 0:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"port {port} in {netns} never opened")

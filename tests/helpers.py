@@ -1,0 +1,61 @@
+"""What tests share: settings for the test instance and looks at the host's state."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from bilik.config import Settings
+from bilik.runtime import LocalRuntime, cgroups, syscalls
+from bilik.runtime.network import NETNS_DIR
+
+DATA_DIR = Path(os.environ.get("BILIK_TEST_DATA_DIR", "/var/lib/bilik-test"))
+INSTANCE = "biltest"
+SETTINGS = Settings(data_dir=DATA_DIR / "main", instance=INSTANCE, subnet="10.214.0.0/16")
+
+
+def host_state(settings: Settings) -> dict[str, list[str]]:
+    """Everything bilik makes per sandbox on the host, for one instance."""
+    instance = settings.instance
+    sandboxes = settings.data_dir / "sandboxes"
+    veths = sorted(p.name for p in Path("/sys/class/net").iterdir() if p.name.startswith("bk"))
+    state_root = Path("/run") / instance
+    containers = []
+    for runtime in ("crun", "runc", "runsc"):
+        with contextlib.suppress(FileNotFoundError):
+            containers += [f"{runtime}:{p.name}" for p in (state_root / runtime).iterdir()]
+    return {
+        "mounts": syscalls.mounted_under(str(sandboxes)),
+        "netns": sorted(p.name for p in NETNS_DIR.iterdir() if p.name.startswith(f"{instance}-"))
+        if NETNS_DIR.exists() else [],
+        "veths": veths,
+        "cgroups": cgroups.leftover_cgroups(instance),
+        "processes": [str(p) for p in cgroups.pids_in(instance)],
+        "containers": containers,
+        "sandbox_dirs": sorted(p.name for p in sandboxes.iterdir()) if sandboxes.exists() else [],
+    }
+
+
+def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, check=check, capture_output=True, text=True)
+
+
+async def run_ok(runtime: LocalRuntime, sandbox_id: str, script: str, user: str = "root") -> str:
+    """Run a shell script in the sandbox; fail the test with its output if it fails."""
+    result = await runtime.run(sandbox_id, ["sh", "-c", script], user=user)
+    assert result.exit_code == 0, (result.exit_code, result.stdout, result.stderr)
+    return result.stdout.decode()
+
+
+async def wait_for(predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await predicate():
+            return True
+        await asyncio.sleep(0.1)
+    return False
