@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import os
+import signal
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Protocol
 
 from .spec import Limits, SandboxSpec
@@ -35,8 +39,9 @@ class ExecResult:
 class Process:
     """A process running inside a sandbox. Read its output with :meth:`output`."""
 
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, pid_file: Path) -> None:
         self._proc = proc
+        self._pid_file = pid_file
 
     @property
     def stdin(self) -> asyncio.StreamWriter | None:
@@ -70,9 +75,13 @@ class Process:
     async def wait(self) -> int:
         """Wait for the process to end; returns its exit code (128+N when killed by signal N)."""
         code = await self._proc.wait()
+        self._pid_file.unlink(missing_ok=True)
         return 128 - code if code < 0 else code
 
     def kill(self) -> None:
+        """Kill the process inside the sandbox (the runtime's exec helper follows it out)."""
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int(self._pid_file.read_text()), signal.SIGKILL)
         if self._proc.returncode is None:
             self._proc.kill()
 

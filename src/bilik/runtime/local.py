@@ -283,17 +283,18 @@ class LocalRuntime:
                              for k in ("bounding", "effective", "permitted")},
             "noNewPrivileges": True,
         }
-        process_file = d / f"exec-{os.urandom(6).hex()}.json"
+        name = f"exec-{os.urandom(6).hex()}"
+        process_file, pid_file = d / f"{name}.json", d / f"{name}.pid"
         process_file.write_text(json.dumps(process))
         try:
             proc = await asyncio.create_subprocess_exec(
-                *self.oci(record.oci_runtime).exec_argv(sandbox_id, process_file),
+                *self.oci(record.oci_runtime).exec_argv(sandbox_id, process_file, pid_file),
                 stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         finally:
             # The runtime reads the file before it forks the process: a brief wait is enough.
             asyncio.get_running_loop().call_later(5, process_file.unlink, True)
-        return Process(proc)
+        return Process(proc, pid_file)
 
     async def run(self, sandbox_id: str, argv: Sequence[str], *, user: str = "root",
                   env: dict[str, str] | None = None, cwd: str | None = None,

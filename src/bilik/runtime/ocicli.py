@@ -87,7 +87,9 @@ class OciCli:
             return {}
         return {item["id"]: item.get("status", "unknown") for item in items}
 
-    def exec_argv(self, sandbox_id: str, process_file: Path) -> list[str]:
-        """The argv that runs the process described by ``process_file`` in the sandbox."""
-        flag = "-process" if self.name == "runsc" else "--process"
-        return [*self.base, "exec", flag, str(process_file), sandbox_id]
+    def exec_argv(self, sandbox_id: str, process_file: Path, pid_file: Path) -> list[str]:
+        """The argv that runs the process described by ``process_file`` in the sandbox and
+        writes its host pid to ``pid_file``."""
+        dash = "-" if self.name == "runsc" else "--"
+        return [*self.base, "exec", f"{dash}process", str(process_file), f"{dash}pid-file",
+                str(pid_file), sandbox_id]

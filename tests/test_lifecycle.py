@@ -1,0 +1,183 @@
+"""Create, kill, failure and recovery leave the host exactly as it was."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bilik.config import Settings
+from bilik.runtime import LocalRuntime, SandboxSpec, StepFailed
+from bilik.runtime import oci
+from helpers import DATA_DIR, SETTINGS, host_state, run_ok
+
+
+def per_sandbox_traces(sandbox_id: str) -> dict[str, list[str]]:
+    state = host_state(SETTINGS)
+    from bilik.runtime.network import veth_name
+
+    return {k: [v for v in vals if sandbox_id in v or v == veth_name(sandbox_id)]
+            for k, vals in state.items() if k != "processes"}
+
+
+async def test_kill_leaves_nothing_behind(runtime: LocalRuntime) -> None:
+    info = await runtime.create(SandboxSpec())
+    traces = per_sandbox_traces(info.sandbox_id)
+    assert traces["mounts"] and traces["netns"] and traces["veths"] and traces["cgroups"]
+    await run_ok(runtime, info.sandbox_id, "sleep 1000 >/dev/null 2>&1 & echo started")
+    await runtime.kill(info.sandbox_id)
+    assert not any(per_sandbox_traces(info.sandbox_id).values())
+    assert info.sandbox_id not in {i.sandbox_id for i in await runtime.list()}
+
+
+async def test_failed_create_leaves_nothing_behind(runtime: LocalRuntime,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    before = host_state(SETTINGS)
+    real_config = oci.config
+
+    def broken_config(**kwargs: object) -> dict[str, object]:
+        spec = real_config(**kwargs)  # type: ignore[arg-type]
+        spec["process"]["args"] = ["/no/such/init"]  # type: ignore[index]
+        return spec
+
+    monkeypatch.setattr(oci, "config", broken_config)
+    with pytest.raises(StepFailed) as failure:
+        await runtime.create(SandboxSpec(sandbox_id="failedcreate01"))
+    assert failure.value.step == "oci-start"
+    assert "/no/such/init" in str(failure.value)
+    assert host_state(SETTINGS) == before
+
+
+async def test_twenty_concurrent_creates_and_kills(runtime: LocalRuntime) -> None:
+    before = host_state(SETTINGS)
+    infos = await asyncio.gather(*(runtime.create(SandboxSpec()) for _ in range(20)))
+    assert len({i.address for i in infos}) == 20
+    outputs = await asyncio.gather(*(runtime.run(i.sandbox_id, ["hostname"]) for i in infos))
+    assert [o.stdout.decode().strip() for o in outputs] == [i.sandbox_id for i in infos]
+    await asyncio.gather(*(runtime.kill(i.sandbox_id) for i in infos))
+    assert host_state(SETTINGS) == before
+
+
+async def test_reconcile_releases_orphans(runtime: LocalRuntime) -> None:
+    """A sandbox whose record is lost, and a record whose sandbox died, are both released."""
+    before = host_state(SETTINGS)
+    unrecorded = await runtime.create(SandboxSpec())
+    dead = await runtime.create(SandboxSpec())
+    (runtime.records.dir(unrecorded.sandbox_id) / "record.json").unlink()
+    await runtime.oci().kill(dead.sandbox_id)
+    survivor = await runtime.create(SandboxSpec())
+    try:
+        await asyncio.sleep(0.2)
+        await runtime.reconcile()
+        ids = {i.sandbox_id for i in await runtime.list()}
+        assert survivor.sandbox_id in ids
+        assert unrecorded.sandbox_id not in ids and dead.sandbox_id not in ids
+        assert not any(per_sandbox_traces(unrecorded.sandbox_id).values())
+        assert not any(per_sandbox_traces(dead.sandbox_id).values())
+        assert await run_ok(runtime, survivor.sandbox_id, "echo ok") == "ok\n"
+    finally:
+        await runtime.kill(survivor.sandbox_id)
+    assert host_state(SETTINGS) == before
+
+
+async def test_expired_sandboxes_are_reaped(runtime: LocalRuntime) -> None:
+    info = await runtime.create(SandboxSpec(timeout_s=1))
+    try:
+        assert info.sandbox_id not in await runtime.reap_expired()
+        await asyncio.sleep(1.1)
+        assert info.sandbox_id in await runtime.reap_expired()
+        assert not any(per_sandbox_traces(info.sandbox_id).values())
+    finally:
+        if info.sandbox_id in {i.sandbox_id for i in await runtime.list()}:
+            await runtime.kill(info.sandbox_id)
+
+
+# -- a real server, SIGKILLed and started again ----------------------------------------------
+
+SERVER_SETTINGS = Settings(data_dir=DATA_DIR / "server", instance="biltsrv",
+                           subnet="10.215.0.0/16")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "BILIK_DATA_DIR": str(SERVER_SETTINGS.data_dir),
+           "BILIK_INSTANCE": SERVER_SETTINGS.instance, "BILIK_SUBNET": SERVER_SETTINGS.subnet}
+    return subprocess.run([sys.executable, "-m", "bilik.cli", *args], env=env, check=check,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def server() -> Iterator[object]:
+    """Start and stop ``bilik serve`` on its own instance (sharing the test layer cache)."""
+    data = SERVER_SETTINGS.data_dir
+    data.mkdir(parents=True, exist_ok=True)
+    for shared in ("layers", "images"):
+        link = data / shared
+        if not link.exists():
+            (SETTINGS.data_dir / shared).mkdir(parents=True, exist_ok=True)
+            link.symlink_to(SETTINGS.data_dir / shared)
+    port = _free_port()
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start() -> subprocess.Popen[bytes]:
+        env = {**os.environ, "BILIK_DATA_DIR": str(data), "BILIK_INSTANCE":
+               SERVER_SETTINGS.instance, "BILIK_SUBNET": SERVER_SETTINGS.subnet,
+               "BILIK_PORT": str(port)}
+        proc = subprocess.Popen([sys.executable, "-m", "bilik.cli", "serve"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(proc)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            probe = subprocess.run(["curl", "-sf", f"http://127.0.0.1:{port}/health"],
+                                   capture_output=True)
+            if probe.returncode == 0:
+                return proc
+            assert proc.poll() is None, "bilik serve exited"
+            time.sleep(0.1)
+        raise AssertionError("bilik serve never became healthy")
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=30)
+    for line in _cli("sandbox", "list", "--json").stdout and json.loads(
+            _cli("sandbox", "list", "--json").stdout):
+        _cli("sandbox", "kill", line["sandboxId"], check=False)
+    from bilik.runtime.network import HostNetwork
+
+    HostNetwork(SERVER_SETTINGS.instance, SERVER_SETTINGS.subnet).teardown()
+
+
+def test_sigkilled_server_finds_its_sandboxes_again(server) -> None:  # type: ignore[no-untyped-def]
+    first = server()
+    long_lived = _cli("sandbox", "create", "--timeout", "600").stdout.strip()
+    short_lived = _cli("sandbox", "create", "--timeout", "4").stdout.strip()
+    created = time.time()
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+
+    server()  # a new server process: reconciles, re-adopts, and resumes reaping
+    listed = {row["sandboxId"]: row for row in json.loads(_cli("sandbox", "list", "--json").stdout)}
+    assert listed[long_lived]["state"] == "running"
+    assert _cli("sandbox", "exec", long_lived, "--", "echo", "still here").stdout == "still here\n"
+    # The short-lived sandbox keeps its end time across the restart and dies within 2 s of it.
+    while short_lived in _cli("sandbox", "list", "--json").stdout:
+        assert time.time() < created + 4 + 2.5, "sandbox outlived its end time"
+        time.sleep(0.2)
+    assert time.time() >= created + 3.5
+    _cli("sandbox", "kill", long_lived)

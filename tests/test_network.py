@@ -1,0 +1,116 @@
+"""Egress only: the host, other sandboxes, link-local and private ranges are never reachable."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from bilik.runtime import LocalRuntime, SandboxInfo, SandboxSpec
+from helpers import SETTINGS, run_ok, sh, wait_for
+
+METADATA = "169.254.169.254"
+
+
+def curl(url: str) -> list[str]:
+    return ["curl", "-sS", "--max-time", "2", "-o", "/dev/null", "-w", "%{http_code}", url]
+
+
+@pytest.fixture(scope="module")
+def host_servers() -> Iterator[dict[str, str]]:
+    """HTTP servers on the host: on loopback, on the bridge's address, on the metadata address."""
+    sh("ip", "addr", "add", f"{METADATA}/32", "dev", "lo", check=False)
+    gateway = "10.214.0.1"
+    servers = []
+    urls = {}
+    for name, address, port in (("loopback", "127.0.0.1", 18081), ("bridge", gateway, 18082),
+                                ("any", "0.0.0.0", 18083), ("metadata", METADATA, 18084)):
+        servers.append(subprocess.Popen(
+            [sys.executable, "-m", "http.server", "--bind", address, str(port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        target = gateway if address == "0.0.0.0" else address
+        urls[name] = f"http://{target}:{port}/"
+    try:
+        for url in urls.values():
+            for _ in range(50):
+                if sh("curl", "-s", "-o", "/dev/null", url, check=False).returncode == 0:
+                    break
+                subprocess.run(["sleep", "0.1"])
+        yield urls
+    finally:
+        for server in servers:
+            server.kill()
+            server.wait()
+        sh("ip", "addr", "del", f"{METADATA}/32", "dev", "lo", check=False)
+
+
+async def test_internet_is_reachable_when_on(runtime: LocalRuntime, sandbox: SandboxInfo,
+                                             internet: dict[str, str]) -> None:
+    result = await runtime.run(sandbox.sandbox_id, curl(f"http://{internet['public']}:8080/"))
+    assert result.stdout == b"200", result
+
+
+async def test_internet_is_unreachable_when_off(runtime: LocalRuntime,
+                                                internet: dict[str, str]) -> None:
+    info = await runtime.create(SandboxSpec(internet=False))
+    try:
+        result = await runtime.run(info.sandbox_id, curl(f"http://{internet['public']}:8080/"))
+        assert result.exit_code != 0 and result.stdout != b"200"
+    finally:
+        await runtime.kill(info.sandbox_id)
+
+
+async def test_private_ranges_are_unreachable(runtime: LocalRuntime, sandbox: SandboxInfo,
+                                              internet: dict[str, str]) -> None:
+    # The private host is routed from the host just like the public one, yet blocked.
+    assert sh("curl", "-s", "--max-time", "2", f"http://{internet['private']}:8080/",
+              check=False).returncode == 0
+    result = await runtime.run(sandbox.sandbox_id, curl(f"http://{internet['private']}:8080/"))
+    assert result.exit_code != 0
+
+
+@pytest.mark.parametrize("target", ["loopback", "bridge", "any", "metadata"])
+async def test_host_is_unreachable(runtime: LocalRuntime, sandbox: SandboxInfo,
+                                   host_servers: dict[str, str], target: str) -> None:
+    assert sh("curl", "-s", "--max-time", "2", host_servers[target], check=False).returncode == 0
+    result = await runtime.run(sandbox.sandbox_id, curl(host_servers[target]))
+    assert result.exit_code != 0, result
+
+
+async def test_other_sandboxes_are_unreachable(runtime: LocalRuntime,
+                                               sandbox: SandboxInfo) -> None:
+    other = await runtime.create(SandboxSpec())
+    server = await runtime.exec(other.sandbox_id,
+                                ["python3", "-m", "http.server", "--bind", "0.0.0.0", "8000"])
+    try:
+        url = f"http://{other.address}:8000/"
+
+        async def serving() -> bool:
+            result = await runtime.run(other.sandbox_id, curl(url))
+            return result.stdout == b"200"
+
+        assert await wait_for(serving)
+        result = await runtime.run(sandbox.sandbox_id, curl(url))
+        assert result.exit_code != 0, result
+        # The host can reach a sandbox's ports (the sandbox plane proxies to them).
+        assert sh("curl", "-s", "--max-time", "2", url, check=False).returncode == 0
+    finally:
+        server.kill()
+        await server.wait()
+        await runtime.kill(other.sandbox_id)
+
+
+async def test_addresses_and_rules_are_released_on_kill(runtime: LocalRuntime) -> None:
+    info = await runtime.create(SandboxSpec(internet=False))
+    assert info.address in runtime.network.offline_addresses()
+    await runtime.kill(info.sandbox_id)
+    assert info.address not in runtime.network.offline_addresses()
+    again = await runtime.create(SandboxSpec())
+    try:
+        assert again.address == info.address  # the address went back to the pool
+        assert await run_ok(runtime, again.sandbox_id, "hostname") == f"{again.sandbox_id}\n"
+    finally:
+        await runtime.kill(again.sandbox_id)
+    assert SETTINGS.instance in runtime.network.bridge
