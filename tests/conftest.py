@@ -1,4 +1,4 @@
-"""Shared fixtures: one runtime for the session, and a check that the suite leaves nothing behind."""
+"""Shared fixtures: one runtime for the session; a check that the suite leaves nothing behind."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest_asyncio
 
 from bilik.runtime import LocalRuntime, SandboxInfo, SandboxSpec
 from bilik.runtime.network import HostNetwork
-from helpers import DATA_DIR, SETTINGS, host_state, sh
+from helpers import SETTINGS, host_state, sh
 
 INET_NS = "biltest-inet"
 INET_HOST = "203.0.113.1"
@@ -59,13 +59,29 @@ def internet() -> Iterator[dict[str, str]]:
     sh("ip", "addr", "add", f"{INET_HOST}/24", "dev", "bkt-inet")
     sh("ip", "link", "set", "bkt-inet", "up")
     sh("ip", "route", "add", "192.168.213.0/24", "via", INET_PEER)
-    for cmd in (["ip", "addr", "add", f"{INET_PEER}/24", "dev", "eth0"],
-                ["ip", "addr", "add", f"{PRIVATE_PEER}/32", "dev", "lo"],
-                ["ip", "link", "set", "eth0", "up"], ["ip", "link", "set", "lo", "up"]):
+    for cmd in (
+        ["ip", "addr", "add", f"{INET_PEER}/24", "dev", "eth0"],
+        ["ip", "addr", "add", f"{PRIVATE_PEER}/32", "dev", "lo"],
+        ["ip", "link", "set", "eth0", "up"],
+        ["ip", "link", "set", "lo", "up"],
+    ):
         sh("ip", "netns", "exec", INET_NS, *cmd)
     server = subprocess.Popen(
-        ["ip", "netns", "exec", INET_NS, sys.executable, "-m", "http.server", "--bind",
-         "0.0.0.0", "8080"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            "ip",
+            "netns",
+            "exec",
+            INET_NS,
+            sys.executable,
+            "-m",
+            "http.server",
+            "--bind",
+            "0.0.0.0",
+            "8080",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     _wait_port(INET_NS, 8080)
     try:
         yield {"public": INET_PEER, "private": PRIVATE_PEER}
@@ -80,8 +96,16 @@ def internet() -> Iterator[dict[str, str]]:
 def _wait_port(netns: str, port: int) -> None:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        probe = sh("ip", "netns", "exec", netns, "bash", "-c",
-                   f"exec 3<>/dev/tcp/127.0.0.1/{port}", check=False)
+        probe = sh(
+            "ip",
+            "netns",
+            "exec",
+            netns,
+            "bash",
+            "-c",
+            f"exec 3<>/dev/tcp/127.0.0.1/{port}",
+            check=False,
+        )
         if probe.returncode == 0:
             return
         time.sleep(0.1)

@@ -32,7 +32,8 @@ def host_state(settings: Settings) -> dict[str, list[str]]:
     return {
         "mounts": syscalls.mounted_under(str(sandboxes)),
         "netns": sorted(p.name for p in NETNS_DIR.iterdir() if p.name.startswith(f"{instance}-"))
-        if NETNS_DIR.exists() else [],
+        if NETNS_DIR.exists()
+        else [],
         "veths": veths,
         "cgroups": cgroups.leftover_cgroups(instance),
         "processes": [str(p) for p in cgroups.pids_in(instance)],

@@ -34,9 +34,20 @@ async def test_host_files_are_unreachable(runtime: LocalRuntime, sandbox: Sandbo
         # runtime directory.
         mounts = await run_ok(runtime, sandbox.sandbox_id, "cat /proc/self/mountinfo")
         points = {line.split()[4] for line in mounts.splitlines()}
-        assert points <= {"/", "/proc", "/dev", "/dev/pts", "/dev/shm", "/dev/mqueue", "/sys",
-                          "/etc/hostname", "/etc/hosts", "/etc/resolv.conf", "/.bilik",
-                          *(p for p in points if p.startswith(("/proc/", "/sys/", "/dev/")))}
+        assert points <= {
+            "/",
+            "/proc",
+            "/dev",
+            "/dev/pts",
+            "/dev/shm",
+            "/dev/mqueue",
+            "/sys",
+            "/etc/hostname",
+            "/etc/hosts",
+            "/etc/resolv.conf",
+            "/.bilik",
+            *(p for p in points if p.startswith(("/proc/", "/sys/", "/dev/"))),
+        }
     finally:
         marker.unlink()
 
@@ -44,11 +55,14 @@ async def test_host_files_are_unreachable(runtime: LocalRuntime, sandbox: Sandbo
 async def test_mount_is_refused(runtime: LocalRuntime, sandbox: SandboxInfo) -> None:
     result = await runtime.run(sandbox.sandbox_id, ["mount", "-t", "tmpfs", "none", "/mnt"])
     assert result.exit_code != 0
-    assert b"permission denied" in result.stderr.lower() or b"not permitted" in result.stderr.lower()
+    assert (
+        b"permission denied" in result.stderr.lower() or b"not permitted" in result.stderr.lower()
+    )
 
 
-async def test_kernel_module_loading_is_refused(runtime: LocalRuntime,
-                                                sandbox: SandboxInfo) -> None:
+async def test_kernel_module_loading_is_refused(
+    runtime: LocalRuntime, sandbox: SandboxInfo
+) -> None:
     script = (
         "import ctypes, os\n"
         "libc = ctypes.CDLL(None, use_errno=True)\n"
@@ -57,15 +71,14 @@ async def test_kernel_module_loading_is_refused(runtime: LocalRuntime,
         "    r = libc.syscall(nr, 0, 0, 0, 0)\n"
         "    print(name, r, os.strerror(ctypes.get_errno()))\n"
     )
-    out = await run_ok(runtime, sandbox.sandbox_id, f"python3 -c \"{script}\"")
+    out = await run_ok(runtime, sandbox.sandbox_id, f'python3 -c "{script}"')
     for line in out.splitlines():
-        name, result, *error = line.split(maxsplit=2)
+        _name, result, *error = line.split(maxsplit=2)
         assert result == "-1", line
         assert error == ["Operation not permitted"], line
 
 
-async def test_new_user_namespaces_are_refused(runtime: LocalRuntime,
-                                               sandbox: SandboxInfo) -> None:
+async def test_new_user_namespaces_are_refused(runtime: LocalRuntime, sandbox: SandboxInfo) -> None:
     result = await runtime.run(sandbox.sandbox_id, ["unshare", "--user", "--map-root-user", "id"])
     assert result.exit_code != 0
 
@@ -76,14 +89,19 @@ async def test_host_devices_are_unreachable(runtime: LocalRuntime, sandbox: Sand
     # Making a node for the host's disk (major 254 is virtio-blk) does not give access to it.
     result = await runtime.run(
         sandbox.sandbox_id,
-        ["sh", "-c", "mknod /tmp/disk b 254 0 && head -c 512 /tmp/disk | od | head -1"])
+        ["sh", "-c", "mknod /tmp/disk b 254 0 && head -c 512 /tmp/disk | od | head -1"],
+    )
     assert result.exit_code != 0 or result.stdout == b""
 
 
-async def test_root_inside_is_an_unprivileged_uid_outside(runtime: LocalRuntime,
-                                                          sandbox: SandboxInfo) -> None:
-    out = await run_ok(runtime, sandbox.sandbox_id,
-                       "id -u; cat /proc/self/uid_map; echo hi > /etc/owned-by-root-inside")
+async def test_root_inside_is_an_unprivileged_uid_outside(
+    runtime: LocalRuntime, sandbox: SandboxInfo
+) -> None:
+    out = await run_ok(
+        runtime,
+        sandbox.sandbox_id,
+        "id -u; cat /proc/self/uid_map; echo hi > /etc/owned-by-root-inside",
+    )
     uid, *mapping = out.split()
     assert uid == "0"
     assert mapping == ["0", str(SETTINGS.uid_base), "65536"]
@@ -91,8 +109,16 @@ async def test_root_inside_is_an_unprivileged_uid_outside(runtime: LocalRuntime,
     st = (upper / "etc" / "owned-by-root-inside").stat()
     assert st.st_uid == SETTINGS.uid_base and st.st_gid == SETTINGS.uid_base
     # And its processes run as that uid on the host.
-    pid = int((await run_ok(runtime, sandbox.sandbox_id, "echo $$ >/dev/null; cat /proc/1/status"
-                            " | grep NSpid | awk '{print $2}'")).strip() or 1)
+    pid = int(
+        (
+            await run_ok(
+                runtime,
+                sandbox.sandbox_id,
+                "echo $$ >/dev/null; cat /proc/1/status | grep NSpid | awk '{print $2}'",
+            )
+        ).strip()
+        or 1
+    )
     assert pid == 1
     from bilik.runtime import cgroups
 
@@ -103,13 +129,17 @@ async def test_root_inside_is_an_unprivileged_uid_outside(runtime: LocalRuntime,
 
 async def test_sandbox_user_and_sudo_config(runtime: LocalRuntime, sandbox: SandboxInfo) -> None:
     out = await run_ok(runtime, sandbox.sandbox_id, "id; echo $HOME; pwd", user="user")
-    assert out.splitlines() == ["uid=1000(user) gid=1000(user) groups=1000(user)",
-                                "/home/user", "/home/user"]
+    assert out.splitlines() == [
+        "uid=1000(user) gid=1000(user) groups=1000(user)",
+        "/home/user",
+        "/home/user",
+    ]
     sudoers = await run_ok(runtime, sandbox.sandbox_id, "cat /etc/sudoers.d/user")
     assert "NOPASSWD: ALL" in sudoers
     # no_new_privs is set on every process: set-uid binaries cannot raise privileges.
-    status = await run_ok(runtime, sandbox.sandbox_id, "grep NoNewPrivs /proc/self/status",
-                          user="user")
+    status = await run_ok(
+        runtime, sandbox.sandbox_id, "grep NoNewPrivs /proc/self/status", user="user"
+    )
     assert status.split() == ["NoNewPrivs:", "1"]
 
 
@@ -128,6 +158,5 @@ async def test_kernel_paths_are_masked(runtime: LocalRuntime, sandbox: SandboxIn
     assert kcore.stdout.strip() == b"0"
     sysrq = await runtime.run(sandbox.sandbox_id, ["sh", "-c", "echo h > /proc/sysrq-trigger"])
     assert sysrq.exit_code != 0
-    sysctl = await runtime.run(sandbox.sandbox_id,
-                               ["sh", "-c", "echo 1 > /proc/sys/kernel/panic"])
+    sysctl = await runtime.run(sandbox.sandbox_id, ["sh", "-c", "echo 1 > /proc/sys/kernel/panic"])
     assert sysctl.exit_code != 0

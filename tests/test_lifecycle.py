@@ -11,13 +11,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from bilik.config import Settings
-from bilik.runtime import LocalRuntime, SandboxSpec, StepFailed
-from bilik.runtime import oci
+from bilik.runtime import LocalRuntime, SandboxSpec, StepFailed, oci
 from helpers import DATA_DIR, SETTINGS, host_state, run_ok
 
 
@@ -25,8 +23,11 @@ def per_sandbox_traces(sandbox_id: str) -> dict[str, list[str]]:
     state = host_state(SETTINGS)
     from bilik.runtime.network import veth_name
 
-    return {k: [v for v in vals if sandbox_id in v or v == veth_name(sandbox_id)]
-            for k, vals in state.items() if k != "processes"}
+    return {
+        k: [v for v in vals if sandbox_id in v or v == veth_name(sandbox_id)]
+        for k, vals in state.items()
+        if k != "processes"
+    }
 
 
 async def test_kill_leaves_nothing_behind(runtime: LocalRuntime) -> None:
@@ -39,8 +40,9 @@ async def test_kill_leaves_nothing_behind(runtime: LocalRuntime) -> None:
     assert info.sandbox_id not in {i.sandbox_id for i in await runtime.list()}
 
 
-async def test_failed_create_leaves_nothing_behind(runtime: LocalRuntime,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_failed_create_leaves_nothing_behind(
+    runtime: LocalRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
     before = host_state(SETTINGS)
     real_config = oci.config
 
@@ -103,8 +105,7 @@ async def test_expired_sandboxes_are_reaped(runtime: LocalRuntime) -> None:
 
 # -- a real server, SIGKILLed and started again ----------------------------------------------
 
-SERVER_SETTINGS = Settings(data_dir=DATA_DIR / "server", instance="biltsrv",
-                           subnet="10.215.0.0/16")
+SERVER_SETTINGS = Settings(data_dir=DATA_DIR / "server", instance="biltsrv", subnet="10.215.0.0/16")
 
 
 def _free_port() -> int:
@@ -114,10 +115,20 @@ def _free_port() -> int:
 
 
 def _cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "BILIK_DATA_DIR": str(SERVER_SETTINGS.data_dir),
-           "BILIK_INSTANCE": SERVER_SETTINGS.instance, "BILIK_SUBNET": SERVER_SETTINGS.subnet}
-    return subprocess.run([sys.executable, "-m", "bilik.cli", *args], env=env, check=check,
-                          capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "BILIK_DATA_DIR": str(SERVER_SETTINGS.data_dir),
+        "BILIK_INSTANCE": SERVER_SETTINGS.instance,
+        "BILIK_SUBNET": SERVER_SETTINGS.subnet,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "bilik.cli", *args],
+        env=env,
+        check=check,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.fixture
@@ -134,16 +145,25 @@ def server() -> Iterator[object]:
     procs: list[subprocess.Popen[bytes]] = []
 
     def start() -> subprocess.Popen[bytes]:
-        env = {**os.environ, "BILIK_DATA_DIR": str(data), "BILIK_INSTANCE":
-               SERVER_SETTINGS.instance, "BILIK_SUBNET": SERVER_SETTINGS.subnet,
-               "BILIK_PORT": str(port)}
-        proc = subprocess.Popen([sys.executable, "-m", "bilik.cli", "serve"], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env = {
+            **os.environ,
+            "BILIK_DATA_DIR": str(data),
+            "BILIK_INSTANCE": SERVER_SETTINGS.instance,
+            "BILIK_SUBNET": SERVER_SETTINGS.subnet,
+            "BILIK_PORT": str(port),
+        }
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bilik.cli", "serve"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         procs.append(proc)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            probe = subprocess.run(["curl", "-sf", f"http://127.0.0.1:{port}/health"],
-                                   capture_output=True)
+            probe = subprocess.run(
+                ["curl", "-sf", f"http://127.0.0.1:{port}/health"], capture_output=True
+            )
             if probe.returncode == 0:
                 return proc
             assert proc.poll() is None, "bilik serve exited"
@@ -156,7 +176,8 @@ def server() -> Iterator[object]:
             proc.send_signal(signal.SIGINT)
             proc.wait(timeout=30)
     for line in _cli("sandbox", "list", "--json").stdout and json.loads(
-            _cli("sandbox", "list", "--json").stdout):
+        _cli("sandbox", "list", "--json").stdout
+    ):
         _cli("sandbox", "kill", line["sandboxId"], check=False)
     from bilik.runtime.network import HostNetwork
 

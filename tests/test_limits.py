@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest_asyncio
 
@@ -14,25 +15,28 @@ from helpers import SETTINGS, run_ok
 
 @pytest_asyncio.fixture
 async def small(runtime: LocalRuntime) -> AsyncIterator[SandboxInfo]:
-    info = await runtime.create(SandboxSpec(
-        limits=Limits(cpu=0.25, memory_mb=128, disk_mb=64, pids=64), internet=False))
+    info = await runtime.create(
+        SandboxSpec(limits=Limits(cpu=0.25, memory_mb=128, disk_mb=64, pids=64), internet=False)
+    )
     yield info
     await runtime.kill(info.sandbox_id)
 
 
-async def test_memory_bomb_is_oom_killed_and_sandbox_survives(runtime: LocalRuntime,
-                                                              small: SandboxInfo) -> None:
-    bomb = "python3 -c \"x = []\nwhile True: x.append(bytearray(16 << 20))\""
+async def test_memory_bomb_is_oom_killed_and_sandbox_survives(
+    runtime: LocalRuntime, small: SandboxInfo
+) -> None:
+    bomb = 'python3 -c "x = []\nwhile True: x.append(bytearray(16 << 20))"'
     result = await runtime.run(small.sandbox_id, ["sh", "-c", bomb])
     assert result.exit_code == 137, result
     assert await run_ok(runtime, small.sandbox_id, "echo alive") == "alive\n"
     memory = f"/sys/fs/cgroup/memory/{SETTINGS.instance}/{small.sandbox_id}"
     if os.path.exists(memory):
-        assert int(open(f"{memory}/memory.limit_in_bytes").read()) == 128 << 20
+        assert Path(memory, "memory.limit_in_bytes").read_text().strip() == str(128 << 20)
 
 
-async def test_fork_bomb_hits_pids_max_and_host_is_unaffected(runtime: LocalRuntime,
-                                                              small: SandboxInfo) -> None:
+async def test_fork_bomb_hits_pids_max_and_host_is_unaffected(
+    runtime: LocalRuntime, small: SandboxInfo
+) -> None:
     script = (
         "import os, signal, time\n"
         "n = 0\n"
@@ -54,8 +58,9 @@ async def test_fork_bomb_hits_pids_max_and_host_is_unaffected(runtime: LocalRunt
 
 
 async def test_filling_the_disk_ends_in_enospc(runtime: LocalRuntime, small: SandboxInfo) -> None:
-    result = await runtime.run(small.sandbox_id,
-                               ["dd", "if=/dev/zero", "of=/big", "bs=1M", "count=200"])
+    result = await runtime.run(
+        small.sandbox_id, ["dd", "if=/dev/zero", "of=/big", "bs=1M", "count=200"]
+    )
     assert result.exit_code != 0
     assert b"No space left on device" in result.stderr
     image = SETTINGS.data_dir / "sandboxes" / small.sandbox_id / "disk.img"
@@ -71,6 +76,6 @@ async def test_busy_loop_gets_its_cpu_share(runtime: LocalRuntime, small: Sandbo
         "while time.monotonic() - w0 < 2: pass\n"
         "print((time.process_time() - c0) / (time.monotonic() - w0))\n"
     )
-    out = await run_ok(runtime, small.sandbox_id, f"python3 -c \"{script}\"")
+    out = await run_ok(runtime, small.sandbox_id, f'python3 -c "{script}"')
     share = float(out)
     assert share < 0.45, f"a 0.25-CPU sandbox got {share:.2f} of a CPU"

@@ -25,11 +25,19 @@ def host_servers() -> Iterator[dict[str, str]]:
     gateway = "10.214.0.1"
     servers = []
     urls = {}
-    for name, address, port in (("loopback", "127.0.0.1", 18081), ("bridge", gateway, 18082),
-                                ("any", "0.0.0.0", 18083), ("metadata", METADATA, 18084)):
-        servers.append(subprocess.Popen(
-            [sys.executable, "-m", "http.server", "--bind", address, str(port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    for name, address, port in (
+        ("loopback", "127.0.0.1", 18081),
+        ("bridge", gateway, 18082),
+        ("any", "0.0.0.0", 18083),
+        ("metadata", METADATA, 18084),
+    ):
+        servers.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "http.server", "--bind", address, str(port)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
         target = gateway if address == "0.0.0.0" else address
         urls[name] = f"http://{target}:{port}/"
     try:
@@ -46,14 +54,16 @@ def host_servers() -> Iterator[dict[str, str]]:
         sh("ip", "addr", "del", f"{METADATA}/32", "dev", "lo", check=False)
 
 
-async def test_internet_is_reachable_when_on(runtime: LocalRuntime, sandbox: SandboxInfo,
-                                             internet: dict[str, str]) -> None:
+async def test_internet_is_reachable_when_on(
+    runtime: LocalRuntime, sandbox: SandboxInfo, internet: dict[str, str]
+) -> None:
     result = await runtime.run(sandbox.sandbox_id, curl(f"http://{internet['public']}:8080/"))
     assert result.stdout == b"200", result
 
 
-async def test_internet_is_unreachable_when_off(runtime: LocalRuntime,
-                                                internet: dict[str, str]) -> None:
+async def test_internet_is_unreachable_when_off(
+    runtime: LocalRuntime, internet: dict[str, str]
+) -> None:
     info = await runtime.create(SandboxSpec(internet=False))
     try:
         result = await runtime.run(info.sandbox_id, curl(f"http://{internet['public']}:8080/"))
@@ -62,28 +72,34 @@ async def test_internet_is_unreachable_when_off(runtime: LocalRuntime,
         await runtime.kill(info.sandbox_id)
 
 
-async def test_private_ranges_are_unreachable(runtime: LocalRuntime, sandbox: SandboxInfo,
-                                              internet: dict[str, str]) -> None:
+async def test_private_ranges_are_unreachable(
+    runtime: LocalRuntime, sandbox: SandboxInfo, internet: dict[str, str]
+) -> None:
     # The private host is routed from the host just like the public one, yet blocked.
-    assert sh("curl", "-s", "--max-time", "2", f"http://{internet['private']}:8080/",
-              check=False).returncode == 0
+    assert (
+        sh(
+            "curl", "-s", "--max-time", "2", f"http://{internet['private']}:8080/", check=False
+        ).returncode
+        == 0
+    )
     result = await runtime.run(sandbox.sandbox_id, curl(f"http://{internet['private']}:8080/"))
     assert result.exit_code != 0
 
 
 @pytest.mark.parametrize("target", ["loopback", "bridge", "any", "metadata"])
-async def test_host_is_unreachable(runtime: LocalRuntime, sandbox: SandboxInfo,
-                                   host_servers: dict[str, str], target: str) -> None:
+async def test_host_is_unreachable(
+    runtime: LocalRuntime, sandbox: SandboxInfo, host_servers: dict[str, str], target: str
+) -> None:
     assert sh("curl", "-s", "--max-time", "2", host_servers[target], check=False).returncode == 0
     result = await runtime.run(sandbox.sandbox_id, curl(host_servers[target]))
     assert result.exit_code != 0, result
 
 
-async def test_other_sandboxes_are_unreachable(runtime: LocalRuntime,
-                                               sandbox: SandboxInfo) -> None:
+async def test_other_sandboxes_are_unreachable(runtime: LocalRuntime, sandbox: SandboxInfo) -> None:
     other = await runtime.create(SandboxSpec())
-    server = await runtime.exec(other.sandbox_id,
-                                ["python3", "-m", "http.server", "--bind", "0.0.0.0", "8000"])
+    server = await runtime.exec(
+        other.sandbox_id, ["python3", "-m", "http.server", "--bind", "0.0.0.0", "8000"]
+    )
     try:
         url = f"http://{other.address}:8000/"
 

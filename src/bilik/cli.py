@@ -11,14 +11,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .config import Settings
-from .runtime import LocalRuntime, Limits, RuntimeFailure, SandboxInfo, SandboxSpec
+from .runtime import Limits, LocalRuntime, RuntimeFailure, SandboxInfo, SandboxSpec
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     return Settings.from_env(
-        data_dir=getattr(args, "data_dir", None), instance=getattr(args, "instance", None),
-        oci_runtime=getattr(args, "oci_runtime", None), host=getattr(args, "host", None),
-        port=getattr(args, "port", None))
+        data_dir=getattr(args, "data_dir", None),
+        instance=getattr(args, "instance", None),
+        oci_runtime=getattr(args, "oci_runtime", None),
+        host=getattr(args, "host", None),
+        port=getattr(args, "port", None),
+    )
 
 
 def _runtime(args: argparse.Namespace) -> LocalRuntime:
@@ -37,9 +40,15 @@ def _env_pairs(pairs: Sequence[str]) -> dict[str, str]:
 
 def _row(info: SandboxInfo) -> dict[str, object]:
     return {
-        "sandboxId": info.sandbox_id, "template": info.template, "state": info.state,
-        "cpu": info.limits.cpu, "memoryMB": info.limits.memory_mb, "diskMB": info.limits.disk_mb,
-        "internet": info.internet, "address": info.address, "runtime": info.oci_runtime,
+        "sandboxId": info.sandbox_id,
+        "template": info.template,
+        "state": info.state,
+        "cpu": info.limits.cpu,
+        "memoryMB": info.limits.memory_mb,
+        "diskMB": info.limits.disk_mb,
+        "internet": info.internet,
+        "address": info.address,
+        "runtime": info.oci_runtime,
         "endAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(info.end_at)),
     }
 
@@ -49,9 +58,11 @@ async def _sandbox_create(args: argparse.Namespace) -> int:
     await runtime.start(reconcile=False)
     spec = SandboxSpec(
         template=args.template,
-        limits=Limits(cpu=args.cpu, memory_mb=args.memory_mb, disk_mb=args.disk_mb,
-                      pids=args.pids),
-        timeout_s=args.timeout, internet=not args.no_internet, env=_env_pairs(args.env))
+        limits=Limits(cpu=args.cpu, memory_mb=args.memory_mb, disk_mb=args.disk_mb, pids=args.pids),
+        timeout_s=args.timeout,
+        internet=not args.no_internet,
+        env=_env_pairs(args.env),
+    )
     info = await runtime.create(spec, oci_runtime=args.runtime)
     print(info.sandbox_id)
     return 0
@@ -62,8 +73,9 @@ async def _sandbox_exec(args: argparse.Namespace) -> int:
     command = list(args.command)
     if not command:
         raise SystemExit("bilik sandbox exec: give a command after --")
-    proc = await runtime.exec(args.sandbox_id, command, user=args.user, cwd=args.cwd,
-                              env=_env_pairs(args.env))
+    proc = await runtime.exec(
+        args.sandbox_id, command, user=args.user, cwd=args.cwd, env=_env_pairs(args.env)
+    )
     streams = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
     async for name, chunk in proc.output():
         streams[name].write(chunk)
@@ -119,8 +131,9 @@ def _bench(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from bench import runtime as bench_runtime
 
-    return bench_runtime.main(_settings(args), creates=args.creates, idle=args.idle,
-                              runtimes=args.runtimes)
+    return bench_runtime.main(
+        _settings(args), creates=args.creates, idle=args.idle, runtimes=args.runtimes
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -128,8 +141,11 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--data-dir", type=Path, help="data directory (BILIK_DATA_DIR)")
     common.add_argument("--instance", help="name of host objects (BILIK_INSTANCE)")
-    common.add_argument("--oci-runtime", choices=["crun", "runc", "runsc"],
-                        help="default OCI runtime (BILIK_OCI_RUNTIME)")
+    common.add_argument(
+        "--oci-runtime",
+        choices=["crun", "runc", "runsc"],
+        help="default OCI runtime (BILIK_OCI_RUNTIME)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", parents=[common], help="run the bilik server")
@@ -189,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tail: list[str] = []
     if "--" in argv:
         at = argv.index("--")
-        argv, tail = argv[:at], argv[at + 1:]
+        argv, tail = argv[:at], argv[at + 1 :]
     args = _parser().parse_args(argv)
     if tail:
         args.command = [*getattr(args, "command", []), *tail]

@@ -58,8 +58,10 @@ class Process:
             finally:
                 await queue.put(None)
 
-        tasks = [asyncio.create_task(pump("stdout", self._proc.stdout)),
-                 asyncio.create_task(pump("stderr", self._proc.stderr))]
+        tasks = [
+            asyncio.create_task(pump("stdout", self._proc.stdout)),
+            asyncio.create_task(pump("stderr", self._proc.stderr)),
+        ]
         try:
             open_streams = 2
             while open_streams:
@@ -94,9 +96,16 @@ class Runtime(Protocol):
     async def kill(self, sandbox_id: str) -> None: ...
     async def list(self) -> list[SandboxInfo]: ...
     async def inspect(self, sandbox_id: str) -> SandboxInfo: ...
-    async def exec(self, sandbox_id: str, argv: Sequence[str], *, user: str = "root",
-                   env: dict[str, str] | None = None, cwd: str | None = None,
-                   stdin: bool = False) -> Process: ...
+    async def exec(
+        self,
+        sandbox_id: str,
+        argv: Sequence[str],
+        *,
+        user: str = "root",
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bool = False,
+    ) -> Process: ...
     async def set_timeout(self, sandbox_id: str, seconds: float) -> SandboxInfo: ...
     async def reap_expired(self) -> list[str]: ...
     async def reconcile(self) -> None: ...

@@ -14,9 +14,28 @@ from .layers import Image, LayerStore, layer_key
 RECIPE_VERSION = 1
 
 PACKAGES = (
-    "bash", "coreutils", "python3", "python3-pip", "python3-venv", "ca-certificates", "curl",
-    "wget", "git", "procps", "iproute2", "iputils-ping", "sudo", "less", "nano", "unzip", "zip",
-    "xz-utils", "file", "jq", "openssh-client", "tini",
+    "bash",
+    "coreutils",
+    "python3",
+    "python3-pip",
+    "python3-venv",
+    "ca-certificates",
+    "curl",
+    "wget",
+    "git",
+    "procps",
+    "iproute2",
+    "iputils-ping",
+    "sudo",
+    "less",
+    "nano",
+    "unzip",
+    "zip",
+    "xz-utils",
+    "file",
+    "jq",
+    "openssh-client",
+    "tini",
 )
 
 BASE_ENV = {
@@ -49,7 +68,8 @@ def host_apt_sources() -> list[Path]:
     paths = []
     legacy = Path("/etc/apt/sources.list")
     if legacy.exists() and any(
-        line.strip() and not line.lstrip().startswith("#") for line in legacy.read_text().splitlines()
+        line.strip() and not line.lstrip().startswith("#")
+        for line in legacy.read_text().splitlines()
     ):
         paths.append(legacy)
     parts = Path("/etc/apt/sources.list.d")
@@ -62,7 +82,9 @@ def base_layer_key(uid_base: int, release: str) -> str:
     return layer_key("debian-base", RECIPE_VERSION, release, PACKAGES, _CUSTOMIZE, uid_base)
 
 
-def ensure_base_image(store: LayerStore, uid_base: int, log: Log, *, rebuild: bool = False) -> Image:
+def ensure_base_image(
+    store: LayerStore, uid_base: int, log: Log, *, rebuild: bool = False
+) -> Image:
     """Return the ``base`` image, building its layer first if it is not cached (or ``rebuild``)."""
     release = host_release()
     key = base_layer_key(uid_base, release)
@@ -75,22 +97,34 @@ def ensure_base_image(store: LayerStore, uid_base: int, log: Log, *, rebuild: bo
     return image
 
 
-def _build(store: LayerStore, key: str, release: str, uid_base: int, log: Log, *,
-           replace: bool) -> None:
+def _build(
+    store: LayerStore, key: str, release: str, uid_base: int, log: Log, *, replace: bool
+) -> None:
     sources = host_apt_sources()
     if not sources:
         raise StepFailed("build-base", "no apt sources configured on this host")
     scratch = store.scratch(key)
     rootfs = scratch / "rootfs"
     cmd = [
-        "mmdebstrap", "--variant=minbase", "--mode=root", "--format=directory",
+        "mmdebstrap",
+        "--variant=minbase",
+        "--mode=root",
+        "--format=directory",
         f"--include={','.join(PACKAGES)}",
         *[f"--customize-hook={hook}" for hook in _CUSTOMIZE],
-        release, str(rootfs), *map(str, sources),
+        release,
+        str(rootfs),
+        *map(str, sources),
     ]
     log(f"building base image from Debian {release} with mmdebstrap")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, text=True, errors="replace")
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        errors="replace",
+    )
     assert proc.stdout is not None
     tail: list[str] = []
     for line in proc.stdout:

@@ -1,4 +1,4 @@
-"""cgroup layout: which hierarchy the host has, the fix crun needs on hybrid hosts, and reading usage.
+"""cgroup layout: which hierarchy the host has, the fix crun needs on hybrid hosts, usage.
 
 Sandboxes live in ``<instance>/<sandbox id>`` under every controller (v1) or under the unified
 tree (v2). The OCI runtime creates and removes them; this module finds leftovers and reads usage.
@@ -39,8 +39,11 @@ def prepare_host() -> None:
             continue
         # /sys/fs/cgroup is a tmpfs on hybrid hosts, so a new mount point can be made there.
         target.mkdir(exist_ok=True)
-        subprocess.run(["mount", "-t", "cgroup", "-o", controller, "cgroup", str(target)],
-                       check=True, capture_output=True)
+        subprocess.run(
+            ["mount", "-t", "cgroup", "-o", controller, "cgroup", str(target)],
+            check=True,
+            capture_output=True,
+        )
 
 
 def sandbox_cgroup_dirs(instance: str, sandbox_id: str) -> list[Path]:
@@ -51,8 +54,11 @@ def sandbox_cgroup_dirs(instance: str, sandbox_id: str) -> list[Path]:
 
 def leftover_cgroups(instance: str) -> list[str]:
     """Sandbox ids that still have a cgroup directory under ``instance``."""
-    parents = [CGROUP_ROOT / instance] if is_v2() else [CGROUP_ROOT / c / instance
-                                                        for c in V1_CONTROLLERS]
+    parents = (
+        [CGROUP_ROOT / instance]
+        if is_v2()
+        else [CGROUP_ROOT / c / instance for c in V1_CONTROLLERS]
+    )
     ids: set[str] = set()
     for parent in parents:
         with contextlib.suppress(FileNotFoundError):
@@ -103,7 +109,9 @@ def usage(instance: str, sandbox_id: str) -> dict[str, int]:
         out["memory_limit_bytes"] = _read_int(base / "memory.max")
         out["pids"] = _read_int(base / "pids.current")
         return out
-    out["cpu_usage_ns"] = _read_int(CGROUP_ROOT / "cpuacct" / instance / sandbox_id / "cpuacct.usage")
+    out["cpu_usage_ns"] = _read_int(
+        CGROUP_ROOT / "cpuacct" / instance / sandbox_id / "cpuacct.usage"
+    )
     memory = CGROUP_ROOT / "memory" / instance / sandbox_id
     out["memory_bytes"] = _read_int(memory / "memory.usage_in_bytes")
     out["memory_limit_bytes"] = _read_int(memory / "memory.limit_in_bytes")

@@ -1,11 +1,11 @@
 """The runtime's exceptions: one root, each named after what went wrong.
 
-    RuntimeFailure
-    ├── SandboxNotFound     no sandbox with that id
-    ├── InvalidSpec         a create asked for something impossible (bad limits, unknown template)
-    ├── SandboxExists       a create reused a live id
-    ├── TemplateNotFound    no template of that name
-    └── StepFailed          a host-side step of create or kill failed (names the step)
+RuntimeFailure
+├── SandboxNotFound     no sandbox with that id
+├── InvalidSpec         a create asked for something impossible (bad limits, unknown template)
+├── SandboxExists       a create reused a live id
+├── TemplateNotFound    no template of that name
+└── StepFailed          a host-side step of create or kill failed (names the step)
 """
 
 from __future__ import annotations

@@ -35,7 +35,11 @@ RUNTIME_FILES = {"tini": "/usr/bin/tini-static", "busybox": "/bin/busybox"}
 
 # PID 1: tini reaps every orphan; the loop below it keeps the sandbox alive with no workload.
 INIT = [
-    f"{oci.RUNTIME_MOUNT}/tini", "--", f"{oci.RUNTIME_MOUNT}/busybox", "sh", "-c",
+    f"{oci.RUNTIME_MOUNT}/tini",
+    "--",
+    f"{oci.RUNTIME_MOUNT}/busybox",
+    "sh",
+    "-c",
     f"trap '' TERM INT HUP; while :; do {oci.RUNTIME_MOUNT}/busybox sleep 2147483647 & wait; done",
 ]
 
@@ -97,8 +101,9 @@ class LocalRuntime:
         """Host uid of root inside: gVisor makes no host user namespace (see ``oci``)."""
         return 0 if oci_runtime == "runsc" else self.settings.uid_base
 
-    def image(self, template: str, *, oci_runtime: str | None = None,
-              rebuild: bool = False) -> Image:
+    def image(
+        self, template: str, *, oci_runtime: str | None = None, rebuild: bool = False
+    ) -> Image:
         """The image of ``template`` for ``oci_runtime``; ``base`` is built on first use."""
         uid_base = self.uid_base(oci_runtime or self.settings.oci_runtime)
         if template == "base":
@@ -109,8 +114,13 @@ class LocalRuntime:
 
     async def create(self, spec: SandboxSpec, *, oci_runtime: str | None = None) -> SandboxInfo:
         caps = self.settings.caps
-        spec.validate(max_cpu=caps.cpu, max_memory_mb=caps.memory_mb, max_disk_mb=caps.disk_mb,
-                      max_pids=caps.pids, max_lifetime_s=caps.lifetime_s)
+        spec.validate(
+            max_cpu=caps.cpu,
+            max_memory_mb=caps.memory_mb,
+            max_disk_mb=caps.disk_mb,
+            max_pids=caps.pids,
+            max_lifetime_s=caps.lifetime_s,
+        )
         oci_cli = self.oci(oci_runtime)
         image = await asyncio.to_thread(self.image, spec.template, oci_runtime=oci_cli.name)
         sandbox_id = spec.sandbox_id or new_sandbox_id()
@@ -126,8 +136,9 @@ class LocalRuntime:
             raise StepFailed("create", str(e)) from e
         return self._info(record, "running")
 
-    def _reserve(self, sandbox_id: str, spec: SandboxSpec, image: Image,
-                 runtime_name: str) -> SandboxRecord:
+    def _reserve(
+        self, sandbox_id: str, spec: SandboxSpec, image: Image, runtime_name: str
+    ) -> SandboxRecord:
         """Claim the id and an address, and record the sandbox before anything is made for it."""
         with file_lock(self.settings.data_dir / "locks" / "sandboxes"):
             directory = self.records.dir(sandbox_id)
@@ -138,12 +149,21 @@ class LocalRuntime:
             directory.mkdir(mode=0o711)
             now = time.time()
             record = SandboxRecord(
-                sandbox_id=sandbox_id, template=spec.template, layers=list(image.layers),
-                limits=spec.limits, internet=spec.internet,
-                address=self.network.address(index), address_index=index,
-                oci_runtime=runtime_name, created_at=now, end_at=now + spec.timeout_s,
-                user=image.user, workdir=image.workdir,
-                env={**image.env, **spec.env}, metadata=dict(spec.metadata))
+                sandbox_id=sandbox_id,
+                template=spec.template,
+                layers=list(image.layers),
+                limits=spec.limits,
+                internet=spec.internet,
+                address=self.network.address(index),
+                address_index=index,
+                oci_runtime=runtime_name,
+                created_at=now,
+                end_at=now + spec.timeout_s,
+                user=image.user,
+                workdir=image.workdir,
+                env={**image.env, **spec.env},
+                metadata=dict(spec.metadata),
+            )
             self.records.save(record)
             return record
 
@@ -156,31 +176,49 @@ class LocalRuntime:
         rootfs.mkdir()
         lower = ":".join(str(self.layers.path(k)) for k in reversed(record.layers))
         try:
-            syscalls.mount("overlay", str(rootfs), "overlay", 0,
-                           f"lowerdir={lower},upperdir={d}/disk/upper,workdir={d}/disk/work,"
-                           "volatile")
+            syscalls.mount(
+                "overlay",
+                str(rootfs),
+                "overlay",
+                0,
+                f"lowerdir={lower},upperdir={d}/disk/upper,workdir={d}/disk/work,volatile",
+            )
         except OSError as e:
             raise StepFailed("mount-rootfs", str(e)) from e
         etc = d / "etc"
         etc.mkdir()
         write_text(etc / "hostname", f"{record.sandbox_id}\n")
-        write_text(etc / "hosts", f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n"
-                                  f"{record.address}\t{record.sandbox_id}\n")
+        write_text(
+            etc / "hosts",
+            f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n"
+            f"{record.address}\t{record.sandbox_id}\n",
+        )
         write_text(etc / "resolv.conf", f"nameserver {self.network.gateway}\n")
         netns = self.network.create(record.sandbox_id, record.address, record.internet)
         config = oci.config(
-            sandbox_id=record.sandbox_id, rootfs=rootfs, netns=netns, limits=record.limits,
-            instance=self.settings.instance, uid_base=uid, env=record.env, etc_dir=etc,
-            runtime_dir=self.runtime_dir, init=INIT,
-            oci_runtime=record.oci_runtime)
+            sandbox_id=record.sandbox_id,
+            rootfs=rootfs,
+            netns=netns,
+            limits=record.limits,
+            instance=self.settings.instance,
+            uid_base=uid,
+            env=record.env,
+            etc_dir=etc,
+            runtime_dir=self.runtime_dir,
+            init=INIT,
+            oci_runtime=record.oci_runtime,
+        )
         (d / "config.json").write_text(json.dumps(config))
 
     async def _release(self, record: SandboxRecord | str) -> None:
         """Release everything a sandbox holds; every step tolerates the thing being absent."""
         sandbox_id = record if isinstance(record, str) else record.sandbox_id
         rec = self.records.load(sandbox_id) if isinstance(record, str) else record
-        runtimes = [rec.oci_runtime] if rec else [n for n in ("crun", "runc", "runsc")
-                                                  if (self.state_root / n).exists()]
+        runtimes = (
+            [rec.oci_runtime]
+            if rec
+            else [n for n in ("crun", "runc", "runsc") if (self.state_root / n).exists()]
+        )
         for name in runtimes:
             await self.oci(name).delete(sandbox_id)
         await asyncio.to_thread(self._release_host, sandbox_id, rec.address if rec else None)
@@ -206,10 +244,18 @@ class LocalRuntime:
 
     def _info(self, record: SandboxRecord, state: str) -> SandboxInfo:
         return SandboxInfo(
-            sandbox_id=record.sandbox_id, template=record.template, state=state,
-            limits=record.limits, internet=record.internet, address=record.address,
-            oci_runtime=record.oci_runtime, created_at=record.created_at, end_at=record.end_at,
-            metadata=dict(record.metadata), env=dict(record.env))
+            sandbox_id=record.sandbox_id,
+            template=record.template,
+            state=state,
+            limits=record.limits,
+            internet=record.internet,
+            address=record.address,
+            oci_runtime=record.oci_runtime,
+            created_at=record.created_at,
+            end_at=record.end_at,
+            metadata=dict(record.metadata),
+            env=dict(record.env),
+        )
 
     async def _states(self) -> dict[str, str]:
         states: dict[str, str] = {}
@@ -220,8 +266,10 @@ class LocalRuntime:
 
     async def list(self) -> list[SandboxInfo]:
         states = await self._states()
-        return [self._info(r, states.get(r.sandbox_id, "stopped"))
-                for r in await asyncio.to_thread(self.records.all)]
+        return [
+            self._info(r, states.get(r.sandbox_id, "stopped"))
+            for r in await asyncio.to_thread(self.records.all)
+        ]
 
     async def inspect(self, sandbox_id: str) -> SandboxInfo:
         record = self._record(sandbox_id)
@@ -233,8 +281,9 @@ class LocalRuntime:
             raise InvalidSpec(f"timeout must be between 0 and {self.settings.caps.lifetime_s}")
         with file_lock(self.settings.data_dir / "locks" / "sandboxes"):
             record = self._record(sandbox_id)
-            record.end_at = min(time.time() + seconds,
-                                record.created_at + self.settings.caps.lifetime_s)
+            record.end_at = min(
+                time.time() + seconds, record.created_at + self.settings.caps.lifetime_s
+            )
             self.records.save(record)
         return await self.inspect(sandbox_id)
 
@@ -254,18 +303,29 @@ class LocalRuntime:
         states = await self._states()
         records = {r.sandbox_id: r for r in await asyncio.to_thread(self.records.all)}
         live = {i for i, r in records.items() if states.get(i) == "running"}
-        leftovers = (set(records) | set(states) | set(self.records.ids())
-                     | set(self.network.leftover_ids())
-                     | set(cgroups.leftover_cgroups(self.settings.instance))) - live
+        leftovers = (
+            set(records)
+            | set(states)
+            | set(self.records.ids())
+            | set(self.network.leftover_ids())
+            | set(cgroups.leftover_cgroups(self.settings.instance))
+        ) - live
         for sandbox_id in sorted(leftovers):
             self.log(f"reconcile: releasing {sandbox_id}")
             await self._release(records.get(sandbox_id) or sandbox_id)
 
     # -- processes ----------------------------------------------------------------------------
 
-    async def exec(self, sandbox_id: str, argv: Sequence[str], *, user: str = "root",
-                   env: dict[str, str] | None = None, cwd: str | None = None,
-                   stdin: bool = False) -> Process:
+    async def exec(
+        self,
+        sandbox_id: str,
+        argv: Sequence[str],
+        *,
+        user: str = "root",
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bool = False,
+    ) -> Process:
         """Start ``argv`` in the sandbox as ``user`` (a name from its /etc/passwd)."""
         record = self._record(sandbox_id)
         if not argv:
@@ -279,8 +339,10 @@ class LocalRuntime:
             "args": list(argv),
             "env": [f"{k}={v}" for k, v in full_env.items()],
             "cwd": cwd or (home if user != "root" else "/"),
-            "capabilities": {k: oci.CAPABILITIES if uid == 0 else []
-                             for k in ("bounding", "effective", "permitted")},
+            "capabilities": {
+                k: oci.CAPABILITIES if uid == 0 else []
+                for k in ("bounding", "effective", "permitted")
+            },
             "noNewPrivileges": True,
         }
         name = f"exec-{os.urandom(6).hex()}"
@@ -290,18 +352,28 @@ class LocalRuntime:
             proc = await asyncio.create_subprocess_exec(
                 *self.oci(record.oci_runtime).exec_argv(sandbox_id, process_file, pid_file),
                 stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
         finally:
             # The runtime reads the file before it forks the process: a brief wait is enough.
             asyncio.get_running_loop().call_later(5, process_file.unlink, True)
         return Process(proc, pid_file)
 
-    async def run(self, sandbox_id: str, argv: Sequence[str], *, user: str = "root",
-                  env: dict[str, str] | None = None, cwd: str | None = None,
-                  input: bytes | None = None) -> ExecResult:
+    async def run(
+        self,
+        sandbox_id: str,
+        argv: Sequence[str],
+        *,
+        user: str = "root",
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        input: bytes | None = None,
+    ) -> ExecResult:
         """Run ``argv`` to completion and collect its output."""
-        proc = await self.exec(sandbox_id, argv, user=user, env=env, cwd=cwd,
-                               stdin=input is not None)
+        proc = await self.exec(
+            sandbox_id, argv, user=user, env=env, cwd=cwd, stdin=input is not None
+        )
         if input is not None and proc.stdin is not None:
             proc.stdin.write(input)
             await proc.stdin.drain()

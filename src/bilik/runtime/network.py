@@ -27,8 +27,16 @@ NETNS_DIR = Path("/run/netns")
 
 # Never reachable from a sandbox, whatever else is allowed.
 BLOCKED_V4 = (
-    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
-    "192.0.0.0/24", "192.168.0.0/16", "198.18.0.0/15", "224.0.0.0/3",
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.0.0.0/24",
+    "192.168.0.0/16",
+    "198.18.0.0/15",
+    "224.0.0.0/3",
 )
 
 
@@ -64,8 +72,9 @@ class HostNetwork:
             idx = ipr.link_lookup(ifname=self.bridge)[0]
             addrs = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=idx, family=2)}
             if str(self.gateway) not in addrs:
-                ipr.addr("add", index=idx, address=str(self.gateway),
-                         prefixlen=self.network.prefixlen)
+                ipr.addr(
+                    "add", index=idx, address=str(self.gateway), prefixlen=self.network.prefixlen
+                )
             ipr.link("set", index=idx, state="up")
         with contextlib.suppress(OSError):
             Path(f"/proc/sys/net/ipv6/conf/{self.bridge}/disable_ipv6").write_text("1")
@@ -128,7 +137,7 @@ table inet {self.table} {{
     # -- per sandbox --------------------------------------------------------------------------
 
     def address(self, index: int) -> str:
-        """The sandbox address with allocation index ``index`` (0 is the first after the gateway)."""
+        """The sandbox address with allocation index ``index`` (0: the first after the gateway)."""
         addr = self.network.network_address + 2 + index
         if addr >= self.network.broadcast_address:
             raise StepFailed("allocate-address", f"subnet {self.network} is full")
@@ -142,8 +151,12 @@ table inet {self.table} {{
             inner = _new_netns(path)
             try:
                 with IPRoute() as ipr:
-                    ipr.link("add", ifname=veth, kind="veth",
-                             peer={"ifname": "eth0", "net_ns_fd": str(path)})
+                    ipr.link(
+                        "add",
+                        ifname=veth,
+                        kind="veth",
+                        peer={"ifname": "eth0", "net_ns_fd": str(path)},
+                    )
                     idx = ipr.link_lookup(ifname=veth)[0]
                     bridge = ipr.link_lookup(ifname=self.bridge)[0]
                     ipr.link("set", index=idx, master=bridge)
@@ -186,8 +199,9 @@ table inet {self.table} {{
         prefix = f"{self.instance}-"
         if not NETNS_DIR.is_dir():
             return []
-        return sorted(p.name[len(prefix):] for p in NETNS_DIR.iterdir()
-                      if p.name.startswith(prefix))
+        return sorted(
+            p.name[len(prefix) :] for p in NETNS_DIR.iterdir() if p.name.startswith(prefix)
+        )
 
 
 def _new_netns(path: Path) -> IPRoute:

@@ -35,10 +35,13 @@ class OciCli:
 
     async def _run(self, step: str, *args: str, stdin: int | None = subprocess.DEVNULL) -> str:
         proc = await asyncio.create_subprocess_exec(
-            *self.base, *args, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            *self.base, *args, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
         out, err = await proc.communicate()
         if proc.returncode != 0:
-            raise StepFailed(step, err.decode(errors="replace").strip() or f"exit {proc.returncode}")
+            raise StepFailed(
+                step, err.decode(errors="replace").strip() or f"exit {proc.returncode}"
+            )
         return out.decode(errors="replace")
 
     async def run_detached(self, sandbox_id: str, bundle: Path, log: Path) -> None:
@@ -51,7 +54,8 @@ class OciCli:
             start = out.tell()
             args = ["run", "--bundle", str(bundle), "--detach", sandbox_id]
             proc = await asyncio.create_subprocess_exec(
-                *self.base, *args, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+                *self.base, *args, stdin=subprocess.DEVNULL, stdout=out, stderr=out
+            )
             code = await proc.wait()
         if code != 0:
             with open(log, "rb") as f:
@@ -64,8 +68,11 @@ class OciCli:
 
     async def delete(self, sandbox_id: str) -> None:
         """Remove the container, killing it if it still runs. A missing container is fine."""
-        args = ["delete", "--force", sandbox_id] if self.name != "runsc" else [
-            "delete", "-force", sandbox_id]
+        args = (
+            ["delete", "--force", sandbox_id]
+            if self.name != "runsc"
+            else ["delete", "-force", sandbox_id]
+        )
         try:
             await self._run("oci-delete", *args)
         except StepFailed as e:
@@ -91,5 +98,12 @@ class OciCli:
         """The argv that runs the process described by ``process_file`` in the sandbox and
         writes its host pid to ``pid_file``."""
         dash = "-" if self.name == "runsc" else "--"
-        return [*self.base, "exec", f"{dash}process", str(process_file), f"{dash}pid-file",
-                str(pid_file), sandbox_id]
+        return [
+            *self.base,
+            "exec",
+            f"{dash}process",
+            str(process_file),
+            f"{dash}pid-file",
+            str(pid_file),
+            sandbox_id,
+        ]

@@ -56,14 +56,15 @@ class RecordStore:
     def load(self, sandbox_id: str) -> SandboxRecord | None:
         try:
             return SandboxRecord.from_json(
-                json.loads((self.dir(sandbox_id) / "record.json").read_text()))
+                json.loads((self.dir(sandbox_id) / "record.json").read_text())
+            )
         except (FileNotFoundError, NotADirectoryError):
             return None
         except (json.JSONDecodeError, KeyError, TypeError):
             return None
 
     def ids(self) -> list[str]:
-        """Ids of every sandbox directory, recorded or not (a create may have died before saving)."""
+        """Ids of every sandbox directory, recorded or not (a create may have died early)."""
         return sorted(p.name for p in self.root.iterdir() if p.is_dir())
 
     def all(self) -> list[SandboxRecord]:

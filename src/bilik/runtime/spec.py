@@ -51,8 +51,15 @@ class SandboxSpec:
     sandbox_id: str | None = None
     metadata: dict[str, str] = dataclasses.field(default_factory=dict)
 
-    def validate(self, *, max_cpu: int, max_memory_mb: int, max_disk_mb: int, max_pids: int,
-                 max_lifetime_s: int) -> None:
+    def validate(
+        self,
+        *,
+        max_cpu: int,
+        max_memory_mb: int,
+        max_disk_mb: int,
+        max_pids: int,
+        max_lifetime_s: int,
+    ) -> None:
         lim = self.limits
         _check_range("cpu", lim.cpu, 0.1, max_cpu)
         _check_range("memory_mb", lim.memory_mb, MIN_MEMORY_MB, max_memory_mb)

@@ -11,8 +11,13 @@ import struct
 from collections.abc import Iterator
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
-                        ctypes.c_char_p]
+_libc.mount.argtypes = [
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_ulong,
+    ctypes.c_char_p,
+]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 MS_RDONLY = 1
@@ -31,8 +36,17 @@ def _check(result: int, what: str, path: str = "") -> None:
 
 
 def mount(source: str, target: str, fstype: str | None, flags: int = 0, data: str = "") -> None:
-    _check(_libc.mount(source.encode(), target.encode(), fstype.encode() if fstype else None,
-                       flags, data.encode() if data else None), "mount", target)
+    _check(
+        _libc.mount(
+            source.encode(),
+            target.encode(),
+            fstype.encode() if fstype else None,
+            flags,
+            data.encode() if data else None,
+        ),
+        "mount",
+        target,
+    )
 
 
 def umount(target: str, *, detach: bool = True) -> None:
@@ -87,7 +101,7 @@ def loop_device(image: str) -> Iterator[str]:
             device = f"/dev/loop{number}"
             dev_fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
             try:
-                # struct loop_config { u32 fd; u32 block_size; struct loop_info64 info; u64 reserved[8]; }
+                # struct loop_config { u32 fd; u32 block_size; loop_info64 info; u64 reserved[8]; }
                 info = bytearray(232)
                 struct.pack_into("=I", info, 52, _LO_FLAGS_AUTOCLEAR)  # lo_flags
                 config = struct.pack("=II", backing, 0) + bytes(info) + bytes(64)

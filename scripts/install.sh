@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Install bilik and everything it needs on Debian 12, as root. Idempotent.
+#   scripts/install.sh          the server
+#   scripts/install.sh --test   the server and the test tools
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" != 0 ]; then
+  echo "install.sh: run as root (bilik manages namespaces, cgroups and mounts)" >&2
+  exit 1
+fi
+
+packages=(
+  # OCI runtimes: crun (default), runc, gVisor's runsc
+  crun runc runsc
+  # images, disks, networking
+  mmdebstrap e2fsprogs util-linux nftables iproute2
+  # PID 1 and its helper inside every sandbox (static builds, independent of the image)
+  tini busybox-static
+  # the server
+  python3 python3-venv ca-certificates curl
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing system packages: ${missing[*]}"
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+extra=""
+[ "${1:-}" = "--test" ] && extra="[test]"
+if [ ! -x .venv/bin/python ]; then
+  /usr/bin/python3 -m venv .venv
+fi
+.venv/bin/pip install -q --disable-pip-version-check -e ".${extra}"
+ln -sf "$PWD/.venv/bin/bilik" /usr/local/bin/bilik
+echo "bilik installed: $(command -v bilik)"

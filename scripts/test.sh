@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Install bilik with its test tools, then run every check: lint, format, types and the test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install.sh --test
+.venv/bin/ruff check src tests bench
+.venv/bin/ruff format --check src tests bench
+.venv/bin/pytest "$@"

@@ -1,0 +1,81 @@
+"""The operator CLI: create prints an id, exec streams and passes the exit code through."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from helpers import SETTINGS
+
+
+def bilik(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "BILIK_DATA_DIR": str(SETTINGS.data_dir),
+        "BILIK_INSTANCE": SETTINGS.instance,
+        "BILIK_SUBNET": SETTINGS.subnet,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "bilik.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_create_exec_list_kill() -> None:
+    created = bilik(
+        "sandbox",
+        "create",
+        "--cpu",
+        "0.5",
+        "--memory-mb",
+        "256",
+        "--disk-mb",
+        "256",
+        "--no-internet",
+        "--env",
+        "GREETING=hello",
+    )
+    assert created.returncode == 0, created.stderr
+    sandbox_id = created.stdout.strip()
+    assert len(sandbox_id) == 20
+    try:
+        run = bilik(
+            "sandbox",
+            "exec",
+            sandbox_id,
+            "--user",
+            "user",
+            "--",
+            "sh",
+            "-c",
+            "echo $GREETING $(id -un); echo oops >&2; exit 7",
+        )
+        assert (run.returncode, run.stdout, run.stderr) == (7, "hello user\n", "oops\n")
+        listed = json.loads(bilik("sandbox", "list", "--json").stdout)
+        row = next(r for r in listed if r["sandboxId"] == sandbox_id)
+        assert (row["cpu"], row["memoryMB"], row["diskMB"], row["internet"]) == (
+            0.5,
+            256,
+            256,
+            False,
+        )
+        table = bilik("sandbox", "list").stdout
+        assert sandbox_id in table and table.startswith("sandboxId")
+    finally:
+        assert bilik("sandbox", "kill", sandbox_id).returncode == 0
+    assert sandbox_id not in bilik("sandbox", "list").stdout
+
+
+def test_errors_are_clear() -> None:
+    missing = bilik("sandbox", "exec", "nosuchsandbox1", "--", "true")
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == "bilik: sandbox 'nosuchsandbox1' not found"
+    absurd = bilik("sandbox", "create", "--memory-mb", "99999999")
+    assert absurd.returncode == 1 and "memory_mb must be between" in absurd.stderr
+    unknown = bilik("sandbox", "create", "--template", "nope")
+    assert unknown.returncode == 1 and "template 'nope' not found" in unknown.stderr
