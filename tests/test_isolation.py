@@ -4,10 +4,24 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-from bilik.runtime import LocalRuntime, SandboxInfo
+import pytest
+import pytest_asyncio
+
+from bilik.runtime import LocalRuntime, SandboxInfo, SandboxSpec
 from helpers import SETTINGS, run_ok
+
+
+@pytest_asyncio.fixture(params=["crun"])
+async def sandbox(
+    runtime: LocalRuntime, request: pytest.FixtureRequest
+) -> AsyncIterator[SandboxInfo]:
+    """Every isolation test runs on both OCI runtimes."""
+    info = await runtime.create(SandboxSpec(), oci_runtime=request.param)
+    yield info
+    await runtime.kill(info.sandbox_id)
 
 
 async def test_host_processes_are_invisible(runtime: LocalRuntime, sandbox: SandboxInfo) -> None:

@@ -107,11 +107,14 @@ def config(
                 "source": "mqueue",
                 "options": ["nosuid", "noexec", "nodev"],
             },
+            # sysfs cannot be mounted from a user namespace that does not own the network
+            # namespace, so the host's is bind-mounted read-only (what rootless runtimes do),
+            # with its sensitive parts masked below.
             {
                 "destination": "/sys",
-                "type": "sysfs",
-                "source": "sysfs",
-                "options": ["nosuid", "noexec", "nodev", "ro"],
+                "type": "bind",
+                "source": "/sys",
+                "options": ["rbind", "nosuid", "noexec", "nodev", "ro"],
             },
             *(
                 {
@@ -166,6 +169,9 @@ def _adapt_for_gvisor(spec: dict[str, Any]) -> None:
     which runs as an unprivileged host user, so it takes no host user namespace (this build
     refuses one) and has no cgroup namespaces. Its layers are therefore stored unshifted.
     """
+    for mount in spec["mounts"]:
+        if mount["destination"] == "/sys":  # gVisor has a sysfs of its own
+            mount.update(type="sysfs", source="sysfs", options=["nosuid", "noexec", "nodev", "ro"])
     linux = spec["linux"]
     linux["namespaces"] = [ns for ns in linux["namespaces"] if ns["type"] not in ("user", "cgroup")]
     del linux["uidMappings"], linux["gidMappings"]
