@@ -14,7 +14,7 @@ from bilik.runtime import LocalRuntime, SandboxInfo, SandboxSpec
 from bilik.runtime.network import HostNetwork
 from helpers import SETTINGS, host_state, sh
 
-INET_NS = "biltest-inet"
+INET_NS = "bilik-test-inet"
 INET_HOST = "203.0.113.1"
 INET_PEER = "203.0.113.2"
 PRIVATE_PEER = "192.168.213.2"

@@ -9,6 +9,7 @@ runtime. Create undoes its partial work on failure; kill and reconcile release e
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import json
 import os
@@ -26,7 +27,7 @@ from .layers import Image, LayerStore
 from .network import HostNetwork
 from .ocicli import OciCli
 from .records import RecordStore, SandboxRecord
-from .spec import SandboxSpec, new_sandbox_id
+from .spec import SandboxSpec, is_sandbox_id, new_sandbox_id
 
 Log = Callable[[str], None]
 
@@ -264,7 +265,7 @@ class LocalRuntime:
                 states.update(await self.oci(name).list())
         return states
 
-    async def list(self) -> list[SandboxInfo]:
+    async def list(self) -> builtins.list[SandboxInfo]:
         states = await self._states()
         return [
             self._info(r, states.get(r.sandbox_id, "stopped"))
@@ -287,7 +288,7 @@ class LocalRuntime:
             self.records.save(record)
         return await self.inspect(sandbox_id)
 
-    async def reap_expired(self) -> list[str]:
+    async def reap_expired(self) -> builtins.list[str]:
         """Kill every sandbox past its end time; returns their ids."""
         now = time.time()
         expired = [r for r in await asyncio.to_thread(self.records.all) if r.end_at <= now]
@@ -303,13 +304,15 @@ class LocalRuntime:
         states = await self._states()
         records = {r.sandbox_id: r for r in await asyncio.to_thread(self.records.all)}
         live = {i for i, r in records.items() if states.get(i) == "running"}
-        leftovers = (
+        found = (
             set(records)
             | set(states)
             | set(self.records.ids())
             | set(self.network.leftover_ids())
             | set(cgroups.leftover_cgroups(self.settings.instance))
-        ) - live
+        )
+        # Only names shaped like sandbox ids: never touch anything else that shares the prefix.
+        leftovers = {i for i in found - live if is_sandbox_id(i)}
         for sandbox_id in sorted(leftovers):
             self.log(f"reconcile: releasing {sandbox_id}")
             await self._release(records.get(sandbox_id) or sandbox_id)

@@ -51,7 +51,7 @@ class HostNetwork:
     def __init__(self, instance: str, subnet: str) -> None:
         self.instance = instance
         self.bridge = f"{instance}0"
-        self.network = ipaddress.ip_network(subnet)
+        self.network = ipaddress.IPv4Network(subnet)
         self.gateway = next(self.network.hosts())
         self.table = instance
 
@@ -196,9 +196,10 @@ table inet {self.table} {{
             path.unlink()
 
     def leftover_ids(self) -> list[str]:
-        prefix = f"{self.instance}-"
+        """Sandbox ids that still have a network namespace of this instance."""
         if not NETNS_DIR.is_dir():
             return []
+        prefix = f"{self.instance}-"
         return sorted(
             p.name[len(prefix) :] for p in NETNS_DIR.iterdir() if p.name.startswith(prefix)
         )

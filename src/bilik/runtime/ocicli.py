@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import json
 import shutil
@@ -81,9 +82,10 @@ class OciCli:
 
     async def state(self, sandbox_id: str) -> dict[str, Any] | None:
         try:
-            return json.loads(await self._run("oci-state", "state", sandbox_id))
+            state = json.loads(await self._run("oci-state", "state", sandbox_id))
         except (StepFailed, json.JSONDecodeError):
             return None
+        return state if isinstance(state, dict) else None
 
     async def list(self) -> dict[str, str]:
         """Container id → status for every container under this runtime's state root."""
@@ -94,7 +96,7 @@ class OciCli:
             return {}
         return {item["id"]: item.get("status", "unknown") for item in items}
 
-    def exec_argv(self, sandbox_id: str, process_file: Path, pid_file: Path) -> list[str]:
+    def exec_argv(self, sandbox_id: str, process_file: Path, pid_file: Path) -> builtins.list[str]:
         """The argv that runs the process described by ``process_file`` in the sandbox and
         writes its host pid to ``pid_file``."""
         dash = "-" if self.name == "runsc" else "--"

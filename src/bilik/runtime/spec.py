@@ -29,6 +29,10 @@ def new_sandbox_id() -> str:
     return "".join(secrets.choice(_ID_ALPHABET) for _ in range(20))
 
 
+def is_sandbox_id(text: str) -> bool:
+    return bool(_ID_RE.match(text))
+
+
 @dataclasses.dataclass(frozen=True)
 class Limits:
     """Resource limits of one sandbox."""
@@ -66,7 +70,7 @@ class SandboxSpec:
         _check_range("disk_mb", lim.disk_mb, MIN_DISK_MB, max_disk_mb)
         _check_range("pids", lim.pids, 16, max_pids)
         _check_range("timeout", self.timeout_s, 0, max_lifetime_s)
-        if self.sandbox_id is not None and not _ID_RE.match(self.sandbox_id):
+        if self.sandbox_id is not None and not is_sandbox_id(self.sandbox_id):
             raise InvalidSpec(f"sandbox id {self.sandbox_id!r} must be 8-32 of [a-z0-9]")
         if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$", self.template):
             raise InvalidSpec(f"template name {self.template!r} is not valid")
