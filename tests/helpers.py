@@ -38,8 +38,18 @@ def host_state(settings: Settings) -> dict[str, list[str]]:
         "cgroups": cgroups.leftover_cgroups(instance),
         "processes": [str(p) for p in cgroups.pids_in(instance)],
         "containers": containers,
+        "loop_devices": _loop_devices_under(sandboxes),
         "sandbox_dirs": sorted(p.name for p in sandboxes.iterdir()) if sandboxes.exists() else [],
     }
+
+
+def _loop_devices_under(root: Path) -> list[str]:
+    devices = []
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        with contextlib.suppress(OSError):
+            if backing.read_text().strip().startswith(str(root)):
+                devices.append(backing.parent.parent.name)
+    return sorted(devices)
 
 
 def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
