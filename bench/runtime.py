@@ -64,9 +64,9 @@ async def _idle_cost(runtime: LocalRuntime, count: int) -> dict[str, float]:
 
 async def _run(settings: Settings, creates: int, idle: int, runtimes: list[str]) -> int:
     runtime = LocalRuntime(settings)
-    await runtime.start(reconcile=False)
+    await runtime.start()
     print(f"bilik bench runtime: {creates} creates per runtime, {idle} idle sandboxes")
-    for name in runtimes:
+    for name in runtimes if creates else []:
         await asyncio.to_thread(runtime.image, "base", oci_runtime=name)
         await _time_to_first_output(runtime, name)  # warm caches
         samples = [await _time_to_first_output(runtime, name) for _ in range(creates)]

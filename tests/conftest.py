@@ -6,17 +6,17 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
 from bilik.runtime import LocalRuntime, SandboxInfo, SandboxSpec
 from bilik.runtime.network import HostNetwork
-from helpers import SETTINGS, host_state, sh
+from helpers import INET_PEER, SETTINGS, host_state, sh
 
 INET_NS = "bilik-test-inet"
 INET_HOST = "203.0.113.1"
-INET_PEER = "203.0.113.2"
 PRIVATE_PEER = "192.168.213.2"
 
 
@@ -34,10 +34,14 @@ def nothing_left_behind() -> Iterator[None]:
 
 
 @pytest_asyncio.fixture(scope="session")
-async def runtime() -> AsyncIterator[LocalRuntime]:
+async def runtime(internet: dict[str, str]) -> AsyncIterator[LocalRuntime]:
+    """The runtime as the server runs it: host prepared, reconciled, DNS forwarder up."""
     rt = LocalRuntime(SETTINGS, log=lambda line: print(line, file=sys.stderr))
     await rt.start()
+    await rt.reconcile()
+    dns = await rt.serve_dns()
     yield rt
+    await dns.close()
 
 
 @pytest_asyncio.fixture
@@ -50,8 +54,9 @@ async def sandbox(runtime: LocalRuntime) -> AsyncIterator[SandboxInfo]:
 @pytest.fixture(scope="session")
 def internet() -> Iterator[dict[str, str]]:
     """A stand-in for the internet: a host in a network namespace on 203.0.113.0/24 (a
-    documentation range), routed from the host, serving HTTP on port 8080; and a host on a
-    private range, 192.168.213.2, which sandboxes must never reach."""
+    documentation range), routed from the host, serving HTTP on port 8080 and DNS for names
+    under ``.test``; and a host on a private range, 192.168.213.2, which sandboxes must never
+    reach."""
     sh("ip", "netns", "del", INET_NS, check=False)
     sh("ip", "link", "del", "bkt-inet", check=False)
     sh("ip", "netns", "add", INET_NS)
@@ -66,28 +71,24 @@ def internet() -> Iterator[dict[str, str]]:
         ["ip", "link", "set", "lo", "up"],
     ):
         sh("ip", "netns", "exec", INET_NS, *cmd)
-    server = subprocess.Popen(
-        [
-            "ip",
-            "netns",
-            "exec",
-            INET_NS,
-            sys.executable,
-            "-m",
-            "http.server",
-            "--bind",
-            "0.0.0.0",
-            "8080",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    servers = [
+        subprocess.Popen(
+            ["ip", "netns", "exec", INET_NS, *cmd],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for cmd in (
+            [sys.executable, "-m", "http.server", "--bind", "0.0.0.0", "8080"],
+            [sys.executable, str(Path(__file__).with_name("fake_dns.py")), INET_PEER],
+        )
+    ]
     _wait_port(INET_NS, 8080)
     try:
         yield {"public": INET_PEER, "private": PRIVATE_PEER}
     finally:
-        server.kill()
-        server.wait()
+        for server in servers:
+            server.kill()
+            server.wait()
         sh("ip", "route", "del", "192.168.213.0/24", check=False)
         sh("ip", "link", "del", "bkt-inet", check=False)
         sh("ip", "netns", "del", INET_NS, check=False)

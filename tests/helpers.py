@@ -16,7 +16,11 @@ from bilik.runtime.network import NETNS_DIR
 
 DATA_DIR = Path(os.environ.get("BILIK_TEST_DATA_DIR", "/var/lib/bilik-test"))
 INSTANCE = "biltest"
-SETTINGS = Settings(data_dir=DATA_DIR / "main", instance=INSTANCE, subnet="10.214.0.0/16")
+# The test "internet": a host on a documentation range, in a namespace the tests create.
+INET_PEER = "203.0.113.2"
+SETTINGS = Settings(
+    data_dir=DATA_DIR / "main", instance=INSTANCE, subnet="10.214.0.0/16", dns_upstream=INET_PEER
+)
 
 
 def host_state(settings: Settings) -> dict[str, list[str]]:

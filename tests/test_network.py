@@ -130,3 +130,35 @@ async def test_addresses_and_rules_are_released_on_kill(runtime: LocalRuntime) -
     finally:
         await runtime.kill(again.sandbox_id)
     assert SETTINGS.instance in runtime.network.bridge
+
+
+async def test_names_resolve_through_the_gateway(
+    runtime: LocalRuntime, sandbox: SandboxInfo, internet: dict[str, str]
+) -> None:
+    resolv = await run_ok(runtime, sandbox.sandbox_id, "cat /etc/resolv.conf")
+    assert resolv.split() == ["nameserver", "10.214.0.1"]
+    resolved = await run_ok(runtime, sandbox.sandbox_id, "getent hosts example.test")
+    assert resolved.split()[0] == internet["public"]
+    fetched = await runtime.run(sandbox.sandbox_id, curl("http://example.test:8080/"))
+    assert fetched.stdout == b"200", fetched
+    # TCP too (large answers fall back to it).
+    tcp = await run_ok(
+        runtime,
+        sandbox.sandbox_id,
+        "python3 -c \"import socket, struct; s = socket.create_connection(('10.214.0.1', 53),"
+        " timeout=3); q = bytes.fromhex('abcd01000001000000000000') + b'\\x07example\\x04test\\x00'"
+        " + bytes.fromhex('00010001'); s.sendall(struct.pack('!H', len(q)) + q);"
+        " n = struct.unpack('!H', s.recv(2))[0]; print(s.recv(n)[-4:].hex())\"",
+    )
+    assert tcp.strip() == "cb007102"  # 203.0.113.2
+    missing = await runtime.run(sandbox.sandbox_id, ["getent", "hosts", "nowhere.invalid"])
+    assert missing.exit_code != 0
+
+
+async def test_no_dns_without_internet(runtime: LocalRuntime) -> None:
+    info = await runtime.create(SandboxSpec(internet=False))
+    try:
+        result = await runtime.run(info.sandbox_id, ["getent", "hosts", "example.test"])
+        assert result.exit_code != 0
+    finally:
+        await runtime.kill(info.sandbox_id)

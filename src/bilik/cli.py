@@ -55,7 +55,7 @@ def _row(info: SandboxInfo) -> dict[str, object]:
 
 async def _sandbox_create(args: argparse.Namespace) -> int:
     runtime = _runtime(args)
-    await runtime.start(reconcile=False)
+    await runtime.start()
     spec = SandboxSpec(
         template=args.template,
         limits=Limits(cpu=args.cpu, memory_mb=args.memory_mb, disk_mb=args.disk_mb, pids=args.pids),
@@ -192,7 +192,7 @@ def _parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", parents=[common], help="measure speed and memory")
     bench.add_argument("suite", choices=["runtime"])
     bench.add_argument("--creates", type=int, default=50)
-    bench.add_argument("--idle", type=int, default=50, help="idle sandboxes to hold at once")
+    bench.add_argument("--idle", type=int, default=500, help="idle sandboxes to hold at once")
     bench.add_argument("--runtimes", default="crun,runsc")
     bench.set_defaults(func=_bench, sync=True)
     return parser

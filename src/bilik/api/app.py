@@ -35,12 +35,15 @@ def create_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await runtime.start()
+        await runtime.reconcile()
+        dns = await runtime.serve_dns()
         task = asyncio.create_task(reaper())
         app.state.ready = True
         try:
             yield
         finally:
             task.cancel()
+            await dns.close()
 
     async def health(request: Request) -> JSONResponse:
         if not getattr(request.app.state, "ready", False):

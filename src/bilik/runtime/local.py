@@ -21,6 +21,7 @@ from pathlib import Path
 from ..config import Settings
 from . import base_image, cgroups, disk, oci, syscalls
 from .base import ExecResult, Process, SandboxInfo
+from .dns import DnsForwarder, host_resolvers
 from .errors import InvalidSpec, SandboxExists, SandboxNotFound, StepFailed
 from .fsutil import file_lock, write_text
 from .layers import Image, LayerStore
@@ -62,11 +63,11 @@ class LocalRuntime:
 
     # -- lifecycle of the runtime itself ------------------------------------------------------
 
-    async def start(self, *, reconcile: bool = True) -> None:
-        """Prepare the host (cgroups, bridge, rules, runtime dir), then reconcile. Idempotent.
+    async def start(self) -> None:
+        """Prepare the host: cgroups, bridge, rules, runtime dir. Idempotent.
 
-        Only the long-running server reconciles; a one-shot CLI command must not release a
-        sandbox another process is creating.
+        The long-running server then calls :meth:`reconcile` and :meth:`serve_dns`; a one-shot
+        CLI command must not, or it could release a sandbox another process is creating.
         """
         if self._started:
             return
@@ -77,8 +78,13 @@ class LocalRuntime:
             os.chmod(d, 0o711)
         await asyncio.to_thread(self._prepare_host)
         self._started = True
-        if reconcile:
-            await self.reconcile()
+
+    async def serve_dns(self) -> DnsForwarder:
+        """Start the sandboxes' DNS forwarder on the gateway; the caller closes it."""
+        upstreams = [u for u in self.settings.dns_upstream.split(",") if u] or host_resolvers()
+        forwarder = DnsForwarder(str(self.network.gateway), upstreams)
+        await forwarder.start()
+        return forwarder
 
     def _prepare_host(self) -> None:
         cgroups.prepare_host()

@@ -1,7 +1,8 @@
 """Sandbox networking: one network namespace per sandbox, a veth to a host bridge, NAT for egress.
 
 The host side is one bridge per bilik instance with the gateway address, and one nftables table
-that always drops traffic from sandboxes to the host itself, to other sandboxes, to link-local and
+that always drops traffic from sandboxes to the host itself (but for DNS on the gateway, see
+``dns``), to other sandboxes, to link-local and
 to private ranges, and drops all forwarded traffic of sandboxes whose internet is off. Bridge
 ports are isolated, so sandboxes cannot reach each other even at layer 2.
 
@@ -96,7 +97,10 @@ table inet {self.table} {{
   chain input {{
     type filter hook input priority filter - 10; policy accept;
     iifname "{br}" ct state established,related accept
-    iifname "{br}" drop;
+    iifname "{br}" ip saddr @offline4 reject with icmp type admin-prohibited
+    iifname "{br}" ip daddr {self.gateway} udp dport 53 accept
+    iifname "{br}" ip daddr {self.gateway} tcp dport 53 accept
+    iifname "{br}" reject with icmp type admin-prohibited;
   }}
   chain forward {{
     type filter hook forward priority filter - 10; policy accept;
