@@ -30,8 +30,9 @@ class OciCli:
         if name == "crun":
             self.base.append("--cgroup-manager=cgroupfs")
         if name == "runsc":
-            # gVisor's netstack runs on top of the sandbox's own network namespace; host networking
-            # would pass sockets straight through to the host kernel.
+            # gVisor's own netstack refuses to start in this build ("cannot run with network
+            # enabled in root network namespace"); its host mode hands sockets to the host
+            # kernel, inside the sandbox's own network namespace that bilik filters.
             self.base += ["--network=host"]
 
     async def _run(self, step: str, *args: str, stdin: int | None = subprocess.DEVNULL) -> str:
