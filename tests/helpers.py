@@ -12,7 +12,7 @@ from pathlib import Path
 
 from bilik.config import Settings
 from bilik.runtime import LocalRuntime, cgroups, syscalls
-from bilik.runtime.network import NETNS_DIR
+from bilik.runtime.network import HostNetwork
 
 DATA_DIR = Path(os.environ.get("BILIK_TEST_DATA_DIR", "/var/lib/bilik-test"))
 INSTANCE = "biltest"
@@ -35,9 +35,7 @@ def host_state(settings: Settings) -> dict[str, list[str]]:
             containers += [f"{runtime}:{p.name}" for p in (state_root / runtime).iterdir()]
     return {
         "mounts": syscalls.mounted_under(str(sandboxes)),
-        "netns": sorted(p.name for p in NETNS_DIR.iterdir() if p.name.startswith(f"{instance}-"))
-        if NETNS_DIR.exists()
-        else [],
+        "netns": HostNetwork(instance, settings.subnet).leftover_ids(),
         "veths": veths,
         "cgroups": cgroups.leftover_cgroups(instance),
         "processes": [str(p) for p in cgroups.pids_in(instance)],

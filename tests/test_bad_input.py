@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 import pytest
 
 from bilik.runtime import (
@@ -12,6 +15,7 @@ from bilik.runtime import (
     SandboxInfo,
     SandboxNotFound,
     SandboxSpec,
+    StepFailed,
     TemplateNotFound,
 )
 from helpers import SETTINGS, host_state, run_ok
@@ -96,3 +100,13 @@ async def test_bad_process_requests(runtime: LocalRuntime, sandbox: SandboxInfo)
     missing = await runtime.run(sandbox.sandbox_id, ["/no/such/binary"])
     assert missing.exit_code != 0 and b"/no/such/binary" in missing.stderr
     assert await run_ok(runtime, sandbox.sandbox_id, "echo fine") == "fine\n"
+
+
+async def test_overlapping_subnet_is_refused(runtime: LocalRuntime) -> None:
+    """A second instance on a subnet already in use fails clearly and takes nothing over."""
+    from bilik.runtime.network import HostNetwork
+
+    clash = HostNetwork("biltclash", SETTINGS.subnet)
+    with pytest.raises(StepFailed, match=r"overlaps 10\.214\.0\.1/16 on biltest0"):
+        await asyncio.to_thread(clash.ensure)
+    assert not Path("/sys/class/net/biltclash0").exists()

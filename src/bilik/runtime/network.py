@@ -24,8 +24,6 @@ from pyroute2 import IPRoute
 from . import syscalls
 from .errors import StepFailed
 
-NETNS_DIR = Path("/run/netns")
-
 # Never reachable from a sandbox, whatever else is allowed.
 BLOCKED_V4 = (
     "0.0.0.0/8",
@@ -55,12 +53,13 @@ class HostNetwork:
         self.network = ipaddress.IPv4Network(subnet)
         self.gateway = next(self.network.hosts())
         self.table = instance
-
-    def netns_name(self, sandbox_id: str) -> str:
-        return f"{self.instance}-{sandbox_id}"
+        # Namespaces are pinned under bilik's own run directory, not /run/netns: `ip netns`
+        # bind-mounts that directory onto itself, which hides pins made before it and leaves
+        # them impossible to remove.
+        self.netns_dir = Path("/run") / instance / "netns"
 
     def netns_path(self, sandbox_id: str) -> Path:
-        return NETNS_DIR / self.netns_name(sandbox_id)
+        return self.netns_dir / sandbox_id
 
     # -- host setup ---------------------------------------------------------------------------
 
@@ -68,6 +67,18 @@ class HostNetwork:
         """Create the bridge and load the rules (idempotent; called at every start)."""
         Path("/proc/sys/net/ipv4/ip_forward").write_text("1")
         with IPRoute() as ipr:
+            # Checked before anything is made, so a clash changes nothing on the host.
+            for addr in ipr.get_addr(family=2):
+                cidr = f"{addr.get_attr('IFA_ADDRESS')}/{addr['prefixlen']}"
+                owner = addr.get_attr("IFA_LABEL")
+                if owner != self.bridge and self.network.overlaps(
+                    ipaddress.IPv4Network(cidr, strict=False)
+                ):
+                    raise StepFailed(
+                        "setup-network",
+                        f"subnet {self.network} overlaps {cidr} on {owner};"
+                        " choose another with BILIK_SUBNET",
+                    )
             if not ipr.link_lookup(ifname=self.bridge):
                 ipr.link("add", ifname=self.bridge, kind="bridge")
             idx = ipr.link_lookup(ifname=self.bridge)[0]
@@ -201,12 +212,9 @@ table inet {self.table} {{
 
     def leftover_ids(self) -> list[str]:
         """Sandbox ids that still have a network namespace of this instance."""
-        if not NETNS_DIR.is_dir():
+        if not self.netns_dir.is_dir():
             return []
-        prefix = f"{self.instance}-"
-        return sorted(
-            p.name[len(prefix) :] for p in NETNS_DIR.iterdir() if p.name.startswith(prefix)
-        )
+        return sorted(p.name for p in self.netns_dir.iterdir())
 
 
 def _new_netns(path: Path) -> IPRoute:
@@ -216,7 +224,7 @@ def _new_netns(path: Path) -> IPRoute:
     called it and moves that thread back before returning. The socket keeps talking to the new
     namespace after the thread has left it.
     """
-    NETNS_DIR.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0o444)
     os.close(fd)
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
