@@ -10,7 +10,7 @@ import sys
 from helpers import SETTINGS
 
 
-def bilik(*args: str) -> subprocess.CompletedProcess[str]:
+def bilik(*args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
         "BILIK_DATA_DIR": str(SETTINGS.data_dir),
@@ -23,6 +23,7 @@ def bilik(*args: str) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         timeout=300,
+        input=input,
     )
 
 
@@ -56,6 +57,8 @@ def test_create_exec_list_kill() -> None:
             "echo $GREETING $(id -un); echo oops >&2; exit 7",
         )
         assert (run.returncode, run.stdout, run.stderr) == (7, "hello user\n", "oops\n")
+        piped = bilik("sandbox", "exec", sandbox_id, "--", "tr", "a-z", "A-Z", input="abc\n")
+        assert (piped.returncode, piped.stdout) == (0, "ABC\n")
         listed = json.loads(bilik("sandbox", "list", "--json").stdout)
         row = next(r for r in listed if r["sandboxId"] == sandbox_id)
         assert (row["cpu"], row["memoryMB"], row["diskMB"], row["internet"]) == (

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -73,14 +74,52 @@ async def _sandbox_exec(args: argparse.Namespace) -> int:
     command = list(args.command)
     if not command:
         raise SystemExit("bilik sandbox exec: give a command after --")
+    forward_stdin = not sys.stdin.isatty()
     proc = await runtime.exec(
-        args.sandbox_id, command, user=args.user, cwd=args.cwd, env=_env_pairs(args.env)
+        args.sandbox_id,
+        command,
+        user=args.user,
+        cwd=args.cwd,
+        env=_env_pairs(args.env),
+        stdin=forward_stdin,
     )
+    pump = asyncio.create_task(_pump_stdin(proc.stdin)) if forward_stdin else None
     streams = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
     async for name, chunk in proc.output():
         streams[name].write(chunk)
         streams[name].flush()
+    if pump is not None:
+        pump.cancel()
     return await proc.wait()
+
+
+async def _pump_stdin(writer: asyncio.StreamWriter | None) -> None:
+    """Copy our stdin (a pipe or file) to the sandbox process, then close its stdin.
+
+    Reads happen in a daemon thread: a blocked read of a pipe that never closes must not keep
+    the command from exiting when the process is done.
+    """
+    if writer is None:
+        return
+    loop = asyncio.get_running_loop()
+    chunks: asyncio.Queue[bytes] = asyncio.Queue()
+
+    def read() -> None:
+        while True:
+            chunk = sys.stdin.buffer.read1(65536)
+            loop.call_soon_threadsafe(chunks.put_nowait, chunk)
+            if not chunk:
+                return
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        while chunk := await chunks.get():
+            writer.write(chunk)
+            await writer.drain()
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    finally:
+        writer.close()
 
 
 async def _sandbox_list(args: argparse.Namespace) -> int:
