@@ -147,3 +147,14 @@ async def test_kernel_paths_are_masked(runtime: LocalRuntime, sandbox: SandboxIn
     assert sysrq.exit_code != 0
     sysctl = await runtime.run(sandbox.sandbox_id, ["sh", "-c", "echo 1 > /proc/sys/kernel/panic"])
     assert sysctl.exit_code != 0
+    # The host's cgroup tree (every other sandbox's among it) and debug trees are hidden.
+    hidden = await run_ok(runtime, sandbox.sandbox_id, "ls -A /sys/fs/cgroup /sys/kernel/debug")
+    assert hidden.split() == ["/sys/fs/cgroup:", "/sys/kernel/debug:"]
+
+
+async def test_host_never_follows_links_the_sandbox_plants(
+    runtime: LocalRuntime, sandbox: SandboxInfo
+) -> None:
+    """Users are looked up in the template's layers, not in the sandbox's own /etc/passwd."""
+    await run_ok(runtime, sandbox.sandbox_id, "ln -sf /dev/zero /etc/passwd")
+    assert await run_ok(runtime, sandbox.sandbox_id, "id -u", user="user") == "1000\n"

@@ -59,6 +59,21 @@ async def test_failed_create_leaves_nothing_behind(
     assert host_state(SETTINGS) == before
 
 
+async def test_cancelled_create_leaves_nothing_behind(runtime: LocalRuntime) -> None:
+    before = host_state(SETTINGS)
+    for delay in (0.001, 0.005, 0.01, 0.02, 0.03):
+        task = asyncio.ensure_future(runtime.create(SandboxSpec()))
+        await asyncio.sleep(delay)
+        task.cancel()
+        try:
+            info = await task
+        except asyncio.CancelledError:
+            pass
+        else:  # it finished before the cancel arrived
+            await runtime.kill(info.sandbox_id)
+        assert host_state(SETTINGS) == before
+
+
 async def test_twenty_concurrent_creates_and_kills(runtime: LocalRuntime) -> None:
     before = host_state(SETTINGS)
     infos = await asyncio.gather(*(runtime.create(SandboxSpec()) for _ in range(20)))

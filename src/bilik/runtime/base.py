@@ -40,9 +40,10 @@ class ExecResult:
 class Process:
     """A process running inside a sandbox. Read its output with :meth:`output`."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, pid_file: Path) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, pid_file: Path, spec_file: Path) -> None:
         self._proc = proc
         self._pid_file = pid_file
+        self._spec_file = spec_file
 
     @property
     def stdin(self) -> asyncio.StreamWriter | None:
@@ -79,6 +80,7 @@ class Process:
         """Wait for the process to end; returns its exit code (128+N when killed by signal N)."""
         code = await self._proc.wait()
         self._pid_file.unlink(missing_ok=True)
+        self._spec_file.unlink(missing_ok=True)
         return 128 - code if code < 0 else code
 
     def kill(self) -> None:

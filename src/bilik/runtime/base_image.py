@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import StepFailed
+from .errors import StepFailed, TemplateNotFound
 from .fsutil import shift_owners
 from .layers import Image, LayerStore, layer_key
 
@@ -85,61 +88,68 @@ def base_layer_key(uid_base: int, release: str) -> str:
 def ensure_base_image(
     store: LayerStore, uid_base: int, log: Log, *, rebuild: bool = False
 ) -> Image:
-    """Return the ``base`` image, building its layer first if it is not cached (or ``rebuild``)."""
+    """Return the ``base`` image, building its layer first if it is not cached.
+
+    ``rebuild`` builds a fresh layer under a new key and points the image at it; the old layer
+    stays, since running sandboxes may still have it mounted.
+    """
     release = host_release()
-    key = base_layer_key(uid_base, release)
+    recipe = base_layer_key(uid_base, release)
     name = "base" if uid_base else "base@unshifted"
-    image = Image(name=name, layers=(key,), env=dict(BASE_ENV), user="user", workdir="/home/user")
-    with store.lock(key):
-        if rebuild or not store.has(key):
-            _build(store, key, release, uid_base, log, replace=rebuild)
+    with store.lock(recipe):
+        if not rebuild:
+            with contextlib.suppress(TemplateNotFound):
+                current = store.image(name)
+                if current.layers[0].startswith(recipe):
+                    return current
+        key = f"{recipe}-{time.time_ns()}" if rebuild else recipe
+        if not store.has(key):
+            _build(store, key, release, uid_base, log)
+        image = Image(
+            name=name, layers=(key,), env=dict(BASE_ENV), user="user", workdir="/home/user"
+        )
         store.save_image(image)
     return image
 
 
-def _build(
-    store: LayerStore, key: str, release: str, uid_base: int, log: Log, *, replace: bool
-) -> None:
+def _build(store: LayerStore, key: str, release: str, uid_base: int, log: Log) -> None:
     sources = host_apt_sources()
     if not sources:
         raise StepFailed("build-base", "no apt sources configured on this host")
     scratch = store.scratch(key)
-    rootfs = scratch / "rootfs"
-    cmd = [
-        "mmdebstrap",
-        "--variant=minbase",
-        "--mode=root",
-        "--format=directory",
-        f"--include={','.join(PACKAGES)}",
-        *[f"--customize-hook={hook}" for hook in _CUSTOMIZE],
-        release,
-        str(rootfs),
-        *map(str, sources),
-    ]
-    log(f"building base image from Debian {release} with mmdebstrap")
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        errors="replace",
-    )
-    assert proc.stdout is not None
-    tail: list[str] = []
-    for line in proc.stdout:
-        log(line.rstrip("\n"))
-        tail = [*tail[-19:], line.rstrip("\n")]
-    if proc.wait() != 0:
-        subprocess.run(["rm", "-rf", str(scratch)], check=False)
-        raise StepFailed("build-base", "mmdebstrap failed:\n" + "\n".join(tail))
-    if uid_base:
-        log("shifting file owners for the sandbox user namespace")
-        shift_owners(rootfs, uid_base)
-    if replace and store.has(key):
-        old = store.path(key).rename(store.tmp_dir / f"{key}.old")
-        subprocess.run(["rm", "-rf", str(old)], check=False)
-    rootfs.rename(scratch.with_suffix(".done"))
-    scratch.rmdir()
-    store.publish(key, scratch.with_suffix(".done"))
+    try:
+        rootfs = scratch / "rootfs"
+        cmd = [
+            "mmdebstrap",
+            "--variant=minbase",
+            "--mode=root",
+            "--format=directory",
+            f"--include={','.join(PACKAGES)}",
+            *[f"--customize-hook={hook}" for hook in _CUSTOMIZE],
+            release,
+            str(rootfs),
+            *map(str, sources),
+        ]
+        log(f"building base image from Debian {release} with mmdebstrap")
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            errors="replace",
+        )
+        assert proc.stdout is not None
+        tail: list[str] = []
+        for line in proc.stdout:
+            log(line.rstrip("\n"))
+            tail = [*tail[-19:], line.rstrip("\n")]
+        if proc.wait() != 0:
+            raise StepFailed("build-base", "mmdebstrap failed:\n" + "\n".join(tail))
+        if uid_base:
+            log("shifting file owners for the sandbox user namespace")
+            shift_owners(rootfs, uid_base)
+        store.publish(key, rootfs)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     log("base image ready")

@@ -17,7 +17,10 @@ from pathlib import Path
 log = logging.getLogger("bilik.dns")
 
 QUERY_TIMEOUT_S = 4.0
-MAX_TCP_MESSAGE = 65535
+# Sandboxes share one forwarder in the server's process: bound what they can make it hold.
+MAX_PENDING_QUERIES = 256
+MAX_TCP_CLIENTS = 64
+TCP_IDLE_S = 10.0
 
 
 def host_resolvers(resolv_conf: Path = Path("/etc/resolv.conf")) -> list[str]:
@@ -80,6 +83,7 @@ class DnsForwarder:
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._tcp_clients = 0
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -90,6 +94,8 @@ class DnsForwarder:
                 self.transport = transport
 
             def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+                if len(forwarder._tasks) >= MAX_PENDING_QUERIES:
+                    return  # dropped: the client retries, as it would on a lossy network
                 task = loop.create_task(forwarder._answer_udp(self.transport, data, addr))
                 forwarder._tasks.add(task)
                 task.add_done_callback(forwarder._tasks.discard)
@@ -109,18 +115,24 @@ class DnsForwarder:
             transport.sendto(answer, addr)  # type: ignore[attr-defined]
 
     async def _answer_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._tcp_clients >= MAX_TCP_CLIENTS:
+            writer.close()
+            return
+        self._tcp_clients += 1
         try:
             while True:
-                (length,) = struct.unpack("!H", await reader.readexactly(2))
-                query = await reader.readexactly(length)
+                header = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE_S)
+                (length,) = struct.unpack("!H", header)
+                query = await asyncio.wait_for(reader.readexactly(length), TCP_IDLE_S)
                 answer = await _resolve(self.upstreams, query, tcp=True)
                 if answer is None:
                     return
                 writer.write(struct.pack("!H", len(answer)) + answer)
                 await writer.drain()
-        except (asyncio.IncompleteReadError, OSError):
+        except (asyncio.IncompleteReadError, OSError, TimeoutError):
             pass
         finally:
+            self._tcp_clients -= 1
             writer.close()
 
     async def close(self) -> None:

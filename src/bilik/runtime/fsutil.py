@@ -28,13 +28,23 @@ def write_text(path: Path, text: str, mode: int = 0o644) -> None:
     os.chmod(path, mode)
 
 
+def lock_fd(path: Path) -> int:
+    """Take an exclusive flock on ``path`` (blocking); closing the returned fd releases it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 @contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[None]:
     """An exclusive lock shared by every bilik process on this host (flock)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = lock_fd(path)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)

@@ -79,16 +79,22 @@ class LayerStore:
         return path
 
     def publish(self, key: str, built: Path) -> Path:
+        """Move a finished build into place as layer ``key`` (one rename: never half there)."""
         target = self.path(key)
-        if target.exists():
-            shutil.rmtree(built)
-        else:
-            os.rename(built, target)
+        os.rename(built, target)
         return target
 
     def discard_scratch(self) -> None:
-        """Remove build directories left by builds that died; they were never published."""
+        """Remove build directories left by builds that died; they were never published.
+
+        A scratch directory is named ``<key>.<pid>[.suffix]``; one whose process still lives
+        belongs to a build in progress and is left alone.
+        """
         for entry in self.tmp_dir.iterdir():
+            parts = entry.name.split(".")
+            pid = parts[1] if len(parts) > 1 and parts[1].isdigit() else ""
+            if pid and Path(f"/proc/{pid}").exists():
+                continue
             shutil.rmtree(entry, ignore_errors=True)
 
     def save_image(self, image: Image) -> None:

@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 from ..config import Settings
@@ -23,7 +23,7 @@ from . import base_image, cgroups, disk, oci, syscalls
 from .base import ExecResult, Process, SandboxInfo
 from .dns import DnsForwarder, host_resolvers
 from .errors import InvalidSpec, SandboxExists, SandboxNotFound, StepFailed
-from .fsutil import file_lock, write_text
+from .fsutil import file_lock, lock_fd, write_text
 from .layers import Image, LayerStore
 from .network import HostNetwork
 from .ocicli import OciCli
@@ -131,17 +131,48 @@ class LocalRuntime:
         oci_cli = self.oci(oci_runtime)
         image = await asyncio.to_thread(self.image, spec.template, oci_runtime=oci_cli.name)
         sandbox_id = spec.sandbox_id or new_sandbox_id()
-        record = await asyncio.to_thread(self._reserve, sandbox_id, spec, image, oci_cli.name)
+        task = asyncio.ensure_future(self._create(sandbox_id, spec, image, oci_cli))
         try:
-            async with contextlib.AsyncExitStack() as undo:
-                undo.push_async_callback(self._release, record)
-                await asyncio.to_thread(self._prepare, record, image)
-                bundle = self.records.dir(sandbox_id)
-                await oci_cli.run_detached(sandbox_id, bundle, bundle / "console.log")
-                undo.pop_all()
-        except OSError as e:
-            raise StepFailed("create", str(e)) from e
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # The caller went away mid-create: let the create finish (or undo itself), then
+            # kill what it made, so no half-made sandbox outlives the request.
+            with contextlib.suppress(Exception):
+                await self.kill((await task).sandbox_id)
+            raise
+
+    async def _create(
+        self, sandbox_id: str, spec: SandboxSpec, image: Image, oci_cli: OciCli
+    ) -> SandboxInfo:
+        # Held until the sandbox runs, so a kill, the reaper or a reconcile in any process waits
+        # for the create instead of releasing it halfway.
+        async with self._locked(sandbox_id):
+            record = await asyncio.to_thread(self._reserve, sandbox_id, spec, image, oci_cli.name)
+            try:
+                async with contextlib.AsyncExitStack() as undo:
+                    undo.push_async_callback(self._undo_create, record)
+                    await asyncio.to_thread(self._prepare, record, image)
+                    bundle = self.records.dir(sandbox_id)
+                    await oci_cli.run_detached(sandbox_id, bundle, bundle / "console.log")
+                    undo.pop_all()
+            except OSError as e:
+                raise StepFailed("create", str(e)) from e
         return self._info(record, "running")
+
+    async def _undo_create(self, record: SandboxRecord) -> None:
+        try:
+            await self._release_locked(record.sandbox_id, record)
+        except Exception as e:  # the create's own error is the one to report
+            self.log(f"undoing the create of {record.sandbox_id} left something behind: {e}")
+
+    @contextlib.asynccontextmanager
+    async def _locked(self, sandbox_id: str) -> AsyncIterator[None]:
+        """Exclusive hold on one sandbox across every bilik process of this host."""
+        fd = await asyncio.to_thread(lock_fd, self.state_root / "locks" / sandbox_id)
+        try:
+            yield
+        finally:
+            os.close(fd)
 
     def _reserve(
         self, sandbox_id: str, spec: SandboxSpec, image: Image, runtime_name: str
@@ -153,6 +184,7 @@ class LocalRuntime:
                 raise SandboxExists(sandbox_id)
             used = {r.address_index for r in self.records.all()}
             index = next(i for i in range(len(used) + 1) if i not in used)
+            address = self.network.address(index)
             directory.mkdir(mode=0o711)
             now = time.time()
             record = SandboxRecord(
@@ -161,7 +193,7 @@ class LocalRuntime:
                 layers=list(image.layers),
                 limits=spec.limits,
                 internet=spec.internet,
-                address=self.network.address(index),
+                address=address,
                 address_index=index,
                 oci_runtime=runtime_name,
                 created_at=now,
@@ -187,7 +219,8 @@ class LocalRuntime:
                 "overlay",
                 str(rootfs),
                 "overlay",
-                0,
+                # The merged tree is reachable from the host: no set-id or device files there.
+                syscalls.MS_NOSUID | syscalls.MS_NODEV,
                 f"lowerdir={lower},upperdir={d}/disk/upper,workdir={d}/disk/work,volatile",
             )
         except OSError as e:
@@ -217,31 +250,50 @@ class LocalRuntime:
         )
         (d / "config.json").write_text(json.dumps(config))
 
-    async def _release(self, record: SandboxRecord | str) -> None:
-        """Release everything a sandbox holds; every step tolerates the thing being absent."""
-        sandbox_id = record if isinstance(record, str) else record.sandbox_id
-        rec = self.records.load(sandbox_id) if isinstance(record, str) else record
+    async def _release_locked(self, sandbox_id: str, record: SandboxRecord | None) -> None:
+        """Release everything a sandbox holds (the caller holds its lock).
+
+        Every step runs even when an earlier one failed, and each tolerates its thing being
+        absent; the failures are reported together at the end.
+        """
+        errors: list[str] = []
         runtimes = (
-            [rec.oci_runtime]
-            if rec
+            [record.oci_runtime]
+            if record
             else [n for n in ("crun", "runc", "runsc") if (self.state_root / n).exists()]
         )
         for name in runtimes:
-            await self.oci(name).delete(sandbox_id)
-        await asyncio.to_thread(self._release_host, sandbox_id, rec.address if rec else None)
+            try:
+                await self.oci(name).delete(sandbox_id)
+            except StepFailed as e:
+                errors.append(str(e))
+        errors += await asyncio.to_thread(
+            self._release_host, sandbox_id, record.address if record else None
+        )
+        if errors:
+            raise StepFailed("release", "; ".join(errors))
 
-    def _release_host(self, sandbox_id: str, address: str | None) -> None:
+    def _release_host(self, sandbox_id: str, address: str | None) -> list[str]:
         d = self.records.dir(sandbox_id)
-        self.network.delete(sandbox_id, address)
-        cgroups.remove_cgroup(self.settings.instance, sandbox_id)
-        for point in syscalls.mounted_under(str(d)):
-            syscalls.umount(point)
-        disk.remove(d / "disk.img", d / "disk")
-        shutil.rmtree(d, ignore_errors=True)
+        steps: list[tuple[str, Callable[[], object]]] = [
+            ("network", lambda: self.network.delete(sandbox_id, address)),
+            ("cgroups", lambda: cgroups.remove_cgroup(self.settings.instance, sandbox_id)),
+            ("unmount", lambda: _umount_all(syscalls.mounted_under(str(d)))),
+            ("disk", lambda: disk.remove(d / "disk.img", d / "disk")),
+            ("files", lambda: shutil.rmtree(d, ignore_errors=True)),
+            ("lock", lambda: (self.state_root / "locks" / sandbox_id).unlink(missing_ok=True)),
+        ]
+        errors = []
+        for name, step in steps:
+            try:
+                step()
+            except Exception as e:
+                errors.append(f"{name}: {e}")
+        return errors
 
     async def kill(self, sandbox_id: str) -> None:
-        record = self._record(sandbox_id)
-        await self._release(record)
+        async with self._locked(sandbox_id):
+            await self._release_locked(sandbox_id, self._record(sandbox_id))
 
     def _record(self, sandbox_id: str) -> SandboxRecord:
         record = self.records.load(sandbox_id)
@@ -286,42 +338,65 @@ class LocalRuntime:
     async def set_timeout(self, sandbox_id: str, seconds: float) -> SandboxInfo:
         if not 0 <= seconds <= self.settings.caps.lifetime_s:
             raise InvalidSpec(f"timeout must be between 0 and {self.settings.caps.lifetime_s}")
-        with file_lock(self.settings.data_dir / "locks" / "sandboxes"):
-            record = self._record(sandbox_id)
-            record.end_at = min(
-                time.time() + seconds, record.created_at + self.settings.caps.lifetime_s
-            )
-            self.records.save(record)
+
+        def extend() -> None:
+            with file_lock(self.settings.data_dir / "locks" / "sandboxes"):
+                record = self._record(sandbox_id)
+                record.end_at = min(
+                    time.time() + seconds, record.created_at + self.settings.caps.lifetime_s
+                )
+                self.records.save(record)
+
+        await asyncio.to_thread(extend)
         return await self.inspect(sandbox_id)
 
     async def reap_expired(self) -> builtins.list[str]:
         """Kill every sandbox past its end time; returns their ids."""
         now = time.time()
-        expired = [r for r in await asyncio.to_thread(self.records.all) if r.end_at <= now]
-        await asyncio.gather(*(self._release(r) for r in expired))
-        return [r.sandbox_id for r in expired]
+        expired = [
+            r.sandbox_id for r in await asyncio.to_thread(self.records.all) if r.end_at <= now
+        ]
+        reaped = await asyncio.gather(*(self._reap(i, now) for i in expired))
+        return [i for i, done in zip(expired, reaped, strict=True) if done]
+
+    async def _reap(self, sandbox_id: str, now: float) -> bool:
+        async with self._locked(sandbox_id):
+            record = self.records.load(sandbox_id)  # set_timeout may have moved the end
+            if record is None or record.end_at > now:
+                return False
+            await self._release_locked(sandbox_id, record)
+            return True
 
     async def reconcile(self) -> None:
         """Make the host match the records: re-adopt what runs, release everything else.
 
         A record whose container is gone, a container with no record, and any leftover (a
-        directory, network namespace or cgroup of no live sandbox) are released.
+        directory, network namespace or cgroup of no live sandbox) are released. Each is checked
+        again under its lock, so a sandbox another process is creating right now is left alone.
         """
+        records = {r.sandbox_id for r in await asyncio.to_thread(self.records.all)}
         states = await self._states()
-        records = {r.sandbox_id: r for r in await asyncio.to_thread(self.records.all)}
-        live = {i for i, r in records.items() if states.get(i) == "running"}
         found = (
-            set(records)
+            records
             | set(states)
             | set(self.records.ids())
             | set(self.network.leftover_ids())
             | set(cgroups.leftover_cgroups(self.settings.instance))
         )
         # Only names shaped like sandbox ids: never touch anything else that shares the prefix.
-        leftovers = {i for i in found - live if is_sandbox_id(i)}
-        for sandbox_id in sorted(leftovers):
-            self.log(f"reconcile: releasing {sandbox_id}")
-            await self._release(records.get(sandbox_id) or sandbox_id)
+        for sandbox_id in sorted(i for i in found if is_sandbox_id(i)):
+            if states.get(sandbox_id) == "running" and sandbox_id in records:
+                continue
+            async with self._locked(sandbox_id):
+                record = self.records.load(sandbox_id)
+                state = await self.oci(record.oci_runtime if record else None).state(sandbox_id)
+                if record and state and state.get("status") == "running":
+                    continue
+                self.log(f"reconcile: releasing {sandbox_id}")
+                try:
+                    await self._release_locked(sandbox_id, record)
+                except StepFailed as e:
+                    self.log(f"reconcile: {sandbox_id}: {e}")
 
     # -- processes ----------------------------------------------------------------------------
 
@@ -340,7 +415,7 @@ class LocalRuntime:
         if not argv:
             raise InvalidSpec("a process needs at least one argument")
         d = self.records.dir(sandbox_id)
-        uid, gid, home = _lookup_user(d / "rootfs", user)
+        uid, gid, home = _lookup_user([self.layers.path(k) for k in record.layers], user)
         full_env = {**record.env, "HOME": home, "USER": user, "LOGNAME": user, **(env or {})}
         process = {
             "terminal": False,
@@ -357,17 +432,13 @@ class LocalRuntime:
         name = f"exec-{os.urandom(6).hex()}"
         process_file, pid_file = d / f"{name}.json", d / f"{name}.pid"
         process_file.write_text(json.dumps(process))
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *self.oci(record.oci_runtime).exec_argv(sandbox_id, process_file, pid_file),
-                stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-            )
-        finally:
-            # The runtime reads the file before it forks the process: a brief wait is enough.
-            asyncio.get_running_loop().call_later(5, process_file.unlink, True)
-        return Process(proc, pid_file)
+        proc = await asyncio.create_subprocess_exec(
+            *self.oci(record.oci_runtime).exec_argv(sandbox_id, process_file, pid_file),
+            stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        return Process(proc, pid_file, process_file)
 
     async def run(
         self,
@@ -383,25 +454,45 @@ class LocalRuntime:
         proc = await self.exec(
             sandbox_id, argv, user=user, env=env, cwd=cwd, stdin=input is not None
         )
-        if input is not None and proc.stdin is not None:
-            proc.stdin.write(input)
-            await proc.stdin.drain()
-            proc.stdin.close()
+        feeder = asyncio.create_task(_feed(proc.stdin, input)) if input is not None else None
         out: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
         async for name, chunk in proc.output():
             out[name].append(chunk)
+        if feeder is not None:
+            feeder.cancel()
         code = await proc.wait()
         return ExecResult(code, b"".join(out["stdout"]), b"".join(out["stderr"]))
 
 
-def _lookup_user(rootfs: Path, name: str) -> tuple[int, int, str]:
-    try:
-        for line in (rootfs / "etc" / "passwd").read_text().splitlines():
-            fields = line.split(":")
-            if len(fields) >= 6 and fields[0] == name:
-                return int(fields[2]), int(fields[3]), fields[5]
-    except (OSError, ValueError):
-        pass
+def _umount_all(points: list[str]) -> None:
+    for point in points:
+        syscalls.umount(point)
+
+
+async def _feed(writer: asyncio.StreamWriter | None, data: bytes) -> None:
+    """Write ``data`` to a process's stdin while its output is being read (no pipe deadlock)."""
+    if writer is None:
+        return
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        writer.write(data)
+        await writer.drain()
+    writer.close()
+
+
+def _lookup_user(layers: list[Path], name: str) -> tuple[int, int, str]:
+    """uid, gid and home of ``name`` from the template's /etc/passwd.
+
+    Read from the read-only layers, never from the sandbox's own rootfs: that one is the
+    sandbox's to change, and the host must not follow a link it planted.
+    """
+    for layer in reversed(layers):
+        passwd = layer / "etc" / "passwd"
+        if not passwd.is_symlink() and passwd.is_file():
+            for line in passwd.read_text(errors="replace").splitlines():
+                fields = line.split(":")
+                if len(fields) >= 6 and fields[0] == name and fields[2].isdigit():
+                    return int(fields[2]), int(fields[3] or 0), fields[5]
+            break
     if name == "root":
         return 0, 0, "/root"
     raise InvalidSpec(f"user {name!r} does not exist in the sandbox")

@@ -23,6 +23,7 @@ from pyroute2 import IPRoute
 
 from . import syscalls
 from .errors import StepFailed
+from .fsutil import file_lock
 
 # Never reachable from a sandbox, whatever else is allowed.
 BLOCKED_V4 = (
@@ -90,13 +91,19 @@ class HostNetwork:
             ipr.link("set", index=idx, state="up")
         with contextlib.suppress(OSError):
             Path(f"/proc/sys/net/ipv6/conf/{self.bridge}/disable_ipv6").write_text("1")
-        self._load_rules()
+        with self._rules_lock():
+            self._load_rules()
+
+    def _rules_lock(self) -> contextlib.AbstractContextManager[None]:
+        """Held while the offline set is read or changed, by any bilik process of the instance:
+        a reload must not lose an address another process adds meanwhile."""
+        return file_lock(self.netns_dir.parent / "locks" / "nftables")
 
     def _load_rules(self) -> None:
         br, net = self.bridge, str(self.network)
         blocked = ", ".join(BLOCKED_V4)
         # Declaring the table first makes the delete valid when it does not exist yet, so the whole
-        # file replaces the table atomically. The offline set survives only through re-adding.
+        # file replaces the table atomically. The offline set survives through re-adding.
         offline = self.offline_addresses()
         elements = f"elements = {{ {', '.join(offline)} }};" if offline else ""
         rules = f"""
@@ -134,8 +141,10 @@ table inet {self.table} {{
     def offline_addresses(self) -> list[str]:
         try:
             out = _nft_capture(f"list set inet {self.table} offline4")
-        except StepFailed:
-            return []
+        except StepFailed as e:
+            if "No such file or directory" in e.detail:  # no table yet
+                return []
+            raise
         if "elements" not in out:
             return []
         body = out.split("elements = {", 1)[1].split("}", 1)[0]
@@ -193,9 +202,13 @@ table inet {self.table} {{
         return path
 
     def set_internet(self, address: str, on: bool) -> None:
-        verb = "delete" if on else "add"
-        with contextlib.suppress(StepFailed):
-            _nft(f"{verb} element inet {self.table} offline4 {{ {address} }}\n")
+        """Turn a sandbox's internet on or off. Turning it off fails loudly (it must never fail
+        open); turning it on for an address that is not off is not an error."""
+        with self._rules_lock():
+            if not on:
+                _nft(f"add element inet {self.table} offline4 {{ {address} }}\n")
+            elif address in self.offline_addresses():
+                _nft(f"delete element inet {self.table} offline4 {{ {address} }}\n")
 
     def delete(self, sandbox_id: str, address: str | None) -> None:
         """Release everything ``create`` made; safe to call on a half-made or missing sandbox."""
@@ -224,7 +237,7 @@ def _new_netns(path: Path) -> IPRoute:
     called it and moves that thread back before returning. The socket keeps talking to the new
     namespace after the thread has left it.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0o444)
     os.close(fd)
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)

@@ -25,19 +25,14 @@ CAPABILITIES = [
 ]
 
 MASKED_PATHS = [
-    "/proc/acpi",
-    "/proc/asound",
-    "/proc/kcore",
-    "/proc/keys",
-    "/proc/latency_stats",
-    "/proc/timer_list",
-    "/proc/timer_stats",
-    "/proc/sched_debug",
-    "/proc/scsi",
-    "/sys/firmware",
-    "/sys/devices/virtual/powercap",
-    "/proc/sysrq-trigger",
-]
+    "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+    "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware",
+    "/sys/devices/virtual/powercap", "/proc/sysrq-trigger",
+    # /sys is the host's (see the mount below): hide its control and debug trees, among them
+    # every other sandbox's cgroups.
+    "/sys/fs/cgroup", "/sys/fs/bpf", "/sys/fs/fuse", "/sys/fs/pstore", "/sys/kernel/debug",
+    "/sys/kernel/tracing", "/sys/kernel/security", "/sys/kernel/config",
+]  # fmt: skip
 READONLY_PATHS = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys"]
 
 UID_RANGE = 65536
