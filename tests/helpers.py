@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -52,6 +53,31 @@ def _loop_devices_under(root: Path) -> list[str]:
             if backing.read_text().strip().startswith(str(root)):
                 devices.append(backing.parent.parent.name)
     return sorted(devices)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that points the ``bilik`` command at ``settings``."""
+    return {
+        **os.environ,
+        "BILIK_DATA_DIR": str(settings.data_dir),
+        "BILIK_INSTANCE": settings.instance,
+        "BILIK_SUBNET": settings.subnet,
+    }
+
+
+def bilik(
+    *args: str, settings: Settings = SETTINGS, input: str | None = None, check: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """Run the ``bilik`` command against ``settings``."""
+    return subprocess.run(
+        [sys.executable, "-m", "bilik.cli", *args],
+        env=settings_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        input=input,
+        check=check,
+    )
 
 
 def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

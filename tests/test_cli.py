@@ -3,28 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
-from helpers import SETTINGS
-
-
-def bilik(*args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "BILIK_DATA_DIR": str(SETTINGS.data_dir),
-        "BILIK_INSTANCE": SETTINGS.instance,
-        "BILIK_SUBNET": SETTINGS.subnet,
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "bilik.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        input=input,
-    )
+from helpers import bilik
 
 
 def test_create_exec_list_kill() -> None:

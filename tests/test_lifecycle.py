@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -16,13 +15,12 @@ import pytest
 
 from bilik.config import Settings
 from bilik.runtime import LocalRuntime, SandboxSpec, StepFailed, oci
-from helpers import DATA_DIR, SETTINGS, host_state, run_ok
+from bilik.runtime.network import HostNetwork, veth_name
+from helpers import DATA_DIR, SETTINGS, bilik, host_state, run_ok, settings_env
 
 
 def per_sandbox_traces(sandbox_id: str) -> dict[str, list[str]]:
     state = host_state(SETTINGS)
-    from bilik.runtime.network import veth_name
-
     return {
         k: [v for v in vals if sandbox_id in v or v == veth_name(sandbox_id)]
         for k, vals in state.items()
@@ -130,20 +128,7 @@ def _free_port() -> int:
 
 
 def _cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "BILIK_DATA_DIR": str(SERVER_SETTINGS.data_dir),
-        "BILIK_INSTANCE": SERVER_SETTINGS.instance,
-        "BILIK_SUBNET": SERVER_SETTINGS.subnet,
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "bilik.cli", *args],
-        env=env,
-        check=check,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return bilik(*args, settings=SERVER_SETTINGS, check=check)
 
 
 @pytest.fixture
@@ -160,13 +145,7 @@ def server() -> Iterator[object]:
     procs: list[subprocess.Popen[bytes]] = []
 
     def start() -> subprocess.Popen[bytes]:
-        env = {
-            **os.environ,
-            "BILIK_DATA_DIR": str(data),
-            "BILIK_INSTANCE": SERVER_SETTINGS.instance,
-            "BILIK_SUBNET": SERVER_SETTINGS.subnet,
-            "BILIK_PORT": str(port),
-        }
+        env = {**settings_env(SERVER_SETTINGS), "BILIK_PORT": str(port)}
         proc = subprocess.Popen(
             [sys.executable, "-m", "bilik.cli", "serve"],
             env=env,
@@ -190,13 +169,14 @@ def server() -> Iterator[object]:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
             proc.wait(timeout=30)
-    for line in _cli("sandbox", "list", "--json").stdout and json.loads(
-        _cli("sandbox", "list", "--json").stdout
-    ):
-        _cli("sandbox", "kill", line["sandboxId"], check=False)
-    from bilik.runtime.network import HostNetwork
-
+    leftover = [row["sandboxId"] for row in json.loads(_cli("sandbox", "list", "--json").stdout)]
+    for sandbox_id in leftover:
+        _cli("sandbox", "kill", sandbox_id)
     HostNetwork(SERVER_SETTINGS.instance, SERVER_SETTINGS.subnet).teardown()
+    assert not leftover, f"the server test left sandboxes running: {leftover}"
+    # (veth names are not per instance: the session's leak check covers them)
+    left = {k: v for k, v in host_state(SERVER_SETTINGS).items() if v and k != "veths"}
+    assert not left, f"the server test left these behind: {left}"
 
 
 def test_sigkilled_server_finds_its_sandboxes_again(server) -> None:  # type: ignore[no-untyped-def]
