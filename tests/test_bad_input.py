@@ -110,3 +110,9 @@ async def test_overlapping_subnet_is_refused(runtime: LocalRuntime) -> None:
     with pytest.raises(StepFailed, match=r"overlaps 10\.214\.0\.1/16 on biltest0"):
         await asyncio.to_thread(clash.ensure)
     assert not Path("/sys/class/net/biltclash0").exists()
+
+
+async def test_calls_on_unknown_sandboxes_leave_no_trace(runtime: LocalRuntime) -> None:
+    with pytest.raises(SandboxNotFound):
+        await runtime.kill("nosuchsandbox2")
+    assert not (runtime.state_root / "locks" / "nosuchsandbox2").exists()

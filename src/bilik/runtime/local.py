@@ -168,10 +168,13 @@ class LocalRuntime:
     @contextlib.asynccontextmanager
     async def _locked(self, sandbox_id: str) -> AsyncIterator[None]:
         """Exclusive hold on one sandbox across every bilik process of this host."""
-        fd = await asyncio.to_thread(lock_fd, self.state_root / "locks" / sandbox_id)
+        path = self.state_root / "locks" / sandbox_id
+        fd = await asyncio.to_thread(lock_fd, path)
         try:
             yield
         finally:
+            if not self.records.dir(sandbox_id).exists():  # no sandbox (any more): no lock file
+                path.unlink(missing_ok=True)
             os.close(fd)
 
     def _reserve(
@@ -281,7 +284,6 @@ class LocalRuntime:
             ("unmount", lambda: _umount_all(syscalls.mounted_under(str(d)))),
             ("disk", lambda: disk.remove(d / "disk.img", d / "disk")),
             ("files", lambda: shutil.rmtree(d, ignore_errors=True)),
-            ("lock", lambda: (self.state_root / "locks" / sandbox_id).unlink(missing_ok=True)),
         ]
         errors = []
         for name, step in steps:
