@@ -8,6 +8,8 @@ and ``stat`` fail with EINVAL), which is why these checks use Python and the she
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -80,3 +82,19 @@ async def test_egress_filter_applies(
     assert blocked.exit_code != 0
     host = await runtime.run(gvisor.sandbox_id, fetch("http://10.214.0.1:22/"))
     assert host.exit_code != 0
+
+
+async def test_a_template_can_choose_gvisor(runtime: LocalRuntime) -> None:
+    """A template's image names its OCI runtime; creates follow it unless they name another."""
+    base = await asyncio.to_thread(runtime.image, "base", oci_runtime="runsc")
+    runtime.layers.save_image(dataclasses.replace(base, name="test-gvisor", oci_runtime="runsc"))
+    try:
+        info = await runtime.create(SandboxSpec(template="test-gvisor"))
+        try:
+            assert info.oci_runtime == "runsc"
+            kernel = await run_ok(runtime, info.sandbox_id, "dmesg | head -1")
+            assert "gVisor" in kernel
+        finally:
+            await runtime.kill(info.sandbox_id)
+    finally:
+        runtime.layers.remove_image("test-gvisor")

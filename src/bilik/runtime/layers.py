@@ -36,6 +36,9 @@ class Image:
     env: dict[str, str] = dataclasses.field(default_factory=dict)
     user: str = "user"
     workdir: str = "/home/user"
+    # The OCI runtime its sandboxes run under unless a create names one; None: the server's.
+    # Layers for runsc are stored unshifted (gVisor takes no host user namespace).
+    oci_runtime: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "layers": list(self.layers)}
@@ -48,6 +51,7 @@ class Image:
             env=dict(data.get("env", {})),
             user=data.get("user", "user"),
             workdir=data.get("workdir", "/home/user"),
+            oci_runtime=data.get("oci_runtime"),
         )
 
 

@@ -117,6 +117,14 @@ class LocalRuntime:
             return base_image.ensure_base_image(self.layers, uid_base, self.log, rebuild=rebuild)
         return self.layers.image(template)
 
+    def _choose(self, template: str, oci_runtime: str | None) -> tuple[Image, str]:
+        """The image and OCI runtime of a create: the create's runtime if it names one, else the
+        template's, else the server's."""
+        if oci_runtime is None and template != "base":
+            oci_runtime = self.layers.image(template).oci_runtime
+        oci_runtime = oci_runtime or self.settings.oci_runtime
+        return self.image(template, oci_runtime=oci_runtime), oci_runtime
+
     # -- sandboxes ----------------------------------------------------------------------------
 
     async def create(self, spec: SandboxSpec, *, oci_runtime: str | None = None) -> SandboxInfo:
@@ -128,8 +136,8 @@ class LocalRuntime:
             max_pids=caps.pids,
             max_lifetime_s=caps.lifetime_s,
         )
-        oci_cli = self.oci(oci_runtime)
-        image = await asyncio.to_thread(self.image, spec.template, oci_runtime=oci_cli.name)
+        image, runtime_name = await asyncio.to_thread(self._choose, spec.template, oci_runtime)
+        oci_cli = self.oci(runtime_name)
         sandbox_id = spec.sandbox_id or new_sandbox_id()
         task = asyncio.ensure_future(self._create(sandbox_id, spec, image, oci_cli))
         try:
