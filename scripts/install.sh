@@ -15,8 +15,9 @@ packages=(
   crun runc runsc
   # images, disks, networking
   mmdebstrap e2fsprogs util-linux nftables iproute2
-  # PID 1 and its helper inside every sandbox (static builds, independent of the image)
-  tini busybox-static
+  # what every sandbox gets from the host, independent of its image: PID 1 and a shell (static
+  # builds), and a Python for in-sandbox agents (patched to load only its own libraries)
+  tini busybox-static patchelf
   # the server
   python3 python3-venv ca-certificates curl
 )

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 from ..config import Settings
-from . import base_image, cgroups, disk, oci, syscalls
+from . import agent_python, base_image, cgroups, disk, oci, syscalls
 from .base import ExecResult, Process, SandboxInfo
 from .dns import DnsForwarder, host_resolvers
 from .errors import InvalidSpec, SandboxExists, SandboxNotFound, StepFailed
@@ -32,7 +32,8 @@ from .spec import SandboxSpec, is_sandbox_id, new_sandbox_id
 
 Log = Callable[[str], None]
 
-# Host binaries copied into the runtime directory every sandbox sees read-only at /.bilik.
+# Host binaries copied into the runtime directory every sandbox sees read-only at /.bilik (beside
+# the agents' Python, see agent_python).
 RUNTIME_FILES = {"tini": "/usr/bin/tini-static", "busybox": "/bin/busybox"}
 
 # PID 1: tini reaps every orphan; the loop below it keeps the sandbox alive with no workload.
@@ -96,6 +97,7 @@ class LocalRuntime:
             if not target.exists() or target.stat().st_size != os.stat(source).st_size:
                 shutil.copy2(source, target.with_suffix(".new"))
                 os.replace(target.with_suffix(".new"), target)
+        agent_python.ensure(self.runtime_dir, self.log)
         self.layers.discard_scratch()
 
     def oci(self, name: str | None = None) -> OciCli:

@@ -1,0 +1,155 @@
+"""A self-contained Python for agents inside sandboxes, whatever the image holds.
+
+bilik's in-sandbox agents (envd, the code interpreter's server) are Python programs, yet a
+template may be busybox or distroless. So the host's own Debian interpreter is copied, with its
+standard library and every shared library it loads (the dynamic loader included), into the
+runtime directory that every sandbox sees read-only at ``/.bilik``, and patched (patchelf) to
+load its libraries from there only. It then runs in any rootfs, even one without /proc.
+
+Built once per host and interpreter, atomically: a half-built copy is never visible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import StepFailed
+
+# Where the copy appears inside sandboxes; baked into the patched binaries.
+MOUNTED_AT = "/.bilik/python"
+RECIPE_VERSION = 1
+
+# Parts of the standard library an agent never needs.
+_SKIP = {
+    "test",
+    "idlelib",
+    "tkinter",
+    "turtledemo",
+    "ensurepip",
+    "lib2to3",
+    "pydoc_data",
+    "site-packages",
+    "dist-packages",
+    "__pycache__",
+    "config-3.11-x86_64-linux-gnu",
+}
+
+
+def _interpreter() -> Path:
+    """The real binary of the host's Debian Python (not a venv's symlink)."""
+    return Path(
+        os.path.realpath(
+            Path(sys.base_prefix) / "bin" / f"python{sys.version_info.major}"
+            f".{sys.version_info.minor}"
+        )
+    )
+
+
+def _stdlib() -> Path:
+    return Path(
+        sysconfig.get_paths(vars={"installed_base": sys.base_prefix, "base": sys.base_prefix})[
+            "stdlib"
+        ]
+    )
+
+
+def fingerprint() -> str:
+    binary = _interpreter()
+    st = binary.stat()
+    return hashlib.sha256(
+        f"{RECIPE_VERSION}:{binary}:{st.st_size}:{st.st_mtime_ns}:{sys.version}".encode()
+    ).hexdigest()[:16]
+
+
+def ensure(runtime_dir: Path, log: Callable[[str], None]) -> Path:
+    """Build ``runtime_dir/python`` unless it is current; returns it."""
+    target = runtime_dir / "python"
+    stamp = target / ".fingerprint"
+    want = fingerprint()
+    if stamp.exists() and stamp.read_text() == want:
+        return target
+    log("building the sandbox agents' Python runtime")
+    scratch = runtime_dir / f".python.{os.getpid()}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        _build(scratch)
+        stamp_file = scratch / ".fingerprint"
+        stamp_file.write_text(want)
+        old = runtime_dir / f".python.old.{os.getpid()}"
+        if target.exists():
+            target.rename(old)
+        scratch.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
+def _build(dest: Path) -> None:
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    (dest / "bin").mkdir(parents=True)
+    lib = dest / "lib"
+    stdlib = lib / version
+    binary = dest / "bin" / "python3"
+    shutil.copy2(_interpreter(), binary)
+    shutil.copytree(
+        _stdlib(), stdlib, symlinks=False, ignore=lambda _d, names: [n for n in names if n in _SKIP]
+    )
+    elves = [binary, *sorted((stdlib / "lib-dynload").glob("*.so"))]
+    for name, library in _closure(elves).items():
+        shutil.copy2(library, lib / name)
+    loader = next(p for p in lib.iterdir() if p.name.startswith("ld-linux"))
+    libs_at = f"{MOUNTED_AT}/lib"
+    _patchelf("--set-interpreter", f"{libs_at}/{loader.name}", str(binary))
+    for elf in [
+        binary,
+        *(p for p in lib.glob("*.so*") if p != loader),
+        *(stdlib / "lib-dynload").glob("*.so"),
+    ]:
+        # RUNPATH is not transitive, and $ORIGIN needs /proc: every object gets the fixed path.
+        _patchelf("--force-rpath", "--set-rpath", libs_at, str(elf))
+    subprocess.run(
+        [
+            str(_interpreter()),
+            "-I",
+            "-m",
+            "compileall",
+            "-q",
+            "-j0",
+            "--invalidation-mode",
+            "unchecked-hash",
+            str(stdlib),
+        ],
+        check=False,
+        capture_output=True,
+    )
+    for path in dest.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, 0o755 if path.is_dir() or os.access(path, os.X_OK) else 0o644)
+
+
+def _closure(elves: list[Path]) -> dict[str, str]:
+    """Every shared library the given ELF files load (by ldd): the name it is loaded by, and the
+    file that name resolves to on the host."""
+    found: dict[str, str] = {}
+    for elf in elves:
+        out = subprocess.run(["ldd", str(elf)], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            match = re.search(r"(/\S+)\s+\(0x", line)
+            if match and "linux-vdso" not in line:
+                found[Path(match.group(1)).name] = os.path.realpath(match.group(1))
+    return found
+
+
+def _patchelf(*args: str) -> None:
+    proc = subprocess.run(["patchelf", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise StepFailed("agent-python", f"patchelf {' '.join(args)}: {proc.stderr.strip()}")
