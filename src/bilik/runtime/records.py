@@ -46,6 +46,9 @@ class RecordStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
+        # Parsed records by id, with the file identity they were read from: the reaper lists
+        # every record twice a second, and re-parsing hundreds of unchanged files would cost.
+        self._cache: dict[str, tuple[tuple[int, int], SandboxRecord]] = {}
 
     def dir(self, sandbox_id: str) -> Path:
         return self.root / sandbox_id
@@ -54,18 +57,28 @@ class RecordStore:
         write_json_atomic(self.dir(record.sandbox_id) / "record.json", record.to_json())
 
     def load(self, sandbox_id: str) -> SandboxRecord | None:
+        path = self.dir(sandbox_id) / "record.json"
         try:
-            return SandboxRecord.from_json(
-                json.loads((self.dir(sandbox_id) / "record.json").read_text())
-            )
+            st = path.stat()
+            identity = (st.st_ino, st.st_mtime_ns)  # an atomic save is a new inode
+            cached = self._cache.get(sandbox_id)
+            if cached and cached[0] == identity:
+                return dataclasses.replace(cached[1])  # a copy: callers may change theirs
+            record = SandboxRecord.from_json(json.loads(path.read_text()))
         except (FileNotFoundError, NotADirectoryError):
+            self._cache.pop(sandbox_id, None)
             return None
         except (json.JSONDecodeError, KeyError, TypeError):
             return None
+        self._cache[sandbox_id] = (identity, record)
+        return dataclasses.replace(record)
 
     def ids(self) -> list[str]:
         """Ids of every sandbox directory, recorded or not (a create may have died early)."""
         return sorted(p.name for p in self.root.iterdir() if p.is_dir())
 
     def all(self) -> list[SandboxRecord]:
-        return [r for r in (self.load(i) for i in self.ids()) if r is not None]
+        ids = self.ids()
+        for gone in set(self._cache) - set(ids):
+            self._cache.pop(gone, None)
+        return [r for r in (self.load(i) for i in ids) if r is not None]
