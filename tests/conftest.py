@@ -13,10 +13,9 @@ import pytest_asyncio
 
 from bilik.runtime import LocalRuntime, SandboxInfo, SandboxSpec
 from bilik.runtime.network import HostNetwork
-from helpers import INET_PEER, SETTINGS, host_state, sh
+from helpers import INET_HOST, INET_NET, INET_PEER, SETTINGS, host_state, sh
 
 INET_NS = "bilik-test-inet"
-INET_HOST = "203.0.113.1"
 PRIVATE_PEER = "192.168.213.2"
 
 
@@ -53,19 +52,19 @@ async def sandbox(runtime: LocalRuntime) -> AsyncIterator[SandboxInfo]:
 
 @pytest.fixture(scope="session")
 def internet() -> Iterator[dict[str, str]]:
-    """A stand-in for the internet: a host in a network namespace on 203.0.113.0/24 (a
-    documentation range), routed from the host, serving HTTP on port 8080 and DNS for names
-    under ``.test``; and a host on a private range, 192.168.213.2, which sandboxes must never
-    reach."""
+    """A stand-in for the internet: a host in a network namespace on a documentation range the
+    host does not use (``INET_NET``), routed from the host, serving HTTP on port 8080 and DNS
+    for names under ``.test``; and a host on a private range, 192.168.213.2, which sandboxes
+    must never reach."""
     sh("ip", "netns", "del", INET_NS, check=False)
     sh("ip", "link", "del", "bkt-inet", check=False)
     sh("ip", "netns", "add", INET_NS)
     sh("ip", "link", "add", "bkt-inet", "type", "veth", "peer", "name", "eth0", "netns", INET_NS)
-    sh("ip", "addr", "add", f"{INET_HOST}/24", "dev", "bkt-inet")
+    sh("ip", "addr", "add", f"{INET_HOST}/{INET_NET.prefixlen}", "dev", "bkt-inet")
     sh("ip", "link", "set", "bkt-inet", "up")
     sh("ip", "route", "add", "192.168.213.0/24", "via", INET_PEER)
     for cmd in (
-        ["ip", "addr", "add", f"{INET_PEER}/24", "dev", "eth0"],
+        ["ip", "addr", "add", f"{INET_PEER}/{INET_NET.prefixlen}", "dev", "eth0"],
         ["ip", "addr", "add", f"{PRIVATE_PEER}/32", "dev", "lo"],
         ["ip", "link", "set", "eth0", "up"],
         ["ip", "link", "set", "lo", "up"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import os
 import subprocess
 import sys
@@ -17,8 +18,38 @@ from bilik.runtime.network import HostNetwork
 
 DATA_DIR = Path(os.environ.get("BILIK_TEST_DATA_DIR", "/var/lib/bilik-test"))
 INSTANCE = "biltest"
+
+
+def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, check=check, capture_output=True, text=True)
+
+
+def _free_documentation_net() -> ipaddress.IPv4Network:
+    """A documentation range (RFC 5737) this host does not use, for the test "internet".
+
+    Hosts like this one may reach their package mirrors at documentation addresses; routing
+    such a range into a test namespace would cut them off while the tests run.
+    """
+    used = []
+    for line in sh("ip", "-4", "-o", "addr").stdout.splitlines():
+        fields = line.split()
+        if fields[1] != "bkt-inet":  # a stale test link of an earlier run does not count
+            used.append(ipaddress.IPv4Network(fields[3], strict=False))
+    for name in ("deb.debian.org", "security.debian.org", "pypi.org", "registry.npmjs.org"):
+        for line in sh("getent", "ahostsv4", name, check=False).stdout.splitlines():
+            used.append(ipaddress.IPv4Network(line.split()[0]))
+    for candidate in ("198.51.100.0/24", "203.0.113.0/24", "192.0.2.0/24"):
+        net = ipaddress.IPv4Network(candidate)
+        if not any(net.overlaps(u) for u in used):
+            return net
+    raise RuntimeError("every documentation range is in use on this host")
+
+
 # The test "internet": a host on a documentation range, in a namespace the tests create.
-INET_PEER = "203.0.113.2"
+INET_NET = _free_documentation_net()
+INET_HOST = str(INET_NET.network_address + 1)
+INET_PEER = str(INET_NET.network_address + 2)
+
 SETTINGS = Settings(
     data_dir=DATA_DIR / "main", instance=INSTANCE, subnet="10.214.0.0/16", dns_upstream=INET_PEER
 )
@@ -78,10 +109,6 @@ def bilik(
         input=input,
         check=check,
     )
-
-
-def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, check=check, capture_output=True, text=True)
 
 
 async def run_ok(runtime: LocalRuntime, sandbox_id: str, script: str, user: str = "root") -> str:

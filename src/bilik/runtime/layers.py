@@ -9,6 +9,7 @@ build directory into place, so nothing half-built is ever used.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -113,6 +114,27 @@ class LayerStore:
         if not all(self.has(key) for key in image.layers):
             raise TemplateNotFound(name)
         return image
+
+    def images(self) -> list[Image]:
+        found = []
+        for path in self.images_dir.glob("*.json"):
+            try:
+                found.append(Image.from_json(json.loads(path.read_text())))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        return found
+
+    def unused(self, in_use: set[str]) -> list[str]:
+        """Layers that no image names and that are not in ``in_use``."""
+        named = {key for image in self.images() for key in image.layers}
+        return sorted(p.name for p in self.layers_dir.iterdir() if p.name not in named | in_use)
+
+    def remove(self, key: str) -> None:
+        """Delete a layer: renamed away first, so it is gone at once, then removed."""
+        doomed = self.tmp_dir / f"{key}.removed"
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(self.path(key), doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
     def remove_image(self, name: str) -> None:
         (self.images_dir / f"{_image_file(name)}.json").unlink(missing_ok=True)

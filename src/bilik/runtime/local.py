@@ -32,6 +32,9 @@ from .spec import SandboxSpec, is_sandbox_id, new_sandbox_id
 
 Log = Callable[[str], None]
 
+# How old an unused layer must be before collect_layers deletes it.
+LAYER_GRACE_S = 600.0
+
 # Host binaries copied into the runtime directory every sandbox sees read-only at /.bilik (beside
 # the agents' Python, see agent_python).
 RUNTIME_FILES = {"tini": "/usr/bin/tini-static", "busybox": "/bin/busybox"}
@@ -115,9 +118,26 @@ class LocalRuntime:
     ) -> Image:
         """The image of ``template`` for ``oci_runtime``; ``base`` is built on first use."""
         uid_base = self.uid_base(oci_runtime or self.settings.oci_runtime)
-        if template == "base":
-            return base_image.ensure_base_image(self.layers, uid_base, self.log, rebuild=rebuild)
-        return self.layers.image(template)
+        if template != "base":
+            return self.layers.image(template)
+        image = base_image.ensure_base_image(self.layers, uid_base, self.log, rebuild=rebuild)
+        if rebuild:
+            self.collect_layers(grace_s=0)
+        return image
+
+    def collect_layers(self, *, grace_s: float = LAYER_GRACE_S) -> list[str]:
+        """Delete layers that no template and no sandbox uses any more (e.g. after a rebuild).
+
+        Layers younger than ``grace_s`` are kept: another process may be between publishing one
+        and saving the image that names it. A rebuild, which just saved its image, needs none.
+        """
+        in_use = {key for record in self.records.all() for key in record.layers}
+        removed = []
+        for key in self.layers.unused(in_use):
+            if self.layers.path(key).stat().st_mtime <= time.time() - grace_s:
+                self.layers.remove(key)
+                removed.append(key)
+        return removed
 
     def _choose(self, template: str, oci_runtime: str | None) -> tuple[Image, str]:
         """The image and OCI runtime of a create: the create's runtime if it names one, else the
@@ -409,6 +429,8 @@ class LocalRuntime:
                     await self._release_locked(sandbox_id, record)
                 except StepFailed as e:
                     self.log(f"reconcile: {sandbox_id}: {e}")
+        for key in await asyncio.to_thread(self.collect_layers):
+            self.log(f"reconcile: removed unused layer {key[:12]}")
 
     # -- processes ----------------------------------------------------------------------------
 
