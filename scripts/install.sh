@@ -11,8 +11,8 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 packages=(
-  # OCI runtimes: crun (default), runc, gVisor's runsc
-  crun runc runsc
+  # OCI runtimes: crun (default), gVisor's runsc
+  crun runsc
   # images, disks, networking
   mmdebstrap e2fsprogs util-linux nftables iproute2
   # what every sandbox gets from the host, independent of its image: PID 1 and a shell (static

@@ -15,6 +15,7 @@ from pathlib import Path
 from bilik.config import Settings
 from bilik.runtime import LocalRuntime, cgroups, syscalls
 from bilik.runtime.network import HostNetwork
+from bilik.runtime.ocicli import RUNTIMES
 
 DATA_DIR = Path(os.environ.get("BILIK_TEST_DATA_DIR", "/var/lib/bilik-test"))
 INSTANCE = "biltest"
@@ -62,7 +63,7 @@ def host_state(settings: Settings) -> dict[str, list[str]]:
     veths = sorted(p.name for p in Path("/sys/class/net").iterdir() if p.name.startswith("bk"))
     state_root = Path("/run") / instance
     containers = []
-    for runtime in ("crun", "runc", "runsc"):
+    for runtime in RUNTIMES:
         with contextlib.suppress(FileNotFoundError):
             containers += [f"{runtime}:{p.name}" for p in (state_root / runtime).iterdir()]
     return {

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .config import Settings
 from .runtime import Limits, LocalRuntime, RuntimeFailure, SandboxInfo, SandboxSpec
+from .runtime.ocicli import RUNTIMES
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -182,7 +183,7 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--instance", help="name of host objects (BILIK_INSTANCE)")
     common.add_argument(
         "--oci-runtime",
-        choices=["crun", "runc", "runsc"],
+        choices=list(RUNTIMES),
         help="default OCI runtime (BILIK_OCI_RUNTIME)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -202,7 +203,7 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--pids", type=int, default=1024)
     create.add_argument("--timeout", type=float, default=300, help="lifetime in seconds")
     create.add_argument("--no-internet", action="store_true")
-    create.add_argument("--runtime", choices=["crun", "runc", "runsc"])
+    create.add_argument("--runtime", choices=list(RUNTIMES))
     create.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
     create.set_defaults(func=_sandbox_create)
     exe = sb.add_parser("exec", parents=[common], help="run a command, stream its output")

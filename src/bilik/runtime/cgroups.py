@@ -24,7 +24,7 @@ def prepare_host() -> None:
 
     On a v1 "hybrid" host (v1 controllers plus a v2 mount at ``unified``), crun refuses to run
     while any controller is left on the v2 side; on these hosts that is ``hugetlb``. Mounting
-    hugetlb as a v1 hierarchy moves it over, after which crun works. runc needs no fix.
+    hugetlb as a v1 hierarchy moves it over, after which crun works.
     """
     if is_v2():
         return

@@ -26,7 +26,7 @@ from .errors import InvalidSpec, SandboxExists, SandboxNotFound, StepFailed
 from .fsutil import file_lock, lock_fd, write_text
 from .layers import Image, LayerStore
 from .network import HostNetwork
-from .ocicli import OciCli
+from .ocicli import RUNTIMES, OciCli
 from .records import RecordStore, SandboxRecord
 from .spec import SandboxSpec, is_sandbox_id, new_sandbox_id
 
@@ -51,7 +51,7 @@ INIT = [
 
 
 class LocalRuntime:
-    """Sandboxes on this host, run by crun (default), runc or runsc."""
+    """Sandboxes on this host, run by crun (default) or gVisor's runsc."""
 
     def __init__(self, settings: Settings, log: Log | None = None) -> None:
         self.settings = settings
@@ -293,7 +293,7 @@ class LocalRuntime:
         runtimes = (
             [record.oci_runtime]
             if record
-            else [n for n in ("crun", "runc", "runsc") if (self.state_root / n).exists()]
+            else [n for n in RUNTIMES if (self.state_root / n).exists()]
         )
         for name in runtimes:
             try:
@@ -350,7 +350,7 @@ class LocalRuntime:
 
     async def _states(self) -> dict[str, str]:
         states: dict[str, str] = {}
-        for name in ("crun", "runc", "runsc"):
+        for name in RUNTIMES:
             if (self.state_root / name).exists():
                 states.update(await self.oci(name).list())
         return states

@@ -1,4 +1,9 @@
-"""Driving an OCI runtime binary (crun, runc or gVisor's runsc) over its command line."""
+"""Driving an OCI runtime binary (crun, or gVisor's runsc) over its command line.
+
+runc is not offered: Debian 12's runc 1.1.5 cannot ``exec`` into a sandbox whose network
+namespace belongs to the host (it joins the user namespace first, then fails to setns into the
+network namespace with EPERM).
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from typing import Any
 
 from .errors import StepFailed
 
-RUNTIMES = ("crun", "runc", "runsc")
+RUNTIMES = ("crun", "runsc")
 
 
 class OciCli:
