@@ -62,3 +62,6 @@ def test_errors_are_clear() -> None:
     assert absurd.returncode == 1 and "memory_mb must be between" in absurd.stderr
     unknown = bilik("sandbox", "create", "--template", "nope")
     assert unknown.returncode == 1 and "template 'nope' not found" in unknown.stderr
+    bad_instance = bilik("sandbox", "list", "--instance", "Bad-Name")
+    assert bad_instance.returncode == 1
+    assert bad_instance.stderr.startswith("bilik: instance 'Bad-Name': use 1-10 lowercase")

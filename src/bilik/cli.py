@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import Settings
+from .config import InvalidSettings, Settings
 from .runtime import Limits, LocalRuntime, RuntimeFailure, SandboxInfo, SandboxSpec
 from .runtime.ocicli import RUNTIMES
 
@@ -253,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "sync", False):
             return int(args.func(args))
         return int(asyncio.run(args.func(args)))
-    except RuntimeFailure as e:
+    except (RuntimeFailure, InvalidSettings) as e:
         print(f"bilik: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

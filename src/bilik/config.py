@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from pathlib import Path
+
+
+class InvalidSettings(ValueError):
+    """A setting (variable or flag) has a value bilik cannot use."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,15 +52,30 @@ class Settings:
             if field.name == "data_dir":
                 values[field.name] = Path(raw)
             elif field.type in ("int", int):
-                values[field.name] = int(raw)
+                values[field.name] = _int(f"BILIK_{field.name.upper()}", raw)
             else:
                 values[field.name] = raw
         for field in dataclasses.fields(Caps):
             raw = env.get(f"BILIK_MAX_{field.name.upper()}")
             if raw is not None:
-                caps[field.name] = int(raw)
+                caps[field.name] = _int(f"BILIK_MAX_{field.name.upper()}", raw)
         values["caps"] = Caps(**caps)
         values.update({k: v for k, v in overrides.items() if v is not None})
         if isinstance(values.get("data_dir"), str):
             values["data_dir"] = Path(str(values["data_dir"]))
         return cls(**values)  # type: ignore[arg-type]
+
+    def __post_init__(self) -> None:
+        # The instance names a bridge (15 bytes at most, with its "0"), a cgroup and a table.
+        if not re.fullmatch(r"[a-z][a-z0-9]{0,9}", self.instance):
+            raise InvalidSettings(
+                f"instance {self.instance!r}: use 1-10 lowercase letters and digits, "
+                "starting with a letter"
+            )
+
+
+def _int(name: str, raw: str) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        raise InvalidSettings(f"{name} must be a whole number, got {raw!r}") from None

@@ -1,10 +1,10 @@
 """Sandbox networking: one network namespace per sandbox, a veth to a host bridge, NAT for egress.
 
 The host side is one bridge per bilik instance with the gateway address, and one nftables table
-that always drops traffic from sandboxes to the host itself (but for DNS on the gateway, see
-``dns``), to other sandboxes, to link-local and
-to private ranges, and drops all forwarded traffic of sandboxes whose internet is off. Bridge
-ports are isolated, so sandboxes cannot reach each other even at layer 2.
+that always refuses traffic from sandboxes to the host itself (but for DNS on the gateway, see
+``dns``), to other sandboxes, to link-local and to private ranges, and all traffic of sandboxes
+whose internet is off. Bridge ports are isolated, so sandboxes cannot reach each other even at
+layer 2.
 
 Namespaces are made with unshare in a worker thread and configured over netlink (pyroute2),
 without spawning ``ip``: that costs ~45 ms per sandbox.
