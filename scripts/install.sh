@@ -32,7 +32,16 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 extra=""
-[ "${1:-}" = "--test" ] && extra="[test]"
+if [ "${1:-}" = "--test" ]; then
+  extra="[test]"
+  # the suite runs the store against a real PostgreSQL, which it starts itself
+  missing=()
+  dpkg-query -W -f='${Status}' postgresql 2>/dev/null | grep -q "ok installed" || missing+=(postgresql)
+  if [ ${#missing[@]} -gt 0 ]; then
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+  fi
+fi
 if [ ! -x .venv/bin/python ]; then
   /usr/bin/python3 -m venv .venv
 fi

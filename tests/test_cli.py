@@ -65,3 +65,22 @@ def test_errors_are_clear() -> None:
     bad_instance = bilik("sandbox", "list", "--instance", "Bad-Name")
     assert bad_instance.returncode == 1
     assert bad_instance.stderr.startswith("bilik: instance 'Bad-Name': use 1-10 lowercase")
+
+
+def test_keys_create_list_revoke() -> None:
+    created = bilik("keys", "create", "--name", "cli test")
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip()
+    assert len(key) == 44 and key.startswith("e2b_")
+    rows = json.loads(bilik("keys", "list", "--json").stdout)
+    mine = next(r for r in rows if r["name"] == "cli test" and r["state"] == "active")
+    assert key.startswith(mine["prefix"]) and key not in json.dumps(rows)
+    assert mine["id"] in bilik("keys", "list").stdout
+    assert bilik("keys", "revoke", mine["id"]).returncode == 0
+    rows = json.loads(bilik("keys", "list", "--json").stdout)
+    assert next(r for r in rows if r["id"] == mine["id"])["state"] == "revoked"
+    missing = bilik("keys", "revoke", "nosuchkey")
+    assert (missing.returncode, missing.stderr.strip()) == (
+        1,
+        "bilik: API key 'nosuchkey' not found",
+    )

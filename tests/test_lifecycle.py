@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -141,6 +143,8 @@ def server() -> Iterator[object]:
         if not link.exists():
             (SETTINGS.data_dir / shared).mkdir(parents=True, exist_ok=True)
             link.symlink_to(SETTINGS.data_dir / shared)
+    for first_start in ("bilik.db", "api-key"):  # every run starts as a first start
+        (data / first_start).unlink(missing_ok=True)
     port = _free_port()
     procs: list[subprocess.Popen[bytes]] = []
 
@@ -197,3 +201,17 @@ def test_sigkilled_server_finds_its_sandboxes_again(server) -> None:  # type: ig
         time.sleep(0.2)
     assert time.time() >= created + 3.5
     _cli("sandbox", "kill", long_lived)
+
+
+def test_first_start_makes_one_key_and_keeps_it(server) -> None:  # type: ignore[no-untyped-def]
+    first = server()
+    key_file = SERVER_SETTINGS.data_dir / "api-key"
+    key = key_file.read_text().strip()
+    assert re.fullmatch(r"e2b_[0-9a-f]{40}", key)
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    first.send_signal(signal.SIGINT)
+    first.wait(timeout=30)
+    server()  # a key exists now: no new one
+    keys = json.loads(_cli("keys", "list", "--json").stdout)
+    assert [(k["name"], k["state"]) for k in keys] == [("default", "active")]
+    assert key.startswith(keys[0]["prefix"]) and key_file.read_text().strip() == key

@@ -14,6 +14,7 @@ from pathlib import Path
 from .config import InvalidSettings, Settings
 from .runtime import Limits, LocalRuntime, RuntimeFailure, SandboxInfo, SandboxSpec
 from .runtime.ocicli import RUNTIMES
+from .store import ApiKey, KeyNotFound, Store, database_url
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -23,6 +24,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         oci_runtime=getattr(args, "oci_runtime", None),
         host=getattr(args, "host", None),
         port=getattr(args, "port", None),
+        database_url=getattr(args, "database_url", None),
     )
 
 
@@ -125,15 +127,20 @@ async def _pump_stdin(writer: asyncio.StreamWriter | None) -> None:
 
 async def _sandbox_list(args: argparse.Namespace) -> int:
     rows = [_row(i) for i in await _runtime(args).list()]
-    if args.json:
-        print(json.dumps(rows, indent=1))
-        return 0
     columns = ["sandboxId", "template", "state", "cpu", "memoryMB", "internet", "endAt"]
+    _print_rows(rows, columns, as_json=args.json)
+    return 0
+
+
+def _print_rows(rows: list[dict[str, object]], columns: list[str], *, as_json: bool) -> None:
+    """Rows as aligned columns for people, or as JSON for scripts."""
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return
     table = [columns] + [[str(r[c]) for c in columns] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-    return 0
 
 
 async def _sandbox_inspect(args: argparse.Namespace) -> int:
@@ -150,6 +157,51 @@ async def _template_build_base(args: argparse.Namespace) -> int:
     runtime = _runtime(args)
     image = await asyncio.to_thread(runtime.image, "base", rebuild=args.rebuild)
     print(f"base: layer {image.layers[0][:12]}")
+    return 0
+
+
+async def _open_store(args: argparse.Namespace) -> Store:
+    settings = _settings(args)
+    return await Store.open(database_url(settings.data_dir, settings.database_url))
+
+
+def _key_row(key: ApiKey) -> dict[str, object]:
+    return {
+        "id": key.id,
+        "name": key.name,
+        "prefix": key.prefix,
+        "createdAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(key.created_at)),
+        "state": "active" if key.active else "revoked",
+    }
+
+
+async def _keys_create(args: argparse.Namespace) -> int:
+    store = await _open_store(args)
+    try:
+        record, key = await store.keys.create(args.name)
+    finally:
+        await store.close()
+    print(f"created API key {record.id} ({record.name}); it is shown only now:", file=sys.stderr)
+    print(key)
+    return 0
+
+
+async def _keys_list(args: argparse.Namespace) -> int:
+    store = await _open_store(args)
+    try:
+        rows = [_key_row(k) for k in await store.keys.list()]
+    finally:
+        await store.close()
+    _print_rows(rows, ["id", "name", "prefix", "createdAt", "state"], as_json=args.json)
+    return 0
+
+
+async def _keys_revoke(args: argparse.Namespace) -> int:
+    store = await _open_store(args)
+    try:
+        await store.keys.revoke(args.key_id)
+    finally:
+        await store.close()
     return 0
 
 
@@ -181,6 +233,9 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--data-dir", type=Path, help="data directory (BILIK_DATA_DIR)")
     common.add_argument("--instance", help="name of host objects (BILIK_INSTANCE)")
+    common.add_argument(
+        "--database-url", help="PostgreSQL URL instead of SQLite (BILIK_DATABASE_URL)"
+    )
     common.add_argument(
         "--oci-runtime",
         choices=list(RUNTIMES),
@@ -229,6 +284,18 @@ def _parser() -> argparse.ArgumentParser:
     base.add_argument("--rebuild", action="store_true", help="rebuild even if cached")
     base.set_defaults(func=_template_build_base)
 
+    keys = sub.add_parser("keys", help="API keys (stored only as hashes)")
+    kp = keys.add_subparsers(dest="action", required=True)
+    kcreate = kp.add_parser("create", parents=[common], help="make a key and print it, once")
+    kcreate.add_argument("--name", default="default", help="a label for people")
+    kcreate.set_defaults(func=_keys_create)
+    klist = kp.add_parser("list", parents=[common], help="list keys (never the keys themselves)")
+    klist.add_argument("--json", action="store_true")
+    klist.set_defaults(func=_keys_list)
+    krevoke = kp.add_parser("revoke", parents=[common], help="revoke a key by its id")
+    krevoke.add_argument("key_id")
+    krevoke.set_defaults(func=_keys_revoke)
+
     bench = sub.add_parser("bench", parents=[common], help="measure speed and memory")
     bench.add_argument("suite", choices=["runtime"])
     bench.add_argument("--creates", type=int, default=50)
@@ -253,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "sync", False):
             return int(args.func(args))
         return int(asyncio.run(args.func(args)))
-    except (RuntimeFailure, InvalidSettings) as e:
+    except (RuntimeFailure, InvalidSettings, KeyNotFound) as e:
         print(f"bilik: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -33,6 +33,8 @@ class Settings:
     subnet: str = "10.213.0.0/16"
     # Root inside a sandbox is this host uid; template layers are stored shifted by it.
     uid_base: int = 1_000_000
+    # PostgreSQL (postgresql://user:password@host/db) instead of the embedded SQLite.
+    database_url: str = ""
     # Resolvers the sandboxes' DNS forwarder asks, comma-separated; empty: the host's own.
     dns_upstream: str = ""
     host: str = "127.0.0.1"

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -14,10 +16,28 @@ from starlette.routing import Route
 
 from ..config import Settings
 from ..runtime import LocalRuntime
+from ..store import Store, database_url
 
 log = logging.getLogger("bilik")
 
 REAP_INTERVAL_S = 0.5
+
+
+async def ensure_first_key(store: Store, data_dir: Path) -> None:
+    """On a first start (no active key), make one, print it once, and keep it in a 0600 file."""
+    if await store.keys.any_active():
+        return
+    record, key = await store.keys.create("default")
+    path = data_dir / "api-key"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    os.chmod(path, 0o600)
+    print(
+        f"bilik: created API key {record.id} ({record.name}): {key}\n"
+        f"bilik: it is also in {path}; this is the only time it is printed",
+        flush=True,
+    )
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -34,6 +54,9 @@ def create_app(settings: Settings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        store = await Store.open(database_url(settings.data_dir, settings.database_url))
+        app.state.store = store
+        await ensure_first_key(store, settings.data_dir)
         await runtime.start()
         await runtime.reconcile()
         dns = await runtime.serve_dns()
@@ -44,6 +67,7 @@ def create_app(settings: Settings) -> Starlette:
         finally:
             task.cancel()
             await dns.close()
+            await store.close()
 
     async def health(request: Request) -> JSONResponse:
         if not getattr(request.app.state, "ready", False):
