@@ -14,6 +14,7 @@ import pytest_asyncio
 from bilik.runtime import LocalRuntime, SandboxInfo, SandboxSpec
 from bilik.runtime.network import HostNetwork
 from helpers import INET_HOST, INET_NET, INET_PEER, SETTINGS, host_state, sh
+from server import BilikServer
 
 INET_NS = "bilik-test-inet"
 PRIVATE_PEER = "192.168.213.2"
@@ -48,6 +49,14 @@ async def sandbox(runtime: LocalRuntime) -> AsyncIterator[SandboxInfo]:
     info = await runtime.create(SandboxSpec())
     yield info
     await runtime.kill(info.sandbox_id)
+
+
+@pytest.fixture
+def server() -> Iterator[BilikServer]:
+    """A real ``bilik serve`` on its own instance; checked for leftovers when the test ends."""
+    srv = BilikServer()
+    yield srv
+    srv.finish()
 
 
 @pytest.fixture(scope="session")

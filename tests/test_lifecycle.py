@@ -6,19 +6,15 @@ import asyncio
 import json
 import re
 import signal
-import socket
 import stat
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 
 import pytest
 
-from bilik.config import Settings
 from bilik.runtime import LocalRuntime, SandboxSpec, StepFailed, oci
-from bilik.runtime.network import HostNetwork, veth_name
-from helpers import DATA_DIR, SETTINGS, bilik, host_state, run_ok, settings_env
+from bilik.runtime.network import veth_name
+from helpers import SETTINGS, host_state, run_ok
+from server import SERVER_SETTINGS, BilikServer
 
 
 def per_sandbox_traces(sandbox_id: str) -> dict[str, list[str]]:
@@ -120,98 +116,41 @@ async def test_expired_sandboxes_are_reaped(runtime: LocalRuntime) -> None:
 
 # -- a real server, SIGKILLed and started again ----------------------------------------------
 
-SERVER_SETTINGS = Settings(data_dir=DATA_DIR / "server", instance="biltsrv", subnet="10.215.0.0/16")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return bilik(*args, settings=SERVER_SETTINGS, check=check)
-
-
-@pytest.fixture
-def server() -> Iterator[object]:
-    """Start and stop ``bilik serve`` on its own instance (sharing the test layer cache)."""
-    data = SERVER_SETTINGS.data_dir
-    data.mkdir(parents=True, exist_ok=True)
-    for shared in ("layers", "images"):
-        link = data / shared
-        if not link.exists():
-            (SETTINGS.data_dir / shared).mkdir(parents=True, exist_ok=True)
-            link.symlink_to(SETTINGS.data_dir / shared)
-    for first_start in ("bilik.db", "api-key"):  # every run starts as a first start
-        (data / first_start).unlink(missing_ok=True)
-    port = _free_port()
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start() -> subprocess.Popen[bytes]:
-        env = {**settings_env(SERVER_SETTINGS), "BILIK_PORT": str(port)}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "bilik.cli", "serve"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        procs.append(proc)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            probe = subprocess.run(
-                ["curl", "-sf", f"http://127.0.0.1:{port}/health"], capture_output=True
-            )
-            if probe.returncode == 0:
-                return proc
-            assert proc.poll() is None, "bilik serve exited"
-            time.sleep(0.1)
-        raise AssertionError("bilik serve never became healthy")
-
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=30)
-    leftover = [row["sandboxId"] for row in json.loads(_cli("sandbox", "list", "--json").stdout)]
-    for sandbox_id in leftover:
-        _cli("sandbox", "kill", sandbox_id)
-    HostNetwork(SERVER_SETTINGS.instance, SERVER_SETTINGS.subnet).teardown()
-    assert not leftover, f"the server test left sandboxes running: {leftover}"
-    # (veth names are not per instance: the session's leak check covers them)
-    left = {k: v for k, v in host_state(SERVER_SETTINGS).items() if v and k != "veths"}
-    assert not left, f"the server test left these behind: {left}"
-
-
-def test_sigkilled_server_finds_its_sandboxes_again(server) -> None:  # type: ignore[no-untyped-def]
-    first = server()
-    long_lived = _cli("sandbox", "create", "--timeout", "600").stdout.strip()
-    short_lived = _cli("sandbox", "create", "--timeout", "4").stdout.strip()
+def test_sigkilled_server_finds_its_sandboxes_again(server: BilikServer) -> None:
+    first = server.start()
+    long_lived = server.cli("sandbox", "create", "--timeout", "600").stdout.strip()
+    short_lived = server.cli("sandbox", "create", "--timeout", "4").stdout.strip()
     created = time.time()
     first.send_signal(signal.SIGKILL)
     first.wait()
 
-    server()  # a new server process: reconciles, re-adopts, and resumes reaping
-    listed = {row["sandboxId"]: row for row in json.loads(_cli("sandbox", "list", "--json").stdout)}
+    server.start()  # a new server process: reconciles, re-adopts, and resumes reaping
+    listed = {
+        row["sandboxId"]: row for row in json.loads(server.cli("sandbox", "list", "--json").stdout)
+    }
     assert listed[long_lived]["state"] == "running"
-    assert _cli("sandbox", "exec", long_lived, "--", "echo", "still here").stdout == "still here\n"
+    assert (
+        server.cli("sandbox", "exec", long_lived, "--", "echo", "still here").stdout
+        == "still here\n"
+    )
     # The short-lived sandbox keeps its end time across the restart and dies within 2 s of it.
-    while short_lived in _cli("sandbox", "list", "--json").stdout:
+    while short_lived in server.cli("sandbox", "list", "--json").stdout:
         assert time.time() < created + 4 + 2.5, "sandbox outlived its end time"
         time.sleep(0.2)
     assert time.time() >= created + 3.5
-    _cli("sandbox", "kill", long_lived)
+    server.cli("sandbox", "kill", long_lived)
 
 
-def test_first_start_makes_one_key_and_keeps_it(server) -> None:  # type: ignore[no-untyped-def]
-    first = server()
+def test_first_start_makes_one_key_and_keeps_it(server: BilikServer) -> None:
+    first = server.start()
     key_file = SERVER_SETTINGS.data_dir / "api-key"
     key = key_file.read_text().strip()
     assert re.fullmatch(r"e2b_[0-9a-f]{40}", key)
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     first.send_signal(signal.SIGINT)
     first.wait(timeout=30)
-    server()  # a key exists now: no new one
-    keys = json.loads(_cli("keys", "list", "--json").stdout)
+    server.start()  # a key exists now: no new one
+    keys = json.loads(server.cli("keys", "list", "--json").stdout)
     assert [(k["name"], k["state"]) for k in keys] == [("default", "active")]
     assert key.startswith(keys[0]["prefix"]) and key_file.read_text().strip() == key

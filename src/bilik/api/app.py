@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -17,6 +18,8 @@ from starlette.routing import Route
 from ..config import Settings
 from ..runtime import LocalRuntime
 from ..store import Store, database_url
+from . import sandboxes
+from .errors import ApiError, handle_api_error, handle_http_error, handle_unexpected
 
 log = logging.getLogger("bilik")
 
@@ -59,6 +62,9 @@ def create_app(settings: Settings) -> Starlette:
         await ensure_first_key(store, settings.data_dir)
         await runtime.start()
         await runtime.reconcile()
+        # The runtime's truth wins: forget sandboxes that no longer exist.
+        live = {info.sandbox_id for info in await runtime.list()}
+        await store.sandboxes.remove(*(await store.sandboxes.ids() - live))
         dns = await runtime.serve_dns()
         task = asyncio.create_task(reaper())
         app.state.ready = True
@@ -74,6 +80,14 @@ def create_app(settings: Settings) -> Starlette:
             return JSONResponse({"code": 503, "message": "starting"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    app = Starlette(routes=[Route("/health", health)], lifespan=lifespan)
+    app = Starlette(
+        routes=[Route("/health", health), *sandboxes.routes],
+        lifespan=lifespan,
+        exception_handlers={
+            ApiError: handle_api_error,
+            HTTPException: handle_http_error,
+            Exception: handle_unexpected,
+        },
+    )
     app.state.runtime = runtime
     return app

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from . import keys, schema
+from . import keys, sandboxes, schema
 
 
 def database_url(data_dir: Path, url: str = "") -> str:
@@ -25,6 +25,7 @@ class Store:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self.keys = keys.KeyStore(engine)
+        self.sandboxes = sandboxes.SandboxStore(engine)
 
     @classmethod
     async def open(cls, url: str) -> Store:

@@ -28,12 +28,30 @@ api_keys = sa.Table(
 )
 
 
+# What the API knows of a sandbox beyond the runtime's own record: who owns it, and what the
+# owner attached to it. The runtime's record says whether it still runs.
+sandboxes = sa.Table(
+    "sandboxes",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("key_id", sa.String(32), nullable=False, index=True),
+    sa.Column("template_id", sa.String(256), nullable=False),
+    sa.Column("metadata", sa.Text, nullable=False),  # JSON object of strings
+    sa.Column("envd_access_token", sa.String(64), nullable=False),
+    sa.Column("started_at", sa.Float, nullable=False),
+)
+
+
 def _v1_api_keys(conn: Connection) -> None:
     api_keys.create(conn)
 
 
+def _v2_sandboxes(conn: Connection) -> None:
+    sandboxes.create(conn)
+
+
 # Append only: a released migration never changes, a new one goes at the end.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1_api_keys]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1_api_keys, _v2_sandboxes]
 
 
 def migrate(conn: Connection) -> int:

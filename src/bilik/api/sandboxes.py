@@ -1,0 +1,273 @@
+"""E2B's sandbox lifecycle endpoints: create, get, list, kill, timeout, connect."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import urllib.parse
+from datetime import UTC, datetime
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from ..runtime import LocalRuntime, RuntimeFailure, SandboxInfo, SandboxNotFound, SandboxSpec
+from ..store import Store
+from ..store.sandboxes import SandboxRow
+from .auth import authenticate
+from .errors import ApiError, from_runtime
+
+# The envd protocol version sandboxes answer to. The in-sandbox agent is not there yet; this is
+# the lowest version the SDKs accept, and it grows with what envd implements.
+ENVD_VERSION = "0.1.0"
+CLIENT_ID = "bilik"
+MAX_BODY = 1 << 20
+MAX_METADATA = 64 << 10
+MAX_PAGE = 100
+
+
+def _rfc3339(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
+
+
+async def _json_object(request: Request, *, required: bool = True) -> dict[str, Any]:
+    body = await request.body()
+    if len(body) > MAX_BODY:
+        raise ApiError(413, f"request body is larger than {MAX_BODY} bytes")
+    if not body and not required:
+        return {}
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    return data
+
+
+def _strings(data: dict[str, Any], field: str) -> dict[str, str]:
+    value = data.get(field) or {}
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise ApiError(400, f"{field} must be an object of strings")
+    return value
+
+
+def _timeout(data: dict[str, Any], default: int | None) -> int | None:
+    value = data.get("timeout", default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ApiError(400, f"timeout must be a whole number of seconds, at least 0; got {value!r}")
+    return value
+
+
+def _sandbox(info: SandboxInfo, row: SandboxRow) -> dict[str, Any]:
+    """E2B's ``Sandbox`` (create and connect)."""
+    return {
+        "templateID": row.template_id,
+        "sandboxID": info.sandbox_id,
+        "clientID": CLIENT_ID,
+        "alias": row.template_id,
+        "envdVersion": ENVD_VERSION,
+        "envdAccessToken": row.envd_access_token,
+        "domain": None,
+    }
+
+
+def _detail(info: SandboxInfo, row: SandboxRow) -> dict[str, Any]:
+    """E2B's ``SandboxDetail`` / ``ListedSandbox``."""
+    return {
+        **_sandbox(info, row),
+        "startedAt": _rfc3339(row.started_at),
+        "endAt": _rfc3339(info.end_at),
+        "cpuCount": info.limits.cpu,
+        "memoryMB": info.limits.memory_mb,
+        "diskSizeMB": info.limits.disk_mb,
+        "state": "running",
+        "metadata": row.metadata,
+        "allowInternetAccess": info.internet,
+    }
+
+
+def _runtime(request: Request) -> LocalRuntime:
+    runtime: LocalRuntime = request.app.state.runtime
+    return runtime
+
+
+def _store(request: Request) -> Store:
+    store: Store = request.app.state.store
+    return store
+
+
+async def _owned(request: Request) -> tuple[SandboxInfo, SandboxRow]:
+    """The sandbox named in the path, if the caller's key owns it and it still runs."""
+    key = await authenticate(request)
+    sandbox_id = request.path_params["sandbox_id"]
+    row = await _store(request).sandboxes.get(sandbox_id, key.id)
+    if row is None:
+        raise ApiError(404, f"sandbox {sandbox_id!r} not found")
+    try:
+        info = await _runtime(request).inspect(sandbox_id)
+    except SandboxNotFound:
+        await _store(request).sandboxes.remove(sandbox_id)
+        raise ApiError(404, f"sandbox {sandbox_id!r} not found") from None
+    return info, row
+
+
+async def create(request: Request) -> Response:
+    key = await authenticate(request)
+    data = await _json_object(request)
+    template = data.get("templateID")
+    if not isinstance(template, str) or not template:
+        raise ApiError(400, "templateID is required")
+    metadata = _strings(data, "metadata")
+    if len(json.dumps(metadata)) > MAX_METADATA:
+        raise ApiError(400, f"metadata is larger than {MAX_METADATA} bytes")
+    internet = data.get("allow_internet_access", True)
+    if not isinstance(internet, bool):
+        raise ApiError(400, "allow_internet_access must be true or false")
+    timeout = _timeout(data, 300)
+    assert timeout is not None
+    spec = SandboxSpec(
+        template=template,
+        timeout_s=timeout,
+        internet=internet,
+        env=_strings(data, "envVars"),
+        metadata=metadata,
+    )
+    runtime = _runtime(request)
+    try:
+        info = await runtime.create(spec)
+    except RuntimeFailure as e:
+        raise from_runtime(e) from None
+    row = SandboxRow(
+        info.sandbox_id, key.id, template, metadata, secrets.token_hex(16), info.created_at
+    )
+    try:
+        await _store(request).sandboxes.add(row)
+    except BaseException:
+        await runtime.kill(info.sandbox_id)  # a sandbox no one owns must not live on
+        raise
+    return JSONResponse(_sandbox(info, row), status_code=201)
+
+
+async def get(request: Request) -> Response:
+    info, row = await _owned(request)
+    return JSONResponse(_detail(info, row))
+
+
+async def kill(request: Request) -> Response:
+    info, _row = await _owned(request)
+    try:
+        await _runtime(request).kill(info.sandbox_id)
+    except SandboxNotFound:
+        pass
+    except RuntimeFailure as e:
+        raise from_runtime(e) from None
+    await _store(request).sandboxes.remove(info.sandbox_id)
+    return Response(status_code=204)
+
+
+async def set_timeout(request: Request) -> Response:
+    info, _row = await _owned(request)
+    timeout = _timeout(await _json_object(request), None)
+    if timeout is None:
+        raise ApiError(400, "timeout is required")
+    try:
+        await _runtime(request).set_timeout(info.sandbox_id, timeout)
+    except RuntimeFailure as e:
+        raise from_runtime(e) from None
+    return Response(status_code=204)
+
+
+async def connect(request: Request) -> Response:
+    info, row = await _owned(request)
+    timeout = _timeout(await _json_object(request, required=False), None)
+    if timeout is not None:
+        try:
+            info = await _runtime(request).set_timeout(info.sandbox_id, timeout)
+        except RuntimeFailure as e:
+            raise from_runtime(e) from None
+    return JSONResponse(_sandbox(info, row))
+
+
+async def _listed(request: Request) -> list[dict[str, Any]]:
+    """The caller's running sandboxes, filtered by the ``metadata`` and ``template`` params."""
+    key = await authenticate(request)
+    store = _store(request)
+    rows = {r.id: r for r in await store.sandboxes.of_key(key.id)}
+    infos = {i.sandbox_id: i for i in await _runtime(request).list() if i.state == "running"}
+    await store.sandboxes.remove(*(i for i in rows if i not in infos and _gone(i, request)))
+    wanted = dict(urllib.parse.parse_qsl(request.query_params.get("metadata", "")))
+    template = request.query_params.get("template")
+    listed = []
+    for sandbox_id, row in rows.items():
+        info = infos.get(sandbox_id)
+        if info is None or any(row.metadata.get(k) != v for k, v in wanted.items()):
+            continue
+        if template and row.template_id != template:
+            continue
+        listed.append(_detail(info, row))
+    return listed
+
+
+def _gone(sandbox_id: str, request: Request) -> bool:
+    return _runtime(request).records.load(sandbox_id) is None
+
+
+async def list_v1(request: Request) -> Response:
+    return JSONResponse(sorted(await _listed(request), key=lambda s: s["startedAt"]))
+
+
+async def list_v2(request: Request) -> Response:
+    params = request.query_params
+    states = {s for s in params.get("state", "running").split(",") if s}
+    if not states <= {"running", "paused"}:
+        raise ApiError(400, f"state must be running and/or paused, got {params.get('state')!r}")
+    try:
+        limit = int(params.get("limit", MAX_PAGE))
+    except ValueError:
+        raise ApiError(400, "limit must be a whole number") from None
+    if not 1 <= limit <= MAX_PAGE:
+        raise ApiError(400, f"limit must be between 1 and {MAX_PAGE}")
+    order = params.get("order", "asc")
+    if order not in ("asc", "desc"):
+        raise ApiError(400, "order must be asc or desc")
+    listed = [] if "running" not in states else await _listed(request)
+    if after := params.get("startedAfter"):
+        try:
+            since = datetime.fromisoformat(after.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            raise ApiError(400, f"startedAfter is not an ISO 8601 time: {after!r}") from None
+        listed = [s for s in listed if _ts(s["startedAt"]) > since]
+    listed.sort(key=lambda s: (s["startedAt"], s["sandboxID"]), reverse=order == "desc")
+    cursor = params.get("nextToken")
+    if cursor:  # the last item of the previous page; continue after it
+        keys = [(s["startedAt"], s["sandboxID"]) for s in listed]
+        position = next((i for i, k in enumerate(keys) if "|".join(k) == cursor), None)
+        if position is None:
+            raise ApiError(400, "nextToken is not valid (or its sandbox is gone)")
+        listed = listed[position + 1 :]
+    page, more = listed[:limit], len(listed) > limit
+    headers = {"X-Next-Token": f"{page[-1]['startedAt']}|{page[-1]['sandboxID']}"} if more else {}
+    return JSONResponse(page, headers=headers)
+
+
+def _ts(rfc3339: str) -> float:
+    return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
+
+
+routes = [
+    Route("/sandboxes", create, methods=["POST"]),
+    Route("/v2/sandboxes", create, methods=["POST"]),
+    Route("/sandboxes", list_v1, methods=["GET"]),
+    Route("/v2/sandboxes", list_v2, methods=["GET"]),
+    Route("/sandboxes/{sandbox_id}", get, methods=["GET"]),
+    Route("/sandboxes/{sandbox_id}", kill, methods=["DELETE"]),
+    Route("/sandboxes/{sandbox_id}/timeout", set_timeout, methods=["POST"]),
+    Route("/sandboxes/{sandbox_id}/connect", connect, methods=["POST"]),
+    Route("/v2/sandboxes/{sandbox_id}/connect", connect, methods=["POST"]),
+]

@@ -1,0 +1,78 @@
+"""Sandbox ownership and what owners attach to sandboxes (metadata, the envd access token)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from .schema import sandboxes
+
+
+@dataclasses.dataclass(frozen=True)
+class SandboxRow:
+    id: str
+    key_id: str
+    template_id: str
+    metadata: dict[str, str]
+    envd_access_token: str
+    started_at: float
+
+
+def _row(row: Any) -> SandboxRow:
+    return SandboxRow(
+        row.id,
+        row.key_id,
+        row.template_id,
+        json.loads(row.metadata),
+        row.envd_access_token,
+        row.started_at,
+    )
+
+
+class SandboxStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def add(self, row: SandboxRow) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                sandboxes.insert().values(
+                    id=row.id,
+                    key_id=row.key_id,
+                    template_id=row.template_id,
+                    metadata=json.dumps(row.metadata),
+                    envd_access_token=row.envd_access_token,
+                    started_at=row.started_at,
+                )
+            )
+
+    async def get(self, sandbox_id: str, key_id: str) -> SandboxRow | None:
+        """The sandbox if ``key_id`` owns it; another key's sandbox is as good as missing."""
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(sandboxes).where(
+                        sandboxes.c.id == sandbox_id, sandboxes.c.key_id == key_id
+                    )
+                )
+            ).first()
+        return _row(row) if row else None
+
+    async def of_key(self, key_id: str) -> list[SandboxRow]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(sa.select(sandboxes).where(sandboxes.c.key_id == key_id))
+            return [_row(r) for r in rows]
+
+    async def ids(self) -> set[str]:
+        async with self.engine.connect() as conn:
+            return {r.id for r in await conn.execute(sa.select(sandboxes.c.id))}
+
+    async def remove(self, *sandbox_ids: str) -> None:
+        if not sandbox_ids:
+            return
+        async with self.engine.begin() as conn:
+            await conn.execute(sandboxes.delete().where(sandboxes.c.id.in_(sandbox_ids)))

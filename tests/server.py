@@ -1,0 +1,82 @@
+"""A real ``bilik serve`` for tests, on an instance of its own (sharing the test layer cache)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from bilik.config import Settings
+from bilik.runtime.network import HostNetwork
+from helpers import DATA_DIR, SETTINGS, bilik, host_state, settings_env
+
+SERVER_SETTINGS = Settings(data_dir=DATA_DIR / "server", instance="biltsrv", subnet="10.215.0.0/16")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class BilikServer:
+    """Start (and restart) the server; every run begins as a first start, with no key."""
+
+    def __init__(self) -> None:
+        data = SERVER_SETTINGS.data_dir
+        data.mkdir(parents=True, exist_ok=True)
+        for shared in ("layers", "images"):
+            link = data / shared
+            if not link.exists():
+                (SETTINGS.data_dir / shared).mkdir(parents=True, exist_ok=True)
+                link.symlink_to(SETTINGS.data_dir / shared)
+        for first_start in ("bilik.db", "api-key"):
+            (data / first_start).unlink(missing_ok=True)
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self) -> subprocess.Popen[bytes]:
+        env = {**settings_env(SERVER_SETTINGS), "BILIK_PORT": str(self.port)}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bilik.cli", "serve"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.procs.append(proc)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            probe = subprocess.run(["curl", "-sf", f"{self.url}/health"], capture_output=True)
+            if probe.returncode == 0:
+                return proc
+            assert proc.poll() is None, "bilik serve exited"
+            time.sleep(0.1)
+        raise AssertionError("bilik serve never became healthy")
+
+    @property
+    def key(self) -> str:
+        """The key the first start made."""
+        return (SERVER_SETTINGS.data_dir / "api-key").read_text().strip()
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return bilik(*args, settings=SERVER_SETTINGS, check=check)
+
+    def finish(self) -> None:
+        """Stop every server, kill what is left, and fail if anything was left behind."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+                proc.wait(timeout=30)
+        rows = json.loads(self.cli("sandbox", "list", "--json").stdout)
+        leftover = [row["sandboxId"] for row in rows]
+        for sandbox_id in leftover:
+            self.cli("sandbox", "kill", sandbox_id)
+        HostNetwork(SERVER_SETTINGS.instance, SERVER_SETTINGS.subnet).teardown()
+        assert not leftover, f"the server test left sandboxes running: {leftover}"
+        # (veth names are not per instance: the session's leak check covers them)
+        left = {k: v for k, v in host_state(SERVER_SETTINGS).items() if v and k != "veths"}
+        assert not left, f"the server test left these behind: {left}"

@@ -1,0 +1,133 @@
+"""The control plane, driven by the official ``e2b`` SDK and by raw HTTP for bad input."""
+
+from __future__ import annotations
+
+import datetime
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from e2b import AuthenticationException, Sandbox, SandboxException, SandboxQuery
+
+from server import BilikServer
+
+
+@pytest.fixture(scope="module")
+def shared_server() -> Iterator[BilikServer]:
+    """One server for the many small requests below."""
+    srv = BilikServer()
+    srv.start()
+    yield srv
+    srv.finish()
+
+
+def _params(server: BilikServer, key: str | None = None) -> dict[str, Any]:
+    return {"api_key": key or server.key, "api_url": server.url}
+
+
+def test_lifecycle_with_the_official_sdk(server: BilikServer) -> None:
+    server.start()
+    params = _params(server)
+    sbx = Sandbox.create("base", timeout=120, metadata={"suite": "api", "n": "1"}, **params)
+    other = Sandbox.create("base", timeout=120, metadata={"suite": "api", "n": "2"}, **params)
+    try:
+        info = sbx.get_info()
+        assert (info.sandbox_id, info.template_id, info.metadata) == (
+            sbx.sandbox_id,
+            "base",
+            {"suite": "api", "n": "1"},
+        )
+        assert info.state == "running" and info.cpu_count == 1 and info.memory_mb == 512
+        lifetime = info.end_at - info.started_at
+        assert datetime.timedelta(seconds=115) < lifetime <= datetime.timedelta(seconds=121)
+
+        sbx.set_timeout(30)
+        assert sbx.get_info().end_at < info.end_at
+
+        # Listing: metadata filter, and pagination one sandbox per page.
+        only_one = Sandbox.list(query=SandboxQuery(metadata={"n": "2"}), **params).next_items()
+        assert [s.sandbox_id for s in only_one] == [other.sandbox_id]
+        pages = Sandbox.list(query=SandboxQuery(metadata={"suite": "api"}), limit=1, **params)
+        seen = []
+        while pages.has_next:
+            seen += [s.sandbox_id for s in pages.next_items()]
+        assert sorted(seen) == sorted([sbx.sandbox_id, other.sandbox_id])
+
+        again = Sandbox.connect(sbx.sandbox_id, **params)
+        assert again.sandbox_id == sbx.sandbox_id
+    finally:
+        assert sbx.kill() is True
+        assert Sandbox.kill(other.sandbox_id, **params) is True
+    assert Sandbox.kill(sbx.sandbox_id, **params) is False
+    with pytest.raises(SandboxException):
+        Sandbox.get_info(sbx.sandbox_id, **params)
+
+
+def test_keys_see_only_their_own_sandboxes(server: BilikServer) -> None:
+    server.start()
+    stranger = server.cli("keys", "create", "--name", "stranger").stdout.strip()
+    sbx = Sandbox.create("base", timeout=60, **_params(server))
+    try:
+        theirs = _params(server, stranger)
+        assert Sandbox.list(**theirs).next_items() == []
+        with pytest.raises(SandboxException):
+            Sandbox.get_info(sbx.sandbox_id, **theirs)
+        assert Sandbox.kill(sbx.sandbox_id, **theirs) is False
+        assert sbx.get_info().state == "running"  # untouched by the stranger
+    finally:
+        sbx.kill()
+    with pytest.raises(AuthenticationException):
+        Sandbox.list(**_params(server, "e2b_" + "0" * 40)).next_items()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "message"),
+    [
+        ("POST", "/v2/sandboxes", b"{not json", 400, "not valid JSON"),
+        ("POST", "/v2/sandboxes", b"[]", 400, "JSON object"),
+        ("POST", "/v2/sandboxes", b"{}", 400, "templateID is required"),
+        ("POST", "/v2/sandboxes", b'{"templateID": "nope"}', 404, "template 'nope' not found"),
+        ("POST", "/v2/sandboxes", b'{"templateID": "base", "timeout": -1}', 400, "timeout"),
+        ("POST", "/v2/sandboxes", b'{"templateID": "base", "timeout": 99999}', 400, "timeout"),
+        (
+            "POST",
+            "/v2/sandboxes",
+            b'{"templateID": "base", "metadata": {"a": 1}}',
+            400,
+            "metadata must be an object of strings",
+        ),
+        (
+            "POST",
+            "/v2/sandboxes",
+            json.dumps({"templateID": "base", "metadata": {"big": "x" * (10 << 20)}}).encode(),
+            413,
+            "larger than",
+        ),
+        ("GET", "/sandboxes/nosuchsandbox1", b"", 404, "not found"),
+        ("DELETE", "/sandboxes/nosuchsandbox1", b"", 404, "not found"),
+        ("GET", "/v2/sandboxes?limit=0", b"", 400, "limit"),
+        ("GET", "/v2/sandboxes?state=weird", b"", 400, "state"),
+        ("GET", "/no/such/route", b"", 404, "Not Found"),
+    ],
+)
+def test_bad_requests_get_json_errors(
+    shared_server: BilikServer, method: str, path: str, body: bytes, status: int, message: str
+) -> None:
+    server = shared_server
+    headers = {"X-API-Key": server.key, "Content-Type": "application/json"}
+    response = httpx.request(method, server.url + path, content=body, headers=headers, timeout=30)
+    assert response.status_code == status, response.text
+    error = response.json()
+    assert error["code"] == status and message in error["message"]
+    # Nothing was made.
+    assert json.loads(server.cli("sandbox", "list", "--json").stdout) == []
+
+
+def test_missing_or_wrong_key_is_401_json(shared_server: BilikServer) -> None:
+    server = shared_server
+    for headers in ({}, {"X-API-Key": "e2b_" + "f" * 40}, {"X-API-Key": "garbage"}):
+        response = httpx.get(server.url + "/v2/sandboxes", headers=headers)
+        assert response.status_code == 401
+        assert response.json()["code"] == 401
