@@ -41,12 +41,14 @@ class BilikServer:
 
     def start(self) -> subprocess.Popen[bytes]:
         env = {**settings_env(SERVER_SETTINGS), "BILIK_PORT": str(self.port)}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "bilik.cli", "serve"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        # The server's log, for when a test fails.
+        with open(SERVER_SETTINGS.data_dir / "server.log", "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "bilik.cli", "serve"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         self.procs.append(proc)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

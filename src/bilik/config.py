@@ -37,6 +37,8 @@ class Settings:
     database_url: str = ""
     # Resolvers the sandboxes' DNS forwarder asks, comma-separated; empty: the host's own.
     dns_upstream: str = ""
+    # Sandbox ports are also reachable as {port}-{sandboxID}.{domain} on the server's port.
+    domain: str = "localhost"
     host: str = "127.0.0.1"
     port: int = 3000
     caps: Caps = dataclasses.field(default_factory=Caps)

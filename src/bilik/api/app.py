@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from ..config import Settings
+from ..plane import SandboxPlane
 from ..runtime import LocalRuntime
 from ..store import Store, database_url
 from . import sandboxes
@@ -43,7 +44,8 @@ async def ensure_first_key(store: Store, data_dir: Path) -> None:
     )
 
 
-def create_app(settings: Settings) -> Starlette:
+def create_app(settings: Settings) -> SandboxPlane:
+    """The server: the sandbox plane in front of the control plane, on one port."""
     runtime = LocalRuntime(settings, log=log.info)
 
     async def reaper() -> None:
@@ -74,6 +76,7 @@ def create_app(settings: Settings) -> Starlette:
             task.cancel()
             await dns.close()
             await store.close()
+            await app.state.plane.aclose()
 
     async def health(request: Request) -> JSONResponse:
         if not getattr(request.app.state, "ready", False):
@@ -90,4 +93,6 @@ def create_app(settings: Settings) -> Starlette:
         },
     )
     app.state.runtime = runtime
-    return app
+    plane = SandboxPlane(app, runtime, settings.domain)
+    app.state.plane = plane
+    return plane
