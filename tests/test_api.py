@@ -131,3 +131,48 @@ def test_missing_or_wrong_key_is_401_json(shared_server: BilikServer) -> None:
         response = httpx.get(server.url + "/v2/sandboxes", headers=headers)
         assert response.status_code == 401
         assert response.json()["code"] == 401
+
+
+def _create(server: BilikServer, key: str, **body: Any) -> httpx.Response:
+    return httpx.post(
+        server.url + "/v2/sandboxes",
+        headers={"X-API-Key": key},
+        json={"templateID": "base", **body},
+        timeout=60,
+    )
+
+
+def test_key_caps(shared_server: BilikServer) -> None:
+    server = shared_server
+    made: list[str] = []
+
+    def key(*flags: str) -> str:
+        return server.cli("keys", "create", "--name", "capped", *flags).stdout.strip()
+
+    try:
+        one_at_a_time = key("--max-sandboxes", "1")
+        first = _create(server, one_at_a_time)
+        made.append(first.json()["sandboxID"])
+        second = _create(server, one_at_a_time)
+        assert second.status_code == 429 and second.headers["Should-Retry"] == "false"
+        assert second.json()["code"] == 429
+
+        two_a_minute = key("--creates-per-minute", "2")
+        for _ in range(2):
+            made.append(_create(server, two_a_minute).json()["sandboxID"])
+        third = _create(server, two_a_minute)
+        assert third.status_code == 429 and 0 < int(third.headers["Retry-After"]) <= 60
+        assert "2 sandboxes a minute" in third.json()["message"]
+
+        short = key("--max-timeout", "60")
+        too_long = _create(server, short, timeout=120)
+        assert too_long.status_code == 400 and "longer than this key" in too_long.json()["message"]
+        listed = json.loads(server.cli("keys", "list", "--json").stdout)
+        assert {(k["maxSandboxes"], k["createsPerMinute"], k["maxTimeout"]) for k in listed} >= {
+            (1, None, None),
+            (None, 2, None),
+            (None, None, 60),
+        }
+    finally:
+        for sandbox_id in made:
+            server.cli("sandbox", "kill", sandbox_id)

@@ -14,7 +14,7 @@ from pathlib import Path
 from .config import InvalidSettings, Settings
 from .runtime import Limits, LocalRuntime, RuntimeFailure, SandboxInfo, SandboxSpec
 from .runtime.ocicli import RUNTIMES
-from .store import ApiKey, KeyNotFound, Store, database_url
+from .store import ApiKey, KeyCaps, KeyNotFound, Store, database_url
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -172,13 +172,17 @@ def _key_row(key: ApiKey) -> dict[str, object]:
         "prefix": key.prefix,
         "createdAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(key.created_at)),
         "state": "active" if key.active else "revoked",
+        "maxSandboxes": key.caps.max_sandboxes,
+        "createsPerMinute": key.caps.creates_per_minute,
+        "maxTimeout": key.caps.max_timeout_s,
     }
 
 
 async def _keys_create(args: argparse.Namespace) -> int:
     store = await _open_store(args)
     try:
-        record, key = await store.keys.create(args.name)
+        caps = KeyCaps(args.max_sandboxes, args.creates_per_minute, args.max_timeout)
+        record, key = await store.keys.create(args.name, caps)
     finally:
         await store.close()
     print(f"created API key {record.id} ({record.name}); it is shown only now:", file=sys.stderr)
@@ -288,6 +292,9 @@ def _parser() -> argparse.ArgumentParser:
     kp = keys.add_subparsers(dest="action", required=True)
     kcreate = kp.add_parser("create", parents=[common], help="make a key and print it, once")
     kcreate.add_argument("--name", default="default", help="a label for people")
+    kcreate.add_argument("--max-sandboxes", type=int, help="sandboxes running at once")
+    kcreate.add_argument("--creates-per-minute", type=int, help="creates a minute (then 429)")
+    kcreate.add_argument("--max-timeout", type=int, help="longest lifetime a create may ask, s")
     kcreate.set_defaults(func=_keys_create)
     klist = kp.add_parser("list", parents=[common], help="list keys (never the keys themselves)")
     klist.add_argument("--json", action="store_true")

@@ -21,6 +21,7 @@ from ..runtime import LocalRuntime
 from ..store import Store, database_url
 from . import sandboxes
 from .errors import ApiError, handle_api_error, handle_http_error, handle_unexpected
+from .limits import CreateLimiter
 
 log = logging.getLogger("bilik")
 
@@ -93,6 +94,7 @@ def create_app(settings: Settings) -> SandboxPlane:
         },
     )
     app.state.runtime = runtime
+    app.state.limiter = CreateLimiter()
     plane = SandboxPlane(app, runtime, settings.domain)
     app.state.plane = plane
     return plane

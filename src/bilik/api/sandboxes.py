@@ -17,6 +17,7 @@ from ..store import Store
 from ..store.sandboxes import SandboxRow
 from .auth import authenticate
 from .errors import ApiError, from_runtime
+from .limits import CreateLimiter
 
 # The envd protocol version sandboxes answer to. The in-sandbox agent is not there yet; this is
 # the lowest version the SDKs accept, and it grows with what envd implements.
@@ -131,6 +132,14 @@ async def create(request: Request) -> Response:
         raise ApiError(400, "allow_internet_access must be true or false")
     timeout = _timeout(data, 300)
     assert timeout is not None
+    store = _store(request)
+    running = sum(
+        1
+        for r in await store.sandboxes.of_key(key.id)
+        if _runtime(request).records.load(r.id) is not None
+    )
+    limiter: CreateLimiter = request.app.state.limiter
+    limiter.check(key, running, timeout)
     spec = SandboxSpec(
         template=template,
         timeout_s=timeout,

@@ -26,12 +26,22 @@ class KeyNotFound(LookupError):
 
 
 @dataclasses.dataclass(frozen=True)
+class KeyCaps:
+    """What one key may do; None: no cap beyond the server's own."""
+
+    max_sandboxes: int | None = None
+    creates_per_minute: int | None = None
+    max_timeout_s: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class ApiKey:
     id: str
     name: str
     prefix: str  # the first characters of the key, to tell keys apart in listings
     created_at: float
     revoked_at: float | None
+    caps: KeyCaps = dataclasses.field(default_factory=lambda: KeyCaps())
 
     @property
     def active(self) -> bool:
@@ -47,7 +57,8 @@ def _hash(key: str) -> str:
 
 
 def _row(row: Any) -> ApiKey:
-    return ApiKey(row.id, row.name, row.prefix, row.created_at, row.revoked_at)
+    caps = KeyCaps(row.max_sandboxes, row.creates_per_minute, row.max_timeout_s)
+    return ApiKey(row.id, row.name, row.prefix, row.created_at, row.revoked_at, caps)
 
 
 _COLUMNS = (
@@ -56,6 +67,9 @@ _COLUMNS = (
     api_keys.c.prefix,
     api_keys.c.created_at,
     api_keys.c.revoked_at,
+    api_keys.c.max_sandboxes,
+    api_keys.c.creates_per_minute,
+    api_keys.c.max_timeout_s,
 )
 
 
@@ -63,10 +77,12 @@ class KeyStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
 
-    async def create(self, name: str) -> tuple[ApiKey, str]:
+    async def create(self, name: str, caps: KeyCaps | None = None) -> tuple[ApiKey, str]:
         """Make a key; returns its record and the key itself (never stored, never shown again)."""
         key = generate_key()
-        record = ApiKey(secrets.token_hex(8), name, key[: len(PREFIX) + 6], time.time(), None)
+        record = ApiKey(
+            secrets.token_hex(8), name, key[: len(PREFIX) + 6], time.time(), None, caps or KeyCaps()
+        )
         async with self.engine.begin() as conn:
             await conn.execute(
                 api_keys.insert().values(
@@ -76,6 +92,7 @@ class KeyStore:
                     prefix=record.prefix,
                     created_at=record.created_at,
                     revoked_at=None,
+                    **dataclasses.asdict(record.caps),
                 )
             )
         return record, key

@@ -25,6 +25,10 @@ api_keys = sa.Table(
     sa.Column("prefix", sa.String(16), nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("revoked_at", sa.Float, nullable=True),
+    # Operator caps for this key; NULL means no cap beyond the server's own.
+    sa.Column("max_sandboxes", sa.Integer, nullable=True),
+    sa.Column("creates_per_minute", sa.Integer, nullable=True),
+    sa.Column("max_timeout_s", sa.Integer, nullable=True),
 )
 
 
@@ -42,16 +46,46 @@ sandboxes = sa.Table(
 )
 
 
+# Each migration spells out its own DDL: the tables above describe the latest schema, and a
+# migration must keep doing exactly what it did when it was released.
+
+
 def _v1_api_keys(conn: Connection) -> None:
-    api_keys.create(conn)
+    sa.Table(
+        "api_keys",
+        sa.MetaData(),
+        sa.Column("id", sa.String(32), primary_key=True),
+        sa.Column("name", sa.String(200), nullable=False),
+        sa.Column("key_hash", sa.String(64), nullable=False, unique=True),
+        sa.Column("prefix", sa.String(16), nullable=False),
+        sa.Column("created_at", sa.Float, nullable=False),
+        sa.Column("revoked_at", sa.Float, nullable=True),
+    ).create(conn)
 
 
 def _v2_sandboxes(conn: Connection) -> None:
-    sandboxes.create(conn)
+    sa.Table(
+        "sandboxes",
+        sa.MetaData(),
+        sa.Column("id", sa.String(32), primary_key=True),
+        sa.Column("key_id", sa.String(32), nullable=False, index=True),
+        sa.Column("template_id", sa.String(256), nullable=False),
+        sa.Column("metadata", sa.Text, nullable=False),
+        sa.Column("envd_access_token", sa.String(64), nullable=False),
+        sa.Column("started_at", sa.Float, nullable=False),
+    ).create(conn)
+
+
+_V3_KEY_COLUMNS = ("max_sandboxes", "creates_per_minute", "max_timeout_s")
+
+
+def _v3_key_caps(conn: Connection) -> None:
+    for column in _V3_KEY_COLUMNS:
+        conn.execute(sa.text(f"ALTER TABLE api_keys ADD COLUMN {column} INTEGER"))
 
 
 # Append only: a released migration never changes, a new one goes at the end.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1_api_keys, _v2_sandboxes]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1_api_keys, _v2_sandboxes, _v3_key_caps]
 
 
 def migrate(conn: Connection) -> int:

@@ -1,0 +1,52 @@
+"""Per-key caps on creates: how many sandboxes at once, how many creates a minute, how long."""
+
+from __future__ import annotations
+
+import collections
+import math
+import time
+
+from ..store import ApiKey
+from .errors import ApiError
+
+WINDOW_S = 60.0
+
+
+class CreateLimiter:
+    """Sliding one-minute windows of create times, one per key (this server's memory)."""
+
+    def __init__(self) -> None:
+        self._creates: dict[str, collections.deque[float]] = collections.defaultdict(
+            collections.deque
+        )
+
+    def check(self, key: ApiKey, running: int, timeout_s: int) -> None:
+        """Raise a 429 (or 400) when a create by ``key`` would go past one of its caps."""
+        caps = key.caps
+        if caps.max_timeout_s is not None and timeout_s > caps.max_timeout_s:
+            raise ApiError(
+                400,
+                f"timeout {timeout_s} s is longer than this key may ask for "
+                f"({caps.max_timeout_s} s)",
+            )
+        if caps.max_sandboxes is not None and running >= caps.max_sandboxes:
+            # Waiting helps only once a sandbox ends: tell clients not to retry on their own.
+            raise ApiError(
+                429,
+                f"this key already runs {running} sandboxes, its cap",
+                {"Should-Retry": "false"},
+            )
+        if caps.creates_per_minute is not None:
+            now = time.monotonic()
+            window = self._creates[key.id]
+            while window and window[0] <= now - WINDOW_S:
+                window.popleft()
+            if len(window) >= caps.creates_per_minute:
+                wait = math.ceil(window[0] + WINDOW_S - now)
+                raise ApiError(
+                    429,
+                    f"this key may create {caps.creates_per_minute} sandboxes "
+                    f"a minute; try again in {wait} s",
+                    {"Retry-After": str(wait)},
+                )
+            window.append(now)
