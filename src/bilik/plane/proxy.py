@@ -76,11 +76,15 @@ class SandboxPlane:
         path = scope.get("raw_path") or scope["path"].encode()
         query = scope.get("query_string", b"")
         url = base + path.decode("latin-1") + (f"?{query.decode('latin-1')}" if query else "")
+        names = {k.decode("latin-1").lower() for k, _ in scope["headers"]}
         headers = [
             (k, v) for k, v in scope["headers"] if k.decode("latin-1").lower() not in HOP_BY_HOP
         ]
+        # A request without a body goes out without one: an empty chunked body that the server
+        # never reads makes it reset the connection when it closes, cutting the response short.
+        has_body = "content-length" in names or "transfer-encoding" in names
         request = self.client.build_request(
-            scope["method"], url, headers=headers, content=_body(receive)
+            scope["method"], url, headers=headers, content=_body(receive) if has_body else None
         )
         try:
             response = await self.client.send(request, stream=True)

@@ -115,8 +115,8 @@ table inet {self.table} {{
   chain input {{
     type filter hook input priority filter - 10; policy accept;
     iifname "{br}" ct state established,related accept
-    # Out-of-window segments of a live connection (a slow reader's peer probing, say) are
-    # "invalid" to conntrack: drop them quietly; a reject would abort the connection.
+    # Segments conntrack cannot place (stray ones of a connection already gone, say) are
+    # dropped quietly rather than answered.
     iifname "{br}" ct state invalid drop
     iifname "{br}" ip saddr @offline4 reject with icmp type admin-prohibited
     iifname "{br}" ip daddr {self.gateway} udp dport 53 accept
