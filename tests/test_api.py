@@ -176,3 +176,34 @@ def test_key_caps(shared_server: BilikServer) -> None:
     finally:
         for sandbox_id in made:
             server.cli("sandbox", "kill", sandbox_id)
+
+
+def test_idempotent_create(shared_server: BilikServer) -> None:
+    server = shared_server
+    headers = {"X-API-Key": server.key, "Idempotency-Key": "job-42"}
+    body = {"templateID": "base", "timeout": 60}
+    first = httpx.post(server.url + "/v2/sandboxes", headers=headers, json=body, timeout=60)
+    again = httpx.post(server.url + "/v2/sandboxes", headers=headers, json=body, timeout=60)
+    assert first.status_code == again.status_code == 201
+    assert first.json() == again.json()
+    sandbox_id = first.json()["sandboxID"]
+    assert [r["sandboxId"] for r in json.loads(server.cli("sandbox", "list", "--json").stdout)] == [
+        sandbox_id
+    ]
+    httpx.delete(f"{server.url}/sandboxes/{sandbox_id}", headers=headers)
+    # Once its sandbox is gone, the same key makes a new one.
+    fresh = httpx.post(server.url + "/v2/sandboxes", headers=headers, json=body, timeout=60)
+    assert fresh.status_code == 201 and fresh.json()["sandboxID"] != sandbox_id
+    httpx.delete(f"{server.url}/sandboxes/{fresh.json()['sandboxID']}", headers=headers)
+    # Another key's identical Idempotency-Key is its own.
+    other = server.cli("keys", "create").stdout.strip()
+    theirs = httpx.post(
+        server.url + "/v2/sandboxes",
+        json=body,
+        timeout=60,
+        headers={"X-API-Key": other, "Idempotency-Key": "job-42"},
+    )
+    assert theirs.status_code == 201 and theirs.json()["sandboxID"] != fresh.json()["sandboxID"]
+    httpx.delete(
+        f"{server.url}/sandboxes/{theirs.json()['sandboxID']}", headers={"X-API-Key": other}
+    )

@@ -120,6 +120,15 @@ async def _owned(request: Request) -> tuple[SandboxInfo, SandboxRow]:
 
 async def create(request: Request) -> Response:
     key = await authenticate(request)
+    store = _store(request)
+    idempotency_key = request.headers.get("idempotency-key")
+    if idempotency_key is not None and not 0 < len(idempotency_key) <= 200:
+        raise ApiError(400, "Idempotency-Key must be 1 to 200 characters")
+    if idempotency_key:
+        if done := await _repeat(request, key.id, idempotency_key):
+            return done
+        # Its sandbox is gone (or there never was one): this create starts afresh.
+        await store.sandboxes.forget_idempotency_key(key.id, idempotency_key)
     data = await _json_object(request)
     template = data.get("templateID")
     if not isinstance(template, str) or not template:
@@ -132,7 +141,6 @@ async def create(request: Request) -> Response:
         raise ApiError(400, "allow_internet_access must be true or false")
     timeout = _timeout(data, 300)
     assert timeout is not None
-    store = _store(request)
     running = sum(
         1
         for r in await store.sandboxes.of_key(key.id)
@@ -156,10 +164,31 @@ async def create(request: Request) -> Response:
         info.sandbox_id, key.id, template, metadata, secrets.token_hex(16), info.created_at
     )
     try:
-        await _store(request).sandboxes.add(row)
+        await store.sandboxes.add(row)
+        if idempotency_key:
+            winner = await store.sandboxes.claim(key.id, idempotency_key, info.sandbox_id)
+            if winner != info.sandbox_id:  # a concurrent repeat got there first: keep its one
+                await runtime.kill(info.sandbox_id)
+                await store.sandboxes.remove(info.sandbox_id)
+                if done := await _repeat(request, key.id, idempotency_key):
+                    return done
     except BaseException:
         await runtime.kill(info.sandbox_id)  # a sandbox no one owns must not live on
         raise
+    return JSONResponse(_sandbox(info, row), status_code=201)
+
+
+async def _repeat(request: Request, key_id: str, idempotency_key: str) -> Response | None:
+    """The answer to a create already made with this Idempotency-Key, if its sandbox lives."""
+    store = _store(request)
+    sandbox_id = await store.sandboxes.by_idempotency_key(key_id, idempotency_key)
+    row = await store.sandboxes.get(sandbox_id, key_id) if sandbox_id else None
+    if row is None:
+        return None
+    try:
+        info = await _runtime(request).inspect(row.id)
+    except SandboxNotFound:
+        return None
     return JSONResponse(_sandbox(info, row), status_code=201)
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from .schema import sandboxes
+from .schema import idempotency, sandboxes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,3 +77,41 @@ class SandboxStore:
             return
         async with self.engine.begin() as conn:
             await conn.execute(sandboxes.delete().where(sandboxes.c.id.in_(sandbox_ids)))
+
+    async def claim(self, key_id: str, idempotency_key: str, sandbox_id: str) -> str:
+        """Record that ``idempotency_key`` made ``sandbox_id``; returns the sandbox the key
+        names, which is another one if a concurrent create claimed it first."""
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(
+                    idempotency.insert().values(
+                        key_id=key_id,
+                        idempotency_key=idempotency_key,
+                        sandbox_id=sandbox_id,
+                        created_at=time.time(),
+                    )
+                )
+            return sandbox_id
+        except sa.exc.IntegrityError:
+            claimed = await self.by_idempotency_key(key_id, idempotency_key)
+            return claimed or sandbox_id
+
+    async def by_idempotency_key(self, key_id: str, idempotency_key: str) -> str | None:
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(idempotency.c.sandbox_id).where(
+                        idempotency.c.key_id == key_id,
+                        idempotency.c.idempotency_key == idempotency_key,
+                    )
+                )
+            ).first()
+        return row.sandbox_id if row else None
+
+    async def forget_idempotency_key(self, key_id: str, idempotency_key: str) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                idempotency.delete().where(
+                    idempotency.c.key_id == key_id, idempotency.c.idempotency_key == idempotency_key
+                )
+            )

@@ -76,6 +76,17 @@ def _v2_sandboxes(conn: Connection) -> None:
     ).create(conn)
 
 
+# Creates sent with an Idempotency-Key: a repeat returns the sandbox the first one made.
+idempotency = sa.Table(
+    "idempotency",
+    metadata,
+    sa.Column("key_id", sa.String(32), primary_key=True),
+    sa.Column("idempotency_key", sa.String(200), primary_key=True),
+    sa.Column("sandbox_id", sa.String(32), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+
 _V3_KEY_COLUMNS = ("max_sandboxes", "creates_per_minute", "max_timeout_s")
 
 
@@ -84,8 +95,24 @@ def _v3_key_caps(conn: Connection) -> None:
         conn.execute(sa.text(f"ALTER TABLE api_keys ADD COLUMN {column} INTEGER"))
 
 
+def _v4_idempotency(conn: Connection) -> None:
+    sa.Table(
+        "idempotency",
+        sa.MetaData(),
+        sa.Column("key_id", sa.String(32), primary_key=True),
+        sa.Column("idempotency_key", sa.String(200), primary_key=True),
+        sa.Column("sandbox_id", sa.String(32), nullable=False),
+        sa.Column("created_at", sa.Float, nullable=False),
+    ).create(conn)
+
+
 # Append only: a released migration never changes, a new one goes at the end.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1_api_keys, _v2_sandboxes, _v3_key_caps]
+MIGRATIONS: list[Callable[[Connection], None]] = [
+    _v1_api_keys,
+    _v2_sandboxes,
+    _v3_key_caps,
+    _v4_idempotency,
+]
 
 
 def migrate(conn: Connection) -> int:
