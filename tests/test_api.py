@@ -207,3 +207,34 @@ def test_idempotent_create(shared_server: BilikServer) -> None:
     httpx.delete(
         f"{server.url}/sandboxes/{theirs.json()['sandboxID']}", headers={"X-API-Key": other}
     )
+
+
+def test_metrics_come_from_the_sandbox(shared_server: BilikServer) -> None:
+    server = shared_server
+    headers = {"X-API-Key": server.key}
+    sandbox_id = _create(server, server.key, timeout=60).json()["sandboxID"]
+    try:
+        url = f"{server.url}/sandboxes/{sandbox_id}/metrics"
+        idle = httpx.get(url, headers=headers, timeout=30).json()[0]
+        assert idle["memTotal"] == 512 << 20 and idle["cpuCount"] == 1
+        assert 0 < idle["diskUsed"] < idle["diskTotal"] <= 1 << 30
+        server.cli(
+            "sandbox",
+            "exec",
+            sandbox_id,
+            "--",
+            "sh",
+            "-c",
+            "dd if=/dev/zero of=/fill bs=1M count=100 2>/dev/null; "
+            "(timeout 5 sh -c 'while :; do :; done' >/dev/null 2>&1 &)",
+        )
+        busy = httpx.get(url, headers=headers, timeout=30).json()[0]
+        assert busy["cpuUsedPct"] > 50, busy
+        assert busy["diskUsed"] >= idle["diskUsed"] + (90 << 20)
+        assert busy["memUsed"] > 0 and busy["timestampUnix"] > 0
+        assert (
+            httpx.get(f"{server.url}/sandboxes/nosuchsandbox1/metrics", headers=headers).status_code
+            == 404
+        )
+    finally:
+        server.cli("sandbox", "kill", sandbox_id)

@@ -232,6 +232,31 @@ async def connect(request: Request) -> Response:
     return JSONResponse(_sandbox(info, row))
 
 
+async def metrics(request: Request) -> Response:
+    """E2B's ``[SandboxMetric]``: one sample, taken now, from the sandbox's cgroup and disk."""
+    info, _row = await _owned(request)
+    try:
+        usage = await _runtime(request).usage(info.sandbox_id)
+    except RuntimeFailure as e:
+        raise from_runtime(e) from None
+    now = datetime.now(UTC)
+    return JSONResponse(
+        [
+            {
+                "timestamp": now.isoformat().replace("+00:00", "Z"),
+                "timestampUnix": int(now.timestamp()),
+                "cpuCount": usage.cpu_count,
+                "cpuUsedPct": usage.cpu_used_pct,
+                "memUsed": usage.mem_used,
+                "memTotal": usage.mem_total,
+                "memCache": 0,
+                "diskUsed": usage.disk_used,
+                "diskTotal": usage.disk_total,
+            }
+        ]
+    )
+
+
 async def _listed(request: Request) -> list[dict[str, Any]]:
     """The caller's running sandboxes, filtered by the ``metadata`` and ``template`` params."""
     key = await authenticate(request)
@@ -306,6 +331,7 @@ routes = [
     Route("/sandboxes/{sandbox_id}", get, methods=["GET"]),
     Route("/sandboxes/{sandbox_id}", kill, methods=["DELETE"]),
     Route("/sandboxes/{sandbox_id}/timeout", set_timeout, methods=["POST"]),
+    Route("/sandboxes/{sandbox_id}/metrics", metrics, methods=["GET"]),
     Route("/sandboxes/{sandbox_id}/connect", connect, methods=["POST"]),
     Route("/v2/sandboxes/{sandbox_id}/connect", connect, methods=["POST"]),
 ]

@@ -1,6 +1,6 @@
 """The node runtime: template layers, OCI bundles, cgroups, networking, sandbox lifecycle."""
 
-from .base import ExecResult, Process, Runtime, SandboxInfo
+from .base import ExecResult, Process, Runtime, SandboxInfo, Usage
 from .errors import (
     InvalidSpec,
     RuntimeFailure,
@@ -26,5 +26,6 @@ __all__ = [
     "SandboxSpec",
     "StepFailed",
     "TemplateNotFound",
+    "Usage",
     "new_sandbox_id",
 ]

@@ -31,6 +31,18 @@ class SandboxInfo:
 
 
 @dataclasses.dataclass(frozen=True)
+class Usage:
+    """A sandbox's resource use at one moment (CPU % is of its own CPU limit)."""
+
+    cpu_count: float
+    cpu_used_pct: float
+    mem_used: int
+    mem_total: int
+    disk_used: int
+    disk_total: int
+
+
+@dataclasses.dataclass(frozen=True)
 class ExecResult:
     exit_code: int
     stdout: bytes

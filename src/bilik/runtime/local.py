@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..config import Settings
 from . import agent_python, base_image, cgroups, disk, oci, syscalls
-from .base import ExecResult, Process, SandboxInfo
+from .base import ExecResult, Process, SandboxInfo, Usage
 from .dns import DnsForwarder, host_resolvers
 from .errors import InvalidSpec, SandboxExists, SandboxNotFound, StepFailed
 from .fsutil import file_lock, lock_fd, write_text
@@ -366,6 +366,26 @@ class LocalRuntime:
         record = self._record(sandbox_id)
         state = await self.oci(record.oci_runtime).state(sandbox_id)
         return self._info(record, (state or {}).get("status", "stopped"))
+
+    async def usage(self, sandbox_id: str, interval_s: float = 0.1) -> Usage:
+        """What the sandbox uses now: CPU over ``interval_s``, memory, and disk."""
+        record = self._record(sandbox_id)
+        instance = self.settings.instance
+        before = cgroups.usage(instance, sandbox_id)
+        started = time.monotonic()
+        await asyncio.sleep(interval_s)
+        after = cgroups.usage(instance, sandbox_id)
+        elapsed_ns = (time.monotonic() - started) * 1e9
+        busy = max(0, after.get("cpu_usage_ns", 0) - before.get("cpu_usage_ns", 0))
+        disk = os.statvfs(self.records.dir(sandbox_id) / "disk")
+        return Usage(
+            cpu_count=record.limits.cpu,
+            cpu_used_pct=round(100 * busy / elapsed_ns / record.limits.cpu, 2),
+            mem_used=after.get("memory_bytes", 0),
+            mem_total=record.limits.memory_mb << 20,
+            disk_used=(disk.f_blocks - disk.f_bfree) * disk.f_frsize,
+            disk_total=disk.f_blocks * disk.f_frsize,
+        )
 
     async def set_timeout(self, sandbox_id: str, seconds: float) -> SandboxInfo:
         if not 0 <= seconds <= self.settings.caps.lifetime_s:
