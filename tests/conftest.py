@@ -14,6 +14,7 @@ import pytest_asyncio
 from bilik.runtime import LocalRuntime, SandboxInfo, SandboxSpec
 from bilik.runtime.network import HostNetwork
 from helpers import INET_HOST, INET_NET, INET_PEER, SETTINGS, host_state, sh
+from postgres import postgres_server
 from server import BilikServer
 
 INET_NS = "bilik-test-inet"
@@ -49,6 +50,13 @@ async def sandbox(runtime: LocalRuntime) -> AsyncIterator[SandboxInfo]:
     info = await runtime.create(SandboxSpec())
     yield info
     await runtime.kill(info.sandbox_id)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A real PostgreSQL for the session, started (and removed) by the tests themselves."""
+    with postgres_server() as url:
+        yield url
 
 
 @pytest.fixture

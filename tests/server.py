@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from bilik.config import Settings
 from bilik.runtime.network import HostNetwork
-from helpers import DATA_DIR, SETTINGS, bilik, host_state, settings_env
+from bilik.store import database_url, schema
+from helpers import DATA_DIR, SETTINGS, host_state, settings_env
 
 SERVER_SETTINGS = Settings(data_dir=DATA_DIR / "server", instance="biltsrv", subnet="10.215.0.0/16")
 
@@ -22,10 +27,19 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+async def _empty_database(url: str) -> None:
+    """Drop every table, so the server's start is a first start on this database too."""
+    engine = create_async_engine(database_url(Path("/nonexistent"), url))
+    async with engine.begin() as conn:
+        await conn.run_sync(schema.metadata.drop_all)
+    await engine.dispose()
+
+
 class BilikServer:
     """Start (and restart) the server; every run begins as a first start, with no key."""
 
-    def __init__(self) -> None:
+    def __init__(self, database_url: str = "") -> None:
+        self.database_url = database_url
         data = SERVER_SETTINGS.data_dir
         data.mkdir(parents=True, exist_ok=True)
         for shared in ("layers", "images"):
@@ -35,12 +49,14 @@ class BilikServer:
                 link.symlink_to(SETTINGS.data_dir / shared)
         for first_start in ("bilik.db", "api-key"):
             (data / first_start).unlink(missing_ok=True)
+        if database_url:
+            asyncio.run(_empty_database(database_url))
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def start(self) -> subprocess.Popen[bytes]:
-        env = {**settings_env(SERVER_SETTINGS), "BILIK_PORT": str(self.port)}
+        env = {**self._env(), "BILIK_PORT": str(self.port)}
         # The server's log, for when a test fails.
         with open(SERVER_SETTINGS.data_dir / "server.log", "ab") as log:
             proc = subprocess.Popen(
@@ -64,8 +80,18 @@ class BilikServer:
         """The key the first start made."""
         return (SERVER_SETTINGS.data_dir / "api-key").read_text().strip()
 
+    def _env(self) -> dict[str, str]:
+        return {**settings_env(SERVER_SETTINGS), "BILIK_DATABASE_URL": self.database_url}
+
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return bilik(*args, settings=SERVER_SETTINGS, check=check)
+        return subprocess.run(
+            [sys.executable, "-m", "bilik.cli", *args],
+            env=self._env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=check,
+        )
 
     def finish(self) -> None:
         """Stop every server, kill what is left, and fail if anything was left behind."""

@@ -27,7 +27,17 @@ def _params(server: BilikServer, key: str | None = None) -> dict[str, Any]:
     return {"api_key": key or server.key, "api_url": server.url}
 
 
-def test_lifecycle_with_the_official_sdk(server: BilikServer) -> None:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_db_server(request: pytest.FixtureRequest) -> Iterator[BilikServer]:
+    """A server on the embedded SQLite, and one on PostgreSQL."""
+    url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else ""
+    srv = BilikServer(database_url=url)
+    yield srv
+    srv.finish()
+
+
+def test_lifecycle_with_the_official_sdk(any_db_server: BilikServer) -> None:
+    server = any_db_server
     server.start()
     params = _params(server)
     sbx = Sandbox.create("base", timeout=120, metadata={"suite": "api", "n": "1"}, **params)
