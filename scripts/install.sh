@@ -46,5 +46,10 @@ if [ ! -x .venv/bin/python ]; then
   /usr/bin/python3 -m venv .venv
 fi
 .venv/bin/pip install -q --disable-pip-version-check -e ".${extra}"
+if [ -n "$extra" ]; then
+  # An older official SDK (it creates with POST /sandboxes), in a venv of its own.
+  [ -x .venv-e2b-2.20/bin/python ] || /usr/bin/python3 -m venv .venv-e2b-2.20
+  .venv-e2b-2.20/bin/pip install -q --disable-pip-version-check "e2b==2.20.0"
+fi
 ln -sf "$PWD/.venv/bin/bilik" /usr/local/bin/bilik
 echo "bilik installed: $(command -v bilik)"

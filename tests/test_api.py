@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -248,3 +251,34 @@ def test_metrics_come_from_the_sandbox(shared_server: BilikServer) -> None:
         )
     finally:
         server.cli("sandbox", "kill", sandbox_id)
+
+
+OLD_SDK = Path(__file__).resolve().parents[1] / ".venv-e2b-2.20" / "bin" / "python"
+OLD_SDK_ROUND_TRIP = """
+import os
+from e2b import Sandbox
+sbx = Sandbox.create("base", timeout=60, metadata={"sdk": "2.20"})
+info = Sandbox.get_info(sbx.sandbox_id)
+assert info.metadata == {"sdk": "2.20"}, info
+sbx.set_timeout(30)
+assert sbx.sandbox_id in [s.sandbox_id for s in Sandbox.list().next_items()]
+assert sbx.kill() is True
+print("ok")
+"""
+
+
+def test_older_sdk_round_trip(shared_server: BilikServer) -> None:
+    """e2b 2.20 creates with POST /sandboxes (and checks keys' shape itself)."""
+    env = {
+        "E2B_API_URL": shared_server.url,
+        "E2B_API_KEY": shared_server.key,
+        "PATH": os.environ["PATH"],
+    }
+    run = subprocess.run(
+        [str(OLD_SDK), "-c", OLD_SDK_ROUND_TRIP],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.stdout.strip() == "ok", run.stderr
