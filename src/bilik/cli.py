@@ -25,6 +25,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         host=getattr(args, "host", None),
         port=getattr(args, "port", None),
         database_url=getattr(args, "database_url", None),
+        domain=getattr(args, "domain", None),
     )
 
 
@@ -250,6 +251,7 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", parents=[common], help="run the bilik server")
     serve.add_argument("--host", help="address to listen on (BILIK_HOST)")
     serve.add_argument("--port", type=int, help="port to listen on (BILIK_PORT)")
+    serve.add_argument("--domain", help="sandbox ports as {port}-{id}.DOMAIN (BILIK_DOMAIN)")
     serve.set_defaults(func=_serve, sync=True)
 
     sandbox = sub.add_parser("sandbox", help="create, inspect and kill sandboxes on this host")
