@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-from e2b import AuthenticationException, Sandbox, SandboxException, SandboxQuery
+from e2b import AsyncSandbox, AuthenticationException, Sandbox, SandboxException, SandboxQuery
 
 from server import BilikServer
 
@@ -282,3 +282,20 @@ def test_older_sdk_round_trip(shared_server: BilikServer) -> None:
         timeout=120,
     )
     assert run.stdout.strip() == "ok", run.stderr
+
+
+async def test_lifecycle_with_the_async_sdk(shared_server: BilikServer) -> None:
+    params = _params(shared_server)
+    sbx = await AsyncSandbox.create("base", timeout=60, metadata={"flavour": "async"}, **params)
+    try:
+        info = await sbx.get_info()
+        assert info.metadata == {"flavour": "async"} and info.state == "running"
+        await sbx.set_timeout(30)
+        assert (await sbx.get_info()).end_at < info.end_at
+        paginator = AsyncSandbox.list(query=SandboxQuery(metadata={"flavour": "async"}), **params)
+        assert [s.sandbox_id for s in await paginator.next_items()] == [sbx.sandbox_id]
+        again = await AsyncSandbox.connect(sbx.sandbox_id, **params)
+        assert again.sandbox_id == sbx.sandbox_id
+    finally:
+        assert await sbx.kill() is True
+    assert await AsyncSandbox.kill(sbx.sandbox_id, **params) is False
