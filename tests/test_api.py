@@ -299,3 +299,22 @@ async def test_lifecycle_with_the_async_sdk(shared_server: BilikServer) -> None:
     finally:
         assert await sbx.kill() is True
     assert await AsyncSandbox.kill(sbx.sandbox_id, **params) is False
+
+
+def test_openapi_document_describes_every_route(shared_server: BilikServer) -> None:
+    from bilik.api import sandboxes
+
+    document = httpx.get(shared_server.url + "/openapi.json").json()
+    assert document["openapi"].startswith("3.")
+    described = {
+        (path.replace("{sandboxID}", "{sandbox_id}"), method.upper())
+        for path, methods in document["paths"].items()
+        for method in methods
+    }
+    served = {
+        (route.path, method)
+        for route in sandboxes.routes
+        for method in (route.methods or ())
+        if method != "HEAD"
+    }
+    assert served <= described

@@ -19,7 +19,7 @@ from ..config import Settings
 from ..plane import SandboxPlane
 from ..runtime import LocalRuntime
 from ..store import Store, database_url
-from . import sandboxes
+from . import openapi, sandboxes
 from .errors import ApiError, handle_api_error, handle_http_error, handle_unexpected
 from .limits import CreateLimiter
 
@@ -85,7 +85,11 @@ def create_app(settings: Settings) -> SandboxPlane:
         return JSONResponse({"status": "ok"})
 
     app = Starlette(
-        routes=[Route("/health", health), *sandboxes.routes],
+        routes=[
+            Route("/health", health),
+            Route("/openapi.json", openapi.openapi),
+            *sandboxes.routes,
+        ],
         lifespan=lifespan,
         exception_handlers={
             ApiError: handle_api_error,
