@@ -318,3 +318,20 @@ def test_openapi_document_describes_every_route(shared_server: BilikServer) -> N
         if method != "HEAD"
     }
     assert served <= described
+
+
+def test_logs_and_legacy_resume(shared_server: BilikServer) -> None:
+    server = shared_server
+    headers = {"X-API-Key": server.key}
+    sandbox_id = _create(server, server.key, timeout=60).json()["sandboxID"]
+    try:
+        logs = httpx.get(f"{server.url}/sandboxes/{sandbox_id}/logs", headers=headers)
+        assert logs.status_code == 200 and isinstance(logs.json()["logs"], list)
+        resumed = httpx.post(
+            f"{server.url}/sandboxes/{sandbox_id}/resume", headers=headers, json={"timeout": 60}
+        )
+        assert resumed.status_code == 409 and "already running" in resumed.json()["message"]
+    finally:
+        server.cli("sandbox", "kill", sandbox_id)
+    gone = httpx.get(f"{server.url}/sandboxes/{sandbox_id}/logs", headers=headers)
+    assert gone.status_code == 404

@@ -133,6 +133,15 @@ DOCUMENT: dict[str, Any] = {
             "summary": "Current CPU, memory and disk use", "parameters": [_ID],
             "responses": {"200": _json({"type": "array", "items": {
                 "$ref": "#/components/schemas/SandboxMetric"}}), **_errors(401, 404)}}},
+        "/sandboxes/{sandboxID}/logs": {"get": {
+            "summary": "What the sandbox's first process wrote", "parameters": [_ID],
+            "responses": {"200": _json({"type": "object", "properties": {"logs": {
+                "type": "array", "items": {"type": "object", "properties": {
+                    "timestamp": {"type": "string"}, "line": {"type": "string"}}}}}}),
+                **_errors(401, 404)}}},
+        "/sandboxes/{sandboxID}/resume": {"post": {
+            "summary": "Legacy resume: sandboxes never pause here, so a live one is 409",
+            "parameters": [_ID], "responses": _errors(401, 404, 409)}},
         "/sandboxes/{sandboxID}/connect": {"post": _CONNECT},
         "/v2/sandboxes/{sandboxID}/connect": {"post": _CONNECT},
     },

@@ -257,6 +257,22 @@ async def metrics(request: Request) -> Response:
     )
 
 
+async def resume(request: Request) -> Response:
+    """The legacy resume (SDK 2.0-2.5): sandboxes here never pause, so a live one is 409."""
+    info, _row = await _owned(request)
+    raise ApiError(409, f"sandbox {info.sandbox_id!r} is already running")
+
+
+async def logs(request: Request) -> Response:
+    """E2B's ``SandboxLogs``: what the sandbox's PID 1 wrote, a line each."""
+    info, _row = await _owned(request)
+    lines = await _runtime(request).console(info.sandbox_id)
+    started = _rfc3339(info.created_at)
+    return JSONResponse(
+        {"logs": [{"timestamp": started, "line": line} for line in lines], "logEntries": []}
+    )
+
+
 async def _listed(request: Request) -> list[dict[str, Any]]:
     """The caller's running sandboxes, filtered by the ``metadata`` and ``template`` params."""
     key = await authenticate(request)
@@ -332,6 +348,8 @@ routes = [
     Route("/sandboxes/{sandbox_id}", kill, methods=["DELETE"]),
     Route("/sandboxes/{sandbox_id}/timeout", set_timeout, methods=["POST"]),
     Route("/sandboxes/{sandbox_id}/metrics", metrics, methods=["GET"]),
+    Route("/sandboxes/{sandbox_id}/logs", logs, methods=["GET"]),
+    Route("/sandboxes/{sandbox_id}/resume", resume, methods=["POST"]),
     Route("/sandboxes/{sandbox_id}/connect", connect, methods=["POST"]),
     Route("/v2/sandboxes/{sandbox_id}/connect", connect, methods=["POST"]),
 ]

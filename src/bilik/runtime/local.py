@@ -367,6 +367,21 @@ class LocalRuntime:
         state = await self.oci(record.oci_runtime).state(sandbox_id)
         return self._info(record, (state or {}).get("status", "stopped"))
 
+    async def console(self, sandbox_id: str, limit_bytes: int = 1 << 20) -> builtins.list[str]:
+        """The last ``limit_bytes`` of what the sandbox's PID 1 wrote, as lines."""
+        self._record(sandbox_id)
+        path = self.records.dir(sandbox_id) / "console.log"
+
+        def tail() -> builtins.list[str]:
+            try:
+                with open(path, "rb") as f:
+                    f.seek(max(0, f.seek(0, os.SEEK_END) - limit_bytes))
+                    return f.read().decode(errors="replace").splitlines()
+            except FileNotFoundError:
+                return []
+
+        return await asyncio.to_thread(tail)
+
     async def usage(self, sandbox_id: str, interval_s: float = 0.1) -> Usage:
         """What the sandbox uses now: CPU over ``interval_s``, memory, and disk."""
         record = self._record(sandbox_id)
