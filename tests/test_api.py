@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime
 import json
 import os
@@ -335,3 +336,30 @@ def test_logs_and_legacy_resume(shared_server: BilikServer) -> None:
         server.cli("sandbox", "kill", sandbox_id)
     gone = httpx.get(f"{server.url}/sandboxes/{sandbox_id}/logs", headers=headers)
     assert gone.status_code == 404
+
+
+def test_concurrent_repeats_of_an_idempotent_create_make_one_sandbox(
+    shared_server: BilikServer,
+) -> None:
+    server = shared_server
+    headers = {"X-API-Key": server.key, "Idempotency-Key": "race-1"}
+
+    def create() -> httpx.Response:
+        return httpx.post(
+            server.url + "/v2/sandboxes",
+            headers=headers,
+            timeout=60,
+            json={"templateID": "base", "timeout": 60},
+        )
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: create(), range(4)))
+    ids = {a.json()["sandboxID"] for a in answers if a.status_code == 201}
+    try:
+        assert all(a.status_code in (201, 409) for a in answers), [a.text for a in answers]
+        assert len(ids) == 1
+        listed = json.loads(server.cli("sandbox", "list", "--json").stdout)
+        assert [r["sandboxId"] for r in listed] == list(ids)
+    finally:
+        for sandbox_id in ids:
+            server.cli("sandbox", "kill", sandbox_id)

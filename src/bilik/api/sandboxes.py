@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import urllib.parse
@@ -168,14 +169,24 @@ async def create(request: Request) -> Response:
         if idempotency_key:
             winner = await store.sandboxes.claim(key.id, idempotency_key, info.sandbox_id)
             if winner != info.sandbox_id:  # a concurrent repeat got there first: keep its one
-                await runtime.kill(info.sandbox_id)
-                await store.sandboxes.remove(info.sandbox_id)
-                if done := await _repeat(request, key.id, idempotency_key):
-                    return done
-    except BaseException:
-        await runtime.kill(info.sandbox_id)  # a sandbox no one owns must not live on
-        raise
+                raise _LostRace
+    except BaseException as e:
+        # A sandbox no one owns, or a duplicate, must not live on.
+        with contextlib.suppress(RuntimeFailure):
+            await runtime.kill(info.sandbox_id)
+        await store.sandboxes.remove(info.sandbox_id)
+        if not isinstance(e, _LostRace):
+            raise
+        if done := await _repeat(request, key.id, idempotency_key or ""):
+            return done
+        raise ApiError(
+            409, "a concurrent create with this Idempotency-Key did not finish; try again"
+        ) from None
     return JSONResponse(_sandbox(info, row), status_code=201)
+
+
+class _LostRace(Exception):
+    """Another create with the same Idempotency-Key claimed it first."""
 
 
 async def _repeat(request: Request, key_id: str, idempotency_key: str) -> Response | None:
