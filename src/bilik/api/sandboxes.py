@@ -142,11 +142,7 @@ async def create(request: Request) -> Response:
         raise ApiError(400, "allow_internet_access must be true or false")
     timeout = _timeout(data, 300)
     assert timeout is not None
-    running = sum(
-        1
-        for r in await store.sandboxes.of_key(key.id)
-        if _runtime(request).records.load(r.id) is not None
-    )
+    running = sum(1 for r in await store.sandboxes.of_key(key.id) if _recorded(request, r.id))
     limiter: CreateLimiter = request.app.state.limiter
     limiter.check(key, running, timeout)
     spec = SandboxSpec(
@@ -290,7 +286,7 @@ async def _listed(request: Request) -> list[dict[str, Any]]:
     store = _store(request)
     rows = {r.id: r for r in await store.sandboxes.of_key(key.id)}
     infos = {i.sandbox_id: i for i in await _runtime(request).list() if i.state == "running"}
-    await store.sandboxes.remove(*(i for i in rows if i not in infos and _gone(i, request)))
+    await store.sandboxes.remove(*(i for i in rows if i not in infos and not _recorded(request, i)))
     wanted = dict(urllib.parse.parse_qsl(request.query_params.get("metadata", "")))
     template = request.query_params.get("template")
     listed = []
@@ -304,8 +300,9 @@ async def _listed(request: Request) -> list[dict[str, Any]]:
     return listed
 
 
-def _gone(sandbox_id: str, request: Request) -> bool:
-    return _runtime(request).records.load(sandbox_id) is None
+def _recorded(request: Request, sandbox_id: str) -> bool:
+    """Whether the runtime still knows the sandbox (running, or being created)."""
+    return _runtime(request).records.load(sandbox_id) is not None
 
 
 async def list_v1(request: Request) -> Response:
