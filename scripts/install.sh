@@ -36,7 +36,10 @@ if [ "${1:-}" = "--test" ]; then
   extra="[test]"
   # the suite runs the store against a real PostgreSQL, which it starts itself
   missing=()
-  dpkg-query -W -f='${Status}' postgresql 2>/dev/null | grep -q "ok installed" || missing+=(postgresql)
+  # and regenerates envd's protocol modules to check they match the .proto files
+  for p in postgresql protobuf-compiler libprotobuf-dev; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+  done
   if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -q
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"

@@ -75,6 +75,13 @@ class BilikServer:
             time.sleep(0.1)
         raise AssertionError("bilik serve never became healthy")
 
+    def peak_rss_kib(self) -> int:
+        """The running server's peak resident memory so far."""
+        status = Path(f"/proc/{self.procs[-1].pid}/status").read_text()
+        return int(
+            next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1]
+        )
+
     @property
     def key(self) -> str:
         """The key the first start made."""

@@ -99,6 +99,10 @@ def create_app(settings: Settings) -> SandboxPlane:
     )
     app.state.runtime = runtime
     app.state.limiter = CreateLimiter()
-    plane = SandboxPlane(app, runtime, settings.domain)
+
+    async def tokens() -> dict[str, str]:
+        return await app.state.store.sandboxes.access_tokens()  # type: ignore[no-any-return]
+
+    plane = SandboxPlane(app, runtime, settings.domain, tokens)
     app.state.plane = plane
     return plane

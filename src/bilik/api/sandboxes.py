@@ -22,7 +22,7 @@ from .limits import CreateLimiter
 
 # The envd protocol version sandboxes answer to. The in-sandbox agent is not there yet; this is
 # the lowest version the SDKs accept, and it grows with what envd implements.
-ENVD_VERSION = "0.1.0"
+ENVD_VERSION = "0.6.4"
 CLIENT_ID = "bilik"
 MAX_BODY = 1 << 20
 MAX_METADATA = 64 << 10
@@ -151,6 +151,7 @@ async def create(request: Request) -> Response:
         internet=internet,
         env=_strings(data, "envVars"),
         metadata=metadata,
+        access_token=secrets.token_hex(16),
     )
     runtime = _runtime(request)
     try:
@@ -158,7 +159,7 @@ async def create(request: Request) -> Response:
     except RuntimeFailure as e:
         raise from_runtime(e) from None
     row = SandboxRow(
-        info.sandbox_id, key.id, template, metadata, secrets.token_hex(16), info.created_at
+        info.sandbox_id, key.id, template, metadata, spec.access_token, info.created_at
     )
     try:
         await store.sandboxes.add(row)

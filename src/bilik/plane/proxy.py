@@ -7,9 +7,13 @@ Bodies are passed through chunk by chunk in both directions, never held whole.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 import re
-from collections.abc import AsyncIterator
+import urllib.parse
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -40,38 +44,94 @@ def route(scope: Scope, domain: str) -> tuple[str, int] | None:
     return None
 
 
+# Live sandboxes' envd access tokens, by sandbox id (from the store).
+Tokens = Callable[[], Awaitable[dict[str, str]]]
+
+
+def _timeout() -> httpx.Timeout:
+    return httpx.Timeout(None, connect=5.0)
+
+
+def signed_file_target(scope: Scope, tokens: dict[str, str]) -> str | None:
+    """The sandbox a signed ``/files`` URL (which names none) was signed for: the one whose
+    token reproduces the signature."""
+    query = dict(urllib.parse.parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+    given = query.get("signature", "")
+    operation = "read" if scope["method"] == "GET" else "write"
+    for sandbox_id, token in tokens.items():
+        raw = f"{query.get('path', '')}:{operation}:{query.get('username', '')}:{token}"
+        if expiration := query.get("signature_expiration"):
+            raw += f":{expiration}"
+        digest = base64.b64encode(hashlib.sha256(raw.encode()).digest()).rstrip(b"=").decode()
+        if hmac.compare_digest(given.encode(), f"v1_{digest}".encode()):
+            return sandbox_id
+    return None
+
+
 class SandboxPlane:
     """ASGI middleware: sandbox traffic to the sandbox, the rest to ``app``."""
 
-    def __init__(self, app: ASGIApp, runtime: LocalRuntime, domain: str) -> None:
+    def __init__(self, app: ASGIApp, runtime: LocalRuntime, domain: str, tokens: Tokens) -> None:
         self.app = app
         self.runtime = runtime
         self.domain = domain
-        # No pooling across requests: each proxied request gets its own upstream connection,
-        # so one sandbox's slow stream never holds another's.
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0), trust_env=False)
+        self.tokens = tokens
+        self.client = httpx.AsyncClient(timeout=_timeout(), trust_env=False)
+        # envd is reached over its unix socket: one pooled client per sandbox.
+        self._envd: dict[str, httpx.AsyncClient] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        target = route(scope, self.domain) if scope["type"] == "http" else None
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        target = route(scope, self.domain)
+        if (
+            target is None
+            and scope["path"] == "/files"
+            and b"signature=" in scope.get("query_string", b"")
+        ):
+            sandbox_id = signed_file_target(scope, await self.tokens())
+            target = (sandbox_id, ENVD_PORT) if sandbox_id else None
         if target is None:
             await self.app(scope, receive, send)
             return
         sandbox_id, port = target
         try:
-            address = (await self.runtime.inspect(sandbox_id)).address
+            address = self.runtime.address(sandbox_id)
+            socket_path = self.runtime.envd_socket(sandbox_id) if port == ENVD_PORT else None
         except SandboxNotFound:
             address = None
         if address is None or not 0 < port < 65536:
-            await _json(
-                send,
-                502,
-                {"sandboxId": sandbox_id, "message": "The sandbox was not found", "code": 502},
-            )
+            await self._drop_envd(sandbox_id)
+            await _not_found(send, sandbox_id)
             return
-        await self._proxy(scope, receive, send, sandbox_id, f"http://{address}:{port}")
+        if socket_path is not None:
+            client = self._envd.get(sandbox_id)
+            if client is None:
+                client = self._envd[sandbox_id] = httpx.AsyncClient(
+                    transport=httpx.AsyncHTTPTransport(uds=str(socket_path)),
+                    timeout=_timeout(),
+                    trust_env=False,
+                )
+            await self._proxy(scope, receive, send, sandbox_id, port, client, "http://envd")
+        else:
+            base = f"http://{address}:{port}"
+            await self._proxy(scope, receive, send, sandbox_id, port, self.client, base)
+
+    async def _drop_envd(self, sandbox_id: str) -> None:
+        client = self._envd.pop(sandbox_id, None)
+        if client is not None:
+            await client.aclose()
 
     async def _proxy(
-        self, scope: Scope, receive: Receive, send: Send, sandbox_id: str, base: str
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        sandbox_id: str,
+        port: int,
+        client: httpx.AsyncClient,
+        base: str,
     ) -> None:
         path = scope.get("raw_path") or scope["path"].encode()
         query = scope.get("query_string", b"")
@@ -83,12 +143,16 @@ class SandboxPlane:
         # A request without a body goes out without one: an empty chunked body that the server
         # never reads makes it reset the connection when it closes, cutting the response short.
         has_body = "content-length" in names or "transfer-encoding" in names
-        request = self.client.build_request(
+        request = client.build_request(
             scope["method"], url, headers=headers, content=_body(receive) if has_body else None
         )
         try:
-            response = await self.client.send(request, stream=True)
+            response = await client.send(request, stream=True)
         except httpx.HTTPError as e:
+            if not await self.runtime.is_running(sandbox_id):
+                await self._drop_envd(sandbox_id)
+                await _not_found(send, sandbox_id)
+                return
             await _json(
                 send,
                 502,
@@ -96,7 +160,7 @@ class SandboxPlane:
                     "sandboxId": sandbox_id,
                     "code": 502,
                     "message": f"The sandbox is running but port is not open: {e}",
-                    "port": int(base.rsplit(":", 1)[1]),
+                    "port": port,
                 },
             )
             return
@@ -121,6 +185,8 @@ class SandboxPlane:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+        for sandbox_id in list(self._envd):
+            await self._drop_envd(sandbox_id)
 
 
 async def _body(receive: Receive) -> AsyncIterator[bytes]:
@@ -132,6 +198,12 @@ async def _body(receive: Receive) -> AsyncIterator[bytes]:
             yield chunk
         if not message.get("more_body", False):
             return
+
+
+async def _not_found(send: Send, sandbox_id: str) -> None:
+    await _json(
+        send, 502, {"sandboxId": sandbox_id, "message": "The sandbox was not found", "code": 502}
+    )
 
 
 async def _json(send: Send, status: int, body: dict[str, Any]) -> None:

@@ -104,18 +104,16 @@ def _build(dest: Path) -> None:
         _stdlib(), stdlib, symlinks=False, ignore=lambda _d, names: [n for n in names if n in _SKIP]
     )
     elves = [binary, *sorted((stdlib / "lib-dynload").glob("*.so"))]
-    for name, library in _closure(elves).items():
+    for name, library in closure(elves).items():
         shutil.copy2(library, lib / name)
     loader = next(p for p in lib.iterdir() if p.name.startswith("ld-linux"))
-    libs_at = f"{MOUNTED_AT}/lib"
-    _patchelf("--set-interpreter", f"{libs_at}/{loader.name}", str(binary))
+    _patchelf("--set-interpreter", f"{MOUNTED_AT}/lib/{loader.name}", str(binary))
     for elf in [
         binary,
         *(p for p in lib.glob("*.so*") if p != loader),
         *(stdlib / "lib-dynload").glob("*.so"),
     ]:
-        # RUNPATH is not transitive, and $ORIGIN needs /proc: every object gets the fixed path.
-        _patchelf("--force-rpath", "--set-rpath", libs_at, str(elf))
+        patch_rpath(elf)
     subprocess.run(
         [
             str(_interpreter()),
@@ -136,7 +134,15 @@ def _build(dest: Path) -> None:
             os.chmod(path, 0o755 if path.is_dir() or os.access(path, os.X_OK) else 0o644)
 
 
-def _closure(elves: list[Path]) -> dict[str, str]:
+def patch_rpath(elf: Path, *extra: str) -> None:
+    """Make ``elf`` load its libraries from the agents' Python (and ``extra`` dirs) only.
+
+    RUNPATH is not transitive, and $ORIGIN needs /proc: every object gets the fixed paths.
+    """
+    _patchelf("--force-rpath", "--set-rpath", ":".join([f"{MOUNTED_AT}/lib", *extra]), str(elf))
+
+
+def closure(elves: list[Path]) -> dict[str, str]:
     """Every shared library the given ELF files load (by ldd): the name it is loaded by, and the
     file that name resolves to on the host."""
     found: dict[str, str] = {}

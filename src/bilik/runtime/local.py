@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 from ..config import Settings
-from . import agent_python, base_image, cgroups, disk, oci, syscalls
+from . import agent_python, agents, base_image, cgroups, disk, oci, syscalls
 from .base import ExecResult, Process, SandboxInfo, Usage
 from .dns import DnsForwarder, host_resolvers
 from .errors import InvalidSpec, SandboxExists, SandboxNotFound, StepFailed
@@ -39,14 +39,25 @@ LAYER_GRACE_S = 600.0
 # the agents' Python, see agent_python).
 RUNTIME_FILES = {"tini": "/usr/bin/tini-static", "busybox": "/bin/busybox"}
 
-# PID 1: tini reaps every orphan; the loop below it keeps the sandbox alive with no workload.
+# envd's files in the sandbox's control directory (named alike in ``bilik.envd.config``).
+ENVD_CONFIG = "envd.json"
+ENVD_SOCKET = "envd.sock"
+ENVD_PORT = 49983
+# How long a new sandbox's envd may take to listen before the create fails.
+ENVD_START_S = 30.0
+
+# PID 1: tini reaps every orphan. Below it, a shell keeps envd running: should envd ever die,
+# it is started again (the processes it started live on, reparented to tini).
+_BUSYBOX = f"{oci.RUNTIME_MOUNT}/busybox"
 INIT = [
     f"{oci.RUNTIME_MOUNT}/tini",
     "--",
-    f"{oci.RUNTIME_MOUNT}/busybox",
+    _BUSYBOX,
     "sh",
     "-c",
-    f"trap '' TERM INT HUP; while :; do {oci.RUNTIME_MOUNT}/busybox sleep 2147483647 & wait; done",
+    f"trap '' TERM INT HUP; while :; do {_BUSYBOX} env -i PATH=/usr/bin:/bin "
+    f"{agent_python.MOUNTED_AT}/bin/python3 -I -m bilik.envd {oci.CONTROL_MOUNT}; "
+    f"{_BUSYBOX} sleep 1; done",
 ]
 
 
@@ -100,7 +111,7 @@ class LocalRuntime:
             if not target.exists() or target.stat().st_size != os.stat(source).st_size:
                 shutil.copy2(source, target.with_suffix(".new"))
                 os.replace(target.with_suffix(".new"), target)
-        agent_python.ensure(self.runtime_dir, self.log)
+        agents.ensure(self.runtime_dir, self.log)
         self.layers.discard_scratch()
 
     def oci(self, name: str | None = None) -> OciCli:
@@ -181,13 +192,57 @@ class LocalRuntime:
             try:
                 async with contextlib.AsyncExitStack() as undo:
                     undo.push_async_callback(self._undo_create, record)
-                    await asyncio.to_thread(self._prepare, record, image)
+                    await asyncio.to_thread(self._prepare, record, image, spec.access_token)
                     bundle = self.records.dir(sandbox_id)
                     await oci_cli.run_detached(sandbox_id, bundle, bundle / "console.log")
+                    await self._wait_for_envd(record)
                     undo.pop_all()
             except OSError as e:
                 raise StepFailed("create", str(e)) from e
         return self._info(record, "running")
+
+    def address(self, sandbox_id: str) -> str:
+        """The sandbox's address on the instance's bridge (from its record: no runtime call)."""
+        return self._record(sandbox_id).address
+
+    async def is_running(self, sandbox_id: str) -> bool:
+        try:
+            record = self._record(sandbox_id)
+        except SandboxNotFound:
+            return False
+        state = await self.oci(record.oci_runtime).state(sandbox_id)
+        return (state or {}).get("status") == "running"
+
+    def envd_socket(self, sandbox_id: str) -> Path | None:
+        """The unix socket of the sandbox's envd on the host, or None where there is none
+        (gVisor keeps sockets inside its own kernel: reach envd at the address instead)."""
+        record = self._record(sandbox_id)
+        if record.oci_runtime == "runsc":
+            return None
+        return self.records.dir(sandbox_id) / "control" / ENVD_SOCKET
+
+    async def _wait_for_envd(self, record: SandboxRecord) -> None:
+        """Until the new sandbox's envd answers: a create returns a sandbox ready for use."""
+        socket_path = self.envd_socket(record.sandbox_id)
+        deadline = time.monotonic() + ENVD_START_S
+        delay = 0.002
+        while time.monotonic() < deadline:
+            try:
+                if socket_path is not None:
+                    _, writer = await asyncio.open_unix_connection(socket_path)
+                else:
+                    _, writer = await asyncio.open_connection(record.address, ENVD_PORT)
+                writer.close()
+                return
+            except OSError:
+                pass
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 0.05)
+        console = await self.console(record.sandbox_id, limit_bytes=2000)
+        raise StepFailed(
+            "start-envd",
+            f"envd did not start within {ENVD_START_S:.0f} s: " + " | ".join(console[-5:]),
+        )
 
     async def _undo_create(self, record: SandboxRecord) -> None:
         try:
@@ -239,10 +294,28 @@ class LocalRuntime:
             self.records.save(record)
             return record
 
-    def _prepare(self, record: SandboxRecord, image: Image) -> None:
-        """Disk, rootfs, /etc files, network and bundle config: everything before the OCI start."""
+    def _prepare(self, record: SandboxRecord, image: Image, access_token: str) -> None:
+        """Disk, rootfs, /etc files, envd's config, network and bundle config: everything
+        before the OCI start."""
         d = self.records.dir(record.sandbox_id)
         uid = self.uid_base(record.oci_runtime)
+        control = d / "control"
+        control.mkdir(mode=0o700)
+        envd_config = control / ENVD_CONFIG
+        envd_config.write_text(
+            json.dumps(
+                {
+                    "access_token": access_token,
+                    "default_user": image.user,
+                    "default_workdir": image.workdir,
+                    "env": record.env,
+                    "port": ENVD_PORT,
+                }
+            )
+        )
+        for path in (control, envd_config):  # the sandbox's root, and nobody else in it
+            os.chown(path, uid, uid)
+        os.chmod(envd_config, 0o600)
         disk.create(d / "disk.img", d / "disk", record.limits.disk_mb, uid)
         rootfs = d / "rootfs"
         rootfs.mkdir()
@@ -278,6 +351,7 @@ class LocalRuntime:
             env=record.env,
             etc_dir=etc,
             runtime_dir=self.runtime_dir,
+            control_dir=control,
             init=INIT,
             oci_runtime=record.oci_runtime,
         )

@@ -40,6 +40,8 @@ CPU_PERIOD_US = 100_000
 
 # Where the runtime directory (init, and later envd) appears inside every sandbox.
 RUNTIME_MOUNT = "/.bilik"
+# The sandbox's own control directory (envd's config and socket), shared with the host.
+CONTROL_MOUNT = "/run/bilik"
 
 
 def config(
@@ -53,6 +55,7 @@ def config(
     env: dict[str, str],
     etc_dir: Path,
     runtime_dir: Path,
+    control_dir: Path,
     init: list[str],
     oci_runtime: str = "crun",
 ) -> dict[str, Any]:
@@ -125,6 +128,12 @@ def config(
                 "type": "bind",
                 "source": str(runtime_dir),
                 "options": ["rbind", "ro", "nosuid", "nodev"],
+            },
+            {
+                "destination": CONTROL_MOUNT,
+                "type": "bind",
+                "source": str(control_dir),
+                "options": ["rbind", "rw", "nosuid", "nodev", "noexec"],
             },
         ],
         "linux": {

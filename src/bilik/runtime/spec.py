@@ -54,6 +54,8 @@ class SandboxSpec:
     env: dict[str, str] = dataclasses.field(default_factory=dict)
     sandbox_id: str | None = None
     metadata: dict[str, str] = dataclasses.field(default_factory=dict)
+    # What envd asks of every client but for health and files (none: it asks nothing).
+    access_token: str = ""
 
     def validate(
         self,

@@ -68,6 +68,12 @@ class SandboxStore:
             rows = await conn.execute(sa.select(sandboxes).where(sandboxes.c.key_id == key_id))
             return [_row(r) for r in rows]
 
+    async def access_tokens(self) -> dict[str, str]:
+        """Every sandbox's envd access token, by sandbox id."""
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(sa.select(sandboxes.c.id, sandboxes.c.envd_access_token))
+            return {r.id: r.envd_access_token for r in rows}
+
     async def ids(self) -> set[str]:
         async with self.engine.connect() as conn:
             return {r.id for r in await conn.execute(sa.select(sandboxes.c.id))}

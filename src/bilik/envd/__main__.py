@@ -1,0 +1,55 @@
+"""``python -I -m bilik.envd [CONTROL_DIR]``: serve on CONTROL_DIR/envd.sock and port 49983."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import sys
+
+import uvicorn
+
+from .app import Envd
+from .config import CONFIG_FILE, CONTROL_DIR, SOCKET_FILE, EnvdConfig
+
+
+def _sockets(control_dir: str, port: int) -> list[socket.socket]:
+    path = os.path.join(control_dir, SOCKET_FILE)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Bound under a temporary name and renamed: the socket appears only once it listens.
+    temporary = f"{path}.{os.getpid()}"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temporary)
+    unix.bind(temporary)
+    os.chmod(temporary, 0o600)
+    unix.listen(128)
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    tcp.bind(("0.0.0.0", port))
+    tcp.listen(128)
+    os.rename(temporary, path)
+    return [unix, tcp]
+
+
+def main() -> None:
+    control_dir = sys.argv[1] if len(sys.argv) > 1 else CONTROL_DIR
+    config = EnvdConfig.load(os.path.join(control_dir, CONFIG_FILE))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            Envd(config),
+            lifespan="off",
+            log_level="warning",
+            access_log=False,
+            http="h11",
+            loop="asyncio",
+            timeout_keep_alive=60,
+        )
+    )
+    asyncio.run(server.serve(sockets=_sockets(control_dir, config.port)))
+
+
+if __name__ == "__main__":
+    main()
