@@ -46,6 +46,7 @@ async def test_host_files_are_unreachable(runtime: LocalRuntime, sandbox: Sandbo
             "/etc/hosts",
             "/etc/resolv.conf",
             "/.bilik",
+            "/run/bilik",  # the sandbox's own control directory (envd's config and socket)
             *(p for p in points if p.startswith(("/proc/", "/sys/", "/dev/"))),
         }
     finally:
