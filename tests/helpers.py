@@ -126,3 +126,7 @@ async def wait_for(predicate: Callable[[], Awaitable[bool]], timeout: float = 10
             return True
         await asyncio.sleep(0.1)
     return False
+
+
+# An older official SDK (2.20), in a virtualenv of its own (made by scripts/install.sh --test).
+OLD_SDK_PYTHON = Path(__file__).resolve().parents[1] / ".venv-e2b-2.20" / "bin" / "python"

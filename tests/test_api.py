@@ -8,13 +8,13 @@ import json
 import os
 import subprocess
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from e2b import AsyncSandbox, AuthenticationException, Sandbox, SandboxException, SandboxQuery
 
+from helpers import OLD_SDK_PYTHON
 from server import BilikServer
 
 
@@ -254,7 +254,6 @@ def test_metrics_come_from_the_sandbox(shared_server: BilikServer) -> None:
         server.cli("sandbox", "kill", sandbox_id)
 
 
-OLD_SDK = Path(__file__).resolve().parents[1] / ".venv-e2b-2.20" / "bin" / "python"
 OLD_SDK_ROUND_TRIP = """
 import os
 from e2b import Sandbox
@@ -276,7 +275,7 @@ def test_older_sdk_round_trip(shared_server: BilikServer) -> None:
         "PATH": os.environ["PATH"],
     }
     run = subprocess.run(
-        [str(OLD_SDK), "-c", OLD_SDK_ROUND_TRIP],
+        [str(OLD_SDK_PYTHON), "-c", OLD_SDK_ROUND_TRIP],
         env=env,
         capture_output=True,
         text=True,

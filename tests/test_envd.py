@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
+import os
+import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -17,8 +20,8 @@ from e2b import (
     AsyncSandbox,
     AuthenticationException,
     CommandExitException,
-    FileType,
     FilesystemEventType,
+    FileType,
     InvalidArgumentException,
     NotFoundException,
     PtySize,
@@ -27,6 +30,7 @@ from e2b import (
     TimeoutException,
 )
 
+from helpers import OLD_SDK_PYTHON
 from server import BilikServer
 
 
@@ -267,9 +271,12 @@ def test_timeouts_end_the_process(sbx: Sandbox) -> None:
 def test_pty_input_resize_and_kill(sbx: Sandbox) -> None:
     out = bytearray()
     terminal = sbx.pty.create(PtySize(rows=24, cols=80))
-    thread = threading.Thread(
-        target=lambda: _swallow(lambda: terminal.wait(on_pty=out.extend)), daemon=True
-    )
+
+    def read() -> None:
+        with contextlib.suppress(CommandExitException):  # how a killed terminal ends
+            terminal.wait(on_pty=out.extend)
+
+    thread = threading.Thread(target=read, daemon=True)
     thread.start()
     sbx.pty.send_stdin(terminal.pid, b"stty size; tty\n")
     _until(lambda: b"24 80" in out and b"/dev/pts/" in out)
@@ -361,13 +368,6 @@ def _until(check: Any, timeout: float = 10) -> None:
     raise AssertionError("condition never became true")
 
 
-def _swallow(fn: Any) -> None:
-    try:
-        fn()
-    except Exception:
-        pass
-
-
 def test_big_file_round_trip_stays_out_of_memory(envd_server: BilikServer, sbx: Sandbox) -> None:
     """200 MB up and down intact, and neither the server nor envd ever holds it whole."""
     size = 200 * 1024 * 1024
@@ -398,3 +398,43 @@ def test_big_file_round_trip_stays_out_of_memory(envd_server: BilikServer, sbx: 
     assert int(peak.split()[1]) < 100 * 1024, peak
     assert envd_server.peak_rss_kib() - server_before < 64 * 1024
     sbx.files.remove("/tmp/big.bin")
+
+
+def test_processes_outlive_a_server_crash(envd_server: BilikServer, sbx: Sandbox) -> None:
+    """envd, and what it runs, carry on while the server is down; the new server reaches them."""
+    ticker = sbx.commands.run(
+        "i=0; while :; do i=$((i+1)); echo $i > /tmp/tick; sleep 0.1; done",
+        background=True,
+        timeout=0,
+    )
+    envd_server.procs[-1].kill()
+    envd_server.procs[-1].wait()
+    envd_server.start()
+    again = Sandbox.connect(sbx.sandbox_id, **_params(envd_server))
+    first = int(again.files.read("/tmp/tick"))
+    time.sleep(0.5)
+    assert int(again.files.read("/tmp/tick")) > first
+    assert ticker.pid in [p.pid for p in again.commands.list()]
+    assert again.commands.kill(ticker.pid)
+
+
+def test_old_sdk_commands_and_files(envd_server: BilikServer, sbx: Sandbox) -> None:
+    """e2b 2.20, which uploads octet-stream bodies to this envd version by default."""
+    script = (
+        "from e2b import Sandbox\n"
+        f"s = Sandbox.connect({sbx.sandbox_id!r})\n"
+        "s.files.write('/tmp/old.txt', 'from 2.20')\n"
+        "print(s.files.read('/tmp/old.txt'))\n"
+        "print(s.commands.run('echo $((1+2))').stdout.strip())\n"
+    )
+    env = {
+        "E2B_API_KEY": envd_server.key,
+        "E2B_API_URL": envd_server.url,
+        "E2B_SANDBOX_URL": envd_server.url,
+        "PATH": os.environ["PATH"],
+    }
+    out = subprocess.run(
+        [str(OLD_SDK_PYTHON), "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["from 2.20", "3"]

@@ -7,6 +7,12 @@ import hashlib
 import hmac
 import time
 import urllib.parse
+from typing import Any
+
+from connectrpc.code import Code
+from connectrpc.codec import Codec, proto_binary_codec, proto_json_codec
+from connectrpc.errors import ConnectError
+from protobuf import Message
 
 from ..proto.filesystem_connect import FilesystemASGIApplication
 from ..proto.process_connect import ProcessASGIApplication
@@ -29,12 +35,35 @@ def signature(path: str, operation: str, user: str, token: str, expiration: str 
     return "v1_" + base64.b64encode(digest).rstrip(b"=").decode()
 
 
+class _Strict(Codec[Message, Any]):
+    """A codec whose undecodable input is the client's error (``invalid_argument``), not
+    envd's (the library reports ``unknown``, a 500)."""
+
+    def __init__(self, inner: Codec[Message, Any]) -> None:
+        self.inner = inner
+
+    def name(self) -> str:
+        return self.inner.name()
+
+    def encode(self, message: Message) -> bytes:
+        return self.inner.encode(message)
+
+    def decode(self, data: bytes | bytearray, message_class: type[Any]) -> Any:
+        try:
+            return self.inner.decode(data, message_class)
+        except Exception as e:
+            raise ConnectError(Code.INVALID_ARGUMENT, f"malformed request: {e}") from None
+
+
+CODECS = [_Strict(proto_binary_codec()), _Strict(proto_json_codec())]
+
+
 class Envd:
     def __init__(self, config: EnvdConfig) -> None:
         self.config = config
         self.table = ProcessTable()
-        self.process = ProcessASGIApplication(ProcessService(config, self.table))
-        self.filesystem = FilesystemASGIApplication(FilesystemService(config))
+        self.process = ProcessASGIApplication(ProcessService(config, self.table), codecs=CODECS)
+        self.filesystem = FilesystemASGIApplication(FilesystemService(config), codecs=CODECS)
 
     def _token_ok(self, scope: Scope) -> bool:
         token = self.config.access_token
@@ -58,7 +87,7 @@ class Envd:
         elif path == "/envs" and method == "GET":
             await send_json(send, 200, self.config.env)
         elif path == "/metrics" and method == "GET":
-            await send_json(send, 200, metrics.snapshot())
+            await send_json(send, 200, metrics.snapshot(self.config))
         else:
             await json_error(send, 404, f"no such endpoint: {method} {path}")
 

@@ -19,6 +19,9 @@ class EnvdConfig:
     default_workdir: str = ""
     env: dict[str, str] = field(default_factory=dict)
     port: int = PORT
+    # The sandbox's limits, for /metrics.
+    cpu_count: float = 1
+    memory_bytes: int = 0
 
     @classmethod
     def load(cls, path: str) -> EnvdConfig:
@@ -30,15 +33,6 @@ class EnvdConfig:
             default_workdir=str(raw.get("default_workdir") or ""),
             env={str(k): str(v) for k, v in (raw.get("env") or {}).items()},
             port=int(raw.get("port", PORT)),
-        )
-
-    def dump(self) -> str:
-        return json.dumps(
-            {
-                "access_token": self.access_token,
-                "default_user": self.default_user,
-                "default_workdir": self.default_workdir,
-                "env": self.env,
-                "port": self.port,
-            }
+            cpu_count=float(raw.get("cpu_count", 1)),
+            memory_bytes=int(raw.get("memory_bytes", 0)),
         )

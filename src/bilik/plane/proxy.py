@@ -34,7 +34,9 @@ def route(scope: Scope, domain: str) -> tuple[str, int] | None:
     """``(sandbox id, port)`` if the request is for a sandbox, else None."""
     headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
     sandbox_id = headers.get("e2b-sandbox-id")
-    if sandbox_id:
+    # Some SDKs (2.20's connect, for one) send the sandbox headers to the control plane too;
+    # its calls carry the API key, which nothing bound for a sandbox does.
+    if sandbox_id and "x-api-key" not in headers:
         port = headers.get("e2b-sandbox-port", str(ENVD_PORT))
         return sandbox_id, int(port) if port.isdigit() else -1
     host = headers.get("host", "").split(":")[0]
@@ -85,12 +87,8 @@ class SandboxPlane:
             await self.app(scope, receive, send)
             return
         target = route(scope, self.domain)
-        if (
-            target is None
-            and scope["path"] == "/files"
-            and b"signature=" in scope.get("query_string", b"")
-        ):
-            sandbox_id = signed_file_target(scope, await self.tokens())
+        if target is None:
+            sandbox_id = await self._envd_by_credentials(scope)
             target = (sandbox_id, ENVD_PORT) if sandbox_id else None
         if target is None:
             await self.app(scope, receive, send)
@@ -117,6 +115,21 @@ class SandboxPlane:
         else:
             base = f"http://{address}:{port}"
             await self._proxy(scope, receive, send, sandbox_id, port, self.client, base)
+
+    async def _envd_by_credentials(self, scope: Scope) -> str | None:
+        """The sandbox whose envd a request names no sandbox for, yet proves it is meant for:
+        a signed file URL, or (from SDKs that send no sandbox headers after a connect) the
+        sandbox's own access token. Both are secrets of one sandbox."""
+        if scope["path"] == "/files" and b"signature=" in scope.get("query_string", b""):
+            return signed_file_target(scope, await self.tokens())
+        headers = dict((k.lower(), v) for k, v in scope["headers"])
+        token = headers.get(b"x-access-token")
+        if not token or b"x-api-key" in headers:
+            return None
+        for sandbox_id, known in (await self.tokens()).items():
+            if hmac.compare_digest(known.encode(), token):
+                return sandbox_id
+        return None
 
     async def _drop_envd(self, sandbox_id: str) -> None:
         client = self._envd.pop(sandbox_id, None)

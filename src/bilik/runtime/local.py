@@ -310,6 +310,8 @@ class LocalRuntime:
                     "default_workdir": image.workdir,
                     "env": record.env,
                     "port": ENVD_PORT,
+                    "cpu_count": record.limits.cpu,
+                    "memory_bytes": record.limits.memory_mb << 20,
                 }
             )
         )

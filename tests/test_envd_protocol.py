@@ -1,0 +1,179 @@
+"""envd's wire protocol below the SDKs: codecs, keepalives, plain endpoints, any image."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest_asyncio
+
+from bilik.proto import filesystem_pb, process_pb
+from bilik.runtime import LocalRuntime, SandboxInfo, SandboxSpec
+from helpers import run_ok
+from test_agent_runtime import _busybox_image
+
+TOKEN = "protocol-test-token"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest_asyncio.fixture
+async def envd(runtime: LocalRuntime) -> AsyncIterator[tuple[SandboxInfo, httpx.AsyncClient]]:
+    info = await runtime.create(SandboxSpec(access_token=TOKEN, env={"TEAM": "blue"}))
+    socket_path = runtime.envd_socket(info.sandbox_id)
+    assert socket_path is not None
+    transport = httpx.AsyncHTTPTransport(uds=str(socket_path))
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://envd", headers={"X-Access-Token": TOKEN}
+    ) as client:
+        yield info, client
+    await runtime.kill(info.sandbox_id)
+
+
+def _envelope(payload: bytes, flags: int = 0) -> bytes:
+    return bytes([flags]) + len(payload).to_bytes(4, "big") + payload
+
+
+def _frames(body: bytes) -> list[tuple[int, bytes]]:
+    frames = []
+    while body:
+        size = int.from_bytes(body[1:5], "big")
+        frames.append((body[0], body[5 : 5 + size]))
+        body = body[5 + size :]
+    return frames
+
+
+async def test_binary_protobuf_codec(envd: tuple[SandboxInfo, httpx.AsyncClient]) -> None:
+    _, client = envd
+    stat = await client.post(
+        "/filesystem.Filesystem/Stat",
+        content=filesystem_pb.StatRequest(path="/etc").to_binary(),
+        headers={"Content-Type": "application/proto"},
+    )
+    assert stat.status_code == 200
+    entry = filesystem_pb.StatResponse.from_binary(stat.content).entry
+    assert entry is not None and entry.type == filesystem_pb.FileType.DIRECTORY
+    start = process_pb.StartRequest(
+        process=process_pb.ProcessConfig(
+            cmd="/bin/sh", args=["-c", "echo $TEAM $X"], envs={"X": "y"}
+        )
+    )
+    streamed = await client.post(
+        "/process.Process/Start",
+        content=_envelope(start.to_binary()),
+        headers={"Content-Type": "application/connect+proto"},
+    )
+    frames = _frames(streamed.content)
+    events = [process_pb.StartResponse.from_binary(p).event for f, p in frames if f == 0]
+    assert [e.event.field for e in events if e and e.event] == ["start", "data", "end"]
+    data = events[1].event.value  # type: ignore[union-attr]
+    assert data.output.value == b"blue y\n"  # type: ignore[union-attr]
+    assert frames[-1][0] == 2  # the end-of-stream trailer
+
+
+async def test_keepalives_while_silent(envd: tuple[SandboxInfo, httpx.AsyncClient]) -> None:
+    _, client = envd
+    body = json.dumps({"process": {"cmd": "/bin/sleep", "args": ["2.5"]}}).encode()
+    response = await client.post(
+        "/process.Process/Start",
+        content=_envelope(body),
+        headers={"Content-Type": "application/connect+json", "Keepalive-Ping-Interval": "1"},
+    )
+    kinds = [
+        next(iter(json.loads(p).get("event", {"x": 0})))
+        for f, p in _frames(response.content)
+        if f == 0
+    ]
+    assert kinds[0] == "start" and kinds[-1] == "end"
+    assert kinds.count("keepalive") >= 2
+
+
+async def test_plain_endpoints(envd: tuple[SandboxInfo, httpx.AsyncClient]) -> None:
+    _, client = envd
+    assert (await client.get("/health", headers={"X-Access-Token": ""})).status_code == 204
+    envs = await client.get("/envs")
+    assert envs.status_code == 200 and envs.json()["TEAM"] == "blue"
+    metrics = (await client.get("/metrics")).json()
+    assert metrics["mem_total"] == 512 << 20 and metrics["mem_used"] > 0
+    assert metrics["disk_total"] > 0 and metrics["cpu_count"] >= 1
+    assert (await client.get("/envs", headers={"X-Access-Token": "no"})).status_code == 401
+    missing = await client.get("/no-such-endpoint")
+    assert missing.status_code == 404 and missing.json()["code"] == 404
+    # A malformed Connect body is the client's error; envd goes on.
+    bad = await client.post(
+        "/filesystem.Filesystem/Stat",
+        content=b"{not json",
+        headers={"Content-Type": "application/json"},
+    )
+    assert 400 <= bad.status_code < 500 and "code" in bad.json()
+    truncated = await client.post(
+        "/files?path=/tmp/x",
+        content=b"--b\r\nContent-Disposition: form-data; name=file; filename=x\r\n\r\nabc",
+        headers={"Content-Type": "multipart/form-data; boundary=b"},
+    )
+    assert truncated.status_code == 400 and "truncated" in truncated.json()["message"]
+    assert (await client.get("/health")).status_code == 204
+
+
+async def test_orphans_are_reaped(
+    runtime: LocalRuntime, envd: tuple[SandboxInfo, httpx.AsyncClient]
+) -> None:
+    info, client = envd
+    body = json.dumps(
+        {"process": {"cmd": "/bin/sh", "args": ["-c", "for i in 1 2 3; do (sleep 0.1 &) ; done"]}}
+    ).encode()
+    for _ in range(3):
+        await client.post(
+            "/process.Process/Start",
+            content=_envelope(body),
+            headers={"Content-Type": "application/connect+json"},
+        )
+    await asyncio.sleep(0.5)
+    states = await run_ok(runtime, info.sandbox_id, "ps -eo stat=")
+    assert "Z" not in states, states
+
+
+async def test_envd_in_an_image_without_anything(runtime: LocalRuntime) -> None:
+    """A template of nothing but a static busybox: envd still serves processes and files."""
+    await asyncio.to_thread(_busybox_image, runtime)
+    info = await runtime.create(SandboxSpec(template="test-busybox", access_token=TOKEN))
+    try:
+        socket_path = runtime.envd_socket(info.sandbox_id)
+        assert socket_path is not None
+        async with httpx.AsyncClient(
+            transport=httpx.AsyncHTTPTransport(uds=str(socket_path)),
+            base_url="http://envd",
+            headers={"X-Access-Token": TOKEN},
+        ) as client:
+            up = await client.post(
+                "/files",
+                params={"path": "/tmp/note"},
+                content=b"hi",
+                headers={"Content-Type": "application/octet-stream"},
+            )
+            assert up.status_code == 200, up.text
+            assert (await client.get("/files", params={"path": "/tmp/note"})).content == b"hi"
+            body = json.dumps({"process": {"cmd": "/bin/sh", "args": ["-c", "cat /tmp/note"]}})
+            out = await client.post(
+                "/process.Process/Start",
+                content=_envelope(body.encode()),
+                headers={"Content-Type": "application/connect+json"},
+            )
+            assert b'"stdout":"aGk="' in out.content
+    finally:
+        await runtime.kill(info.sandbox_id)
+        runtime.layers.remove_image("test-busybox")
+
+
+def test_generated_modules_match_the_protos() -> None:
+    """The committed message and service modules are what scripts/gen-proto.sh makes."""
+    with tempfile.TemporaryDirectory() as out:
+        subprocess.run([str(ROOT / "scripts" / "gen-proto.sh"), out], check=True)
+        for name in sorted(os.listdir(out)):
+            committed = ROOT / "src" / "bilik" / "proto" / name
+            assert committed.read_text() == Path(out, name).read_text(), f"{name} is stale"
