@@ -1,7 +1,8 @@
 """``bilik bench runtime``: sandbox start latency and idle cost, printed as a report.
 
 Goals (issue: sandbox runtime): create → first process output, no pool, median ≤ 60 ms with
-crun; host memory per idle sandbox ≤ 8 MiB before envd; 500 idle sandboxes held at once.
+crun; host memory per idle sandbox ≤ 8 MiB before envd (since envd, ``bilik bench envd``
+measures the idle cost with it); 500 idle sandboxes held at once.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ async def _run(settings: Settings, creates: int, idle: int, runtimes: list[str])
             f"   PSS {cost['pss_mib_each']:.2f} MiB each"
             f"   cgroup charge {cost['charge_mib_each']:.2f} MiB each"
         )
+    await runtime.close()
     return 0
 
 

@@ -43,6 +43,7 @@ async def runtime(internet: dict[str, str]) -> AsyncIterator[LocalRuntime]:
     dns = await rt.serve_dns()
     yield rt
     await dns.close()
+    await rt.close()
 
 
 @pytest_asyncio.fixture

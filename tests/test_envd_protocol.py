@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import subprocess
@@ -177,3 +178,63 @@ def test_generated_modules_match_the_protos() -> None:
         for name in sorted(os.listdir(out)):
             committed = ROOT / "src" / "bilik" / "proto" / name
             assert committed.read_text() == Path(out, name).read_text(), f"{name} is stale"
+
+
+def _status(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+
+
+async def test_envd_is_confined_like_the_sandbox_itself(
+    runtime: LocalRuntime, envd: tuple[SandboxInfo, httpx.AsyncClient]
+) -> None:
+    """envd joins from the host (the zygote), yet ends up exactly where PID 1 is."""
+    info, client = envd
+    init = int((runtime.records.dir(info.sandbox_id) / "init.pid").read_text())
+    envd_pid = next(
+        int(p)
+        for p in Path(f"/sys/fs/cgroup/pids/{runtime.settings.instance}/{info.sandbox_id}")
+        .joinpath("cgroup.procs")
+        .read_text()
+        .split()
+        if Path(f"/proc/{p}/comm").read_text().strip() == "envd"
+    )
+    mine, theirs = _status(envd_pid), _status(init)
+    for field in (
+        "Uid",
+        "Gid",
+        "CapInh",
+        "CapPrm",
+        "CapEff",
+        "CapBnd",
+        "CapAmb",
+        "NoNewPrivs",
+        "Seccomp",
+        "Seccomp_filters",
+    ):
+        assert mine[field] == theirs[field], field
+    for ns in ("user", "mnt", "pid", "net", "uts", "ipc", "cgroup"):
+        assert os.readlink(f"/proc/{envd_pid}/ns/{ns}") == os.readlink(f"/proc/{init}/ns/{ns}")
+    assert Path(f"/proc/{envd_pid}/cgroup").read_text() == Path(f"/proc/{init}/cgroup").read_text()
+    assert os.stat(f"/proc/{envd_pid}/root/").st_ino == os.stat(f"/proc/{init}/root/").st_ino
+    # And what it starts can do no more than the sandbox allows.
+    body = json.dumps(
+        {
+            "process": {
+                "cmd": "/bin/sh",
+                "args": ["-c", "unshare -U true; echo $?; mount -t tmpfs x /mnt; echo $?; id -u"],
+            }
+        }
+    ).encode()
+    out = await client.post(
+        "/process.Process/Start",
+        content=_envelope(body),
+        headers={"Content-Type": "application/connect+json", "Authorization": "Basic cm9vdDo="},
+    )
+    stdout = b"".join(
+        base64.b64decode(json.loads(p)["event"]["data"]["stdout"])
+        for f, p in _frames(out.content)
+        if f == 0 and "stdout" in json.loads(p).get("event", {}).get("data", {})
+    )
+    unshare_status, mount_status, uid = stdout.split()
+    assert unshare_status != b"0" and mount_status != b"0" and uid == b"0", stdout

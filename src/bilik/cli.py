@@ -68,7 +68,10 @@ async def _sandbox_create(args: argparse.Namespace) -> int:
         internet=not args.no_internet,
         env=_env_pairs(args.env),
     )
-    info = await runtime.create(spec, oci_runtime=args.runtime)
+    try:
+        info = await runtime.create(spec, oci_runtime=args.runtime)
+    finally:
+        await runtime.close()
     print(info.sandbox_id)
     return 0
 

@@ -76,6 +76,7 @@ def create_app(settings: Settings) -> SandboxPlane:
         finally:
             task.cancel()
             await dns.close()
+            await runtime.close()
             await store.close()
             await app.state.plane.aclose()
 

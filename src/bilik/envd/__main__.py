@@ -44,11 +44,21 @@ def main() -> None:
             log_level="warning",
             access_log=False,
             http="h11",
+            ws="none",
             loop="asyncio",
             timeout_keep_alive=60,
         )
     )
-    asyncio.run(server.serve(sockets=_sockets(control_dir, config.port)))
+    asyncio.run(_serve(server, _sockets(control_dir, config.port)))
+
+
+async def _serve(server: uvicorn.Server, sockets: list[socket.socket]) -> None:
+    if sys.version_info < (3, 12):
+        # Wait for children with pidfds: the default watcher starts a thread per child.
+        watcher = asyncio.PidfdChildWatcher()
+        watcher.attach_loop(asyncio.get_running_loop())
+        asyncio.set_child_watcher(watcher)
+    await server.serve(sockets=sockets)
 
 
 if __name__ == "__main__":

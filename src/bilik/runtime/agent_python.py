@@ -25,7 +25,7 @@ from .errors import StepFailed
 
 # Where the copy appears inside sandboxes; baked into the patched binaries.
 MOUNTED_AT = "/.bilik/python"
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 # Parts of the standard library an agent never needs.
 _SKIP = {
@@ -43,7 +43,7 @@ _SKIP = {
 }
 
 
-def _interpreter() -> Path:
+def interpreter() -> Path:
     """The real binary of the host's Debian Python (not a venv's symlink)."""
     return Path(
         os.path.realpath(
@@ -53,7 +53,7 @@ def _interpreter() -> Path:
     )
 
 
-def _stdlib() -> Path:
+def stdlib() -> Path:
     return Path(
         sysconfig.get_paths(vars={"installed_base": sys.base_prefix, "base": sys.base_prefix})[
             "stdlib"
@@ -62,7 +62,7 @@ def _stdlib() -> Path:
 
 
 def fingerprint() -> str:
-    binary = _interpreter()
+    binary = interpreter()
     st = binary.stat()
     return hashlib.sha256(
         f"{RECIPE_VERSION}:{binary}:{st.st_size}:{st.st_mtime_ns}:{sys.version}".encode()
@@ -97,26 +97,35 @@ def _build(dest: Path) -> None:
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
     (dest / "bin").mkdir(parents=True)
     lib = dest / "lib"
-    stdlib = lib / version
+    lib_python = lib / version
     binary = dest / "bin" / "python3"
-    shutil.copy2(_interpreter(), binary)
+    shutil.copy2(interpreter(), binary)
+    # envd starts a user's processes through this (see SETUID_HELPER): exec'ing it lets envd
+    # spawn with vfork, where switching users in Python would need a full fork.
+    helper = dest / "bin" / "chroot"
+    shutil.copy2("/usr/sbin/chroot", helper)
     shutil.copytree(
-        _stdlib(), stdlib, symlinks=False, ignore=lambda _d, names: [n for n in names if n in _SKIP]
+        stdlib(),
+        lib_python,
+        symlinks=False,
+        ignore=lambda _d, names: [n for n in names if n in _SKIP],
     )
-    elves = [binary, *sorted((stdlib / "lib-dynload").glob("*.so"))]
+    elves = [binary, helper, *sorted((lib_python / "lib-dynload").glob("*.so"))]
     for name, library in closure(elves).items():
         shutil.copy2(library, lib / name)
     loader = next(p for p in lib.iterdir() if p.name.startswith("ld-linux"))
-    _patchelf("--set-interpreter", f"{MOUNTED_AT}/lib/{loader.name}", str(binary))
+    for program in (binary, helper):
+        _patchelf("--set-interpreter", f"{MOUNTED_AT}/lib/{loader.name}", str(program))
     for elf in [
         binary,
+        helper,
         *(p for p in lib.glob("*.so*") if p != loader),
-        *(stdlib / "lib-dynload").glob("*.so"),
+        *(lib_python / "lib-dynload").glob("*.so"),
     ]:
         patch_rpath(elf)
     subprocess.run(
         [
-            str(_interpreter()),
+            str(interpreter()),
             "-I",
             "-m",
             "compileall",
@@ -124,7 +133,7 @@ def _build(dest: Path) -> None:
             "-j0",
             "--invalidation-mode",
             "unchecked-hash",
-            str(stdlib),
+            str(lib_python),
         ],
         check=False,
         capture_output=True,

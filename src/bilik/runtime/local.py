@@ -22,6 +22,7 @@ from ..config import Settings
 from . import agent_python, agents, base_image, cgroups, disk, oci, syscalls
 from .base import ExecResult, Process, SandboxInfo, Usage
 from .dns import DnsForwarder, host_resolvers
+from .envd_zygote import EnvdZygote
 from .errors import InvalidSpec, SandboxExists, SandboxNotFound, StepFailed
 from .fsutil import file_lock, lock_fd, write_text
 from .layers import Image, LayerStore
@@ -46,19 +47,30 @@ ENVD_PORT = 49983
 # How long a new sandbox's envd may take to listen before the create fails.
 ENVD_START_S = 30.0
 
-# PID 1: tini reaps every orphan. Below it, a shell keeps envd running: should envd ever die,
-# it is started again (the processes it started live on, reparented to tini).
+# PID 1: tini reaps every orphan; below it a shell that keeps the sandbox alive with no workload.
+# Under crun, envd comes from the zygote (``envd_zygote``). gVisor's processes cannot be joined
+# from the host, so there the shell runs envd itself, and starts it again should it ever die.
 _BUSYBOX = f"{oci.RUNTIME_MOUNT}/busybox"
-INIT = [
-    f"{oci.RUNTIME_MOUNT}/tini",
-    "--",
-    _BUSYBOX,
-    "sh",
-    "-c",
-    f"trap '' TERM INT HUP; while :; do {_BUSYBOX} env -i PATH=/usr/bin:/bin "
-    f"{agent_python.MOUNTED_AT}/bin/python3 -I -m bilik.envd {oci.CONTROL_MOUNT}; "
-    f"{_BUSYBOX} sleep 1; done",
-]
+_ENVD = (
+    f"{_BUSYBOX} env -i PATH=/usr/bin:/bin "
+    f"{agent_python.MOUNTED_AT}/bin/python3 -I -m bilik.envd {oci.CONTROL_MOUNT}"
+)
+
+
+def _init(oci_runtime: str) -> list[str]:
+    work = (
+        f"{_ENVD}; {_BUSYBOX} sleep 1"
+        if oci_runtime == "runsc"
+        else f"{_BUSYBOX} sleep 2147483647 & wait"
+    )
+    return [
+        f"{oci.RUNTIME_MOUNT}/tini",
+        "--",
+        _BUSYBOX,
+        "sh",
+        "-c",
+        f"trap '' TERM INT HUP; while :; do {work}; done",
+    ]
 
 
 class LocalRuntime:
@@ -74,6 +86,7 @@ class LocalRuntime:
         self.state_root = Path("/run") / settings.instance
         self.network = HostNetwork(settings.instance, settings.subnet)
         self._oci: dict[str, OciCli] = {}
+        self.zygote = EnvdZygote(self.runtime_dir / "agents")
         self._started = False
 
     # -- lifecycle of the runtime itself ------------------------------------------------------
@@ -93,6 +106,10 @@ class LocalRuntime:
             os.chmod(d, 0o711)
         await asyncio.to_thread(self._prepare_host)
         self._started = True
+
+    async def close(self) -> None:
+        """Stop what this process runs for the sandboxes (they and their envds live on)."""
+        await self.zygote.close()
 
     async def serve_dns(self) -> DnsForwarder:
         """Start the sandboxes' DNS forwarder on the gateway; the caller closes it."""
@@ -194,7 +211,9 @@ class LocalRuntime:
                     undo.push_async_callback(self._undo_create, record)
                     await asyncio.to_thread(self._prepare, record, image, spec.access_token)
                     bundle = self.records.dir(sandbox_id)
-                    await oci_cli.run_detached(sandbox_id, bundle, bundle / "console.log")
+                    pid = await oci_cli.run_detached(sandbox_id, bundle, bundle / "console.log")
+                    if oci_cli.name != "runsc":
+                        await self.zygote.spawn(pid, oci.CONTROL_MOUNT)
                     await self._wait_for_envd(record)
                     undo.pop_all()
             except OSError as e:
@@ -354,7 +373,7 @@ class LocalRuntime:
             etc_dir=etc,
             runtime_dir=self.runtime_dir,
             control_dir=control,
-            init=INIT,
+            init=_init(record.oci_runtime),
             oci_runtime=record.oci_runtime,
         )
         (d / "config.json").write_text(json.dumps(config))

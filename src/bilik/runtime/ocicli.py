@@ -51,15 +51,18 @@ class OciCli:
             )
         return out.decode(errors="replace")
 
-    async def run_detached(self, sandbox_id: str, bundle: Path, log: Path) -> None:
-        """Start the container with PID 1's output going to ``log``; returns once it runs.
+    async def run_detached(self, sandbox_id: str, bundle: Path, log: Path) -> int:
+        """Start the container with PID 1's output going to ``log``; returns PID 1's host pid
+        once it runs.
 
         The runtime's own errors land in the same file (PID 1 inherits its stdio, so a pipe
         would never reach end of file), and are read back from there on failure.
         """
         with open(log, "ab") as out:
             start = out.tell()
-            args = ["run", "--bundle", str(bundle), "--detach", sandbox_id]
+            pid_file = bundle / "init.pid"
+            args = ["run", "--bundle", str(bundle), "--detach", "--pid-file", str(pid_file)]
+            args.append(sandbox_id)
             proc = await asyncio.create_subprocess_exec(
                 *self.base, *args, stdin=subprocess.DEVNULL, stdout=out, stderr=out
             )
@@ -68,6 +71,7 @@ class OciCli:
             with open(log, "rb") as f:
                 f.seek(start)
                 raise StepFailed("oci-start", f.read(4096).decode(errors="replace").strip())
+        return int(pid_file.read_text())
 
     async def kill(self, sandbox_id: str) -> None:
         with contextlib.suppress(StepFailed):

@@ -1,0 +1,188 @@
+"""Joining a running sandbox from the host, exactly as strictly as its OCI runtime's ``exec``.
+
+The caller (a freshly forked, single-threaded process running as host root) is moved into the
+sandbox's cgroups and namespaces, chrooted to its root, made its root user, and left with the
+sandbox's capabilities, ``no_new_privs`` and its seccomp filter. What comes after runs with
+nothing more than a process the OCI runtime itself would start in the sandbox.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+# The network namespace first: the host made it, so joining it takes the host's rights, which
+# are gone once in the user namespace; that one grants the rights to join the rest (the OCI
+# runtime made them inside it). The mount namespace last.
+NAMESPACES = (
+    ("net", CLONE_NEWNET),
+    ("user", CLONE_NEWUSER),
+    ("ipc", CLONE_NEWIPC),
+    ("uts", CLONE_NEWUTS),
+    ("cgroup", CLONE_NEWCGROUP),
+    ("pid", CLONE_NEWPID),
+    ("mnt", CLONE_NEWNS),
+)
+
+PR_SET_NAME = 15
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+SCMP_ACT_ALLOW = 0x7FFF0000
+SCMP_ARCHES = {"SCMP_ARCH_X86": 0x40000003, "SCMP_ARCH_X32": 0x4000003E}
+SCMP_CMP = {"SCMP_CMP_NE": 1, "SCMP_CMP_EQ": 4, "SCMP_CMP_MASKED_EQ": 7}
+
+# capability(7) numbers, in order from 0.
+_CAPS = """CHOWN DAC_OVERRIDE DAC_READ_SEARCH FOWNER FSETID KILL SETGID SETUID SETPCAP
+LINUX_IMMUTABLE NET_BIND_SERVICE NET_BROADCAST NET_ADMIN NET_RAW IPC_LOCK IPC_OWNER SYS_MODULE
+SYS_RAWIO SYS_CHROOT SYS_PTRACE SYS_PACCT SYS_ADMIN SYS_BOOT SYS_NICE SYS_RESOURCE SYS_TIME
+SYS_TTY_CONFIG MKNOD LEASE AUDIT_WRITE AUDIT_CONTROL SETFCAP MAC_OVERRIDE MAC_ADMIN SYSLOG
+WAKE_ALARM BLOCK_SUSPEND AUDIT_READ PERFMON BPF CHECKPOINT_RESTORE"""
+CAP_NUMBERS = {name: number for number, name in enumerate(_CAPS.split())}
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+class _ArgCmp(ctypes.Structure):
+    _fields_ = [
+        ("arg", ctypes.c_uint),
+        ("op", ctypes.c_int),
+        ("datum_a", ctypes.c_uint64),
+        ("datum_b", ctypes.c_uint64),
+    ]
+
+
+def _check(result: int, what: str) -> int:
+    if result < 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"{what}: {os.strerror(errno)}")
+    return result
+
+
+def _prctl(option: int, arg: int = 0, arg3: int = 0) -> None:
+    _check(_libc.prctl(option, ctypes.c_ulong(arg), ctypes.c_ulong(arg3), 0, 0), "prctl")
+
+
+class SeccompFilter:
+    """An OCI ``linux.seccomp`` profile compiled once with libseccomp, loadable many times."""
+
+    def __init__(self, profile: dict[str, object]) -> None:
+        lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
+        lib.seccomp_init.restype = ctypes.c_void_p
+        lib.seccomp_init.argtypes = [ctypes.c_uint32]
+        lib.seccomp_arch_add.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
+        lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+        lib.seccomp_rule_add_array.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_uint32,
+            ctypes.c_int,
+            ctypes.c_uint,
+            ctypes.POINTER(_ArgCmp),
+        ]
+        lib.seccomp_load.argtypes = [ctypes.c_void_p]
+        self._lib = lib
+        if profile.get("defaultAction") != "SCMP_ACT_ALLOW":
+            raise ValueError("only allow-by-default profiles are supported")
+        ctx = lib.seccomp_init(SCMP_ACT_ALLOW)
+        if not ctx:
+            raise OSError("seccomp_init failed")
+        self._ctx = ctx
+        for arch in profile.get("architectures", []):  # type: ignore[attr-defined]
+            if arch in SCMP_ARCHES:
+                result = lib.seccomp_arch_add(ctx, SCMP_ARCHES[arch])
+                if result < 0 and -result != 17:  # EEXIST: the native one
+                    raise OSError(-result, f"seccomp_arch_add {arch}")
+        for rule in profile.get("syscalls", []):  # type: ignore[attr-defined]
+            if rule["action"] != "SCMP_ACT_ERRNO":
+                raise ValueError(f"unsupported seccomp action {rule['action']}")
+            action = 0x00050000 | (int(rule.get("errnoRet", 1)) & 0xFFFF)
+            args = rule.get("args", [])
+            cmps = (_ArgCmp * max(len(args), 1))()
+            for i, arg in enumerate(args):
+                cmps[i] = _ArgCmp(
+                    arg["index"], SCMP_CMP[arg["op"]], arg["value"], arg.get("valueTwo", 0)
+                )
+            for name in rule["names"]:
+                number = lib.seccomp_syscall_resolve_name(name.encode())
+                if number < 0:  # not a syscall of this kernel's architecture
+                    continue
+                result = lib.seccomp_rule_add_array(ctx, action, number, len(args), cmps)
+                if result < 0:
+                    raise OSError(-result, f"seccomp rule for {name}")
+
+    def load(self) -> None:
+        result = self._lib.seccomp_load(self._ctx)
+        if result < 0:
+            raise OSError(-result, "seccomp_load")
+
+
+@dataclass
+class Target:
+    """What to join: the sandbox's PID 1 (host pid) and its cgroup.procs files."""
+
+    pid: int
+    cgroup_procs: list[str]
+
+
+def enter(target: Target, capabilities: list[str], seccomp: SeccompFilter) -> None:
+    """Move this process into the sandbox and drop to what its own processes may do."""
+    ns_fds = [
+        (os.open(f"/proc/{target.pid}/ns/{name}", os.O_RDONLY), kind) for name, kind in NAMESPACES
+    ]
+    root = os.open(f"/proc/{target.pid}/root", os.O_RDONLY | os.O_DIRECTORY)
+    me = str(os.getpid())
+    for procs in target.cgroup_procs:
+        with open(procs, "w") as f:
+            f.write(me)
+    for fd, kind in ns_fds:
+        _check(_libc.setns(fd, kind), "setns")
+        os.close(fd)
+    os.fchdir(root)
+    os.chroot(".")
+    os.chdir("/")
+    os.close(root)
+    os.setgroups([])
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)
+    keep = {CAP_NUMBERS[c.removeprefix("CAP_")] for c in capabilities}
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        last = int(f.read())
+    for cap in range(last + 1):
+        if cap not in keep:
+            _prctl(PR_CAPBSET_DROP, cap)
+    mask = sum(1 << c for c in keep)
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)(
+        _CapData(mask & 0xFFFFFFFF, mask & 0xFFFFFFFF, 0),
+        _CapData(mask >> 32, mask >> 32, 0),
+    )
+    _check(_libc.capset(ctypes.byref(header), data), "capset")
+    _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    _prctl(PR_SET_NO_NEW_PRIVS, 1)
+    seccomp.load()
+
+
+def set_name(name: str) -> None:
+    _libc.prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)

@@ -1,0 +1,181 @@
+"""envd's zygote: one host process with envd already imported, forking an envd per sandbox.
+
+Starting a Python and importing envd's stack costs ~250 ms and ~20 MiB per sandbox. The zygote
+pays that once: for each new sandbox it forks, the child joins the sandbox (``enter``: cgroups,
+namespaces, root, user, capabilities, ``no_new_privs``, seccomp, as strictly as the OCI
+runtime's own ``exec``) and forks envd inside its pid namespace. envd starts in milliseconds,
+and the imported code stays shared, copy-on-write, between the zygote and every envd.
+
+The zygote is started by the server (``runtime.envd_zygote``) with the host's Python (the very
+interpreter the sandboxes' copy was made from) and dies with it; the envds it forked live on.
+Its configuration (the sandboxes' capabilities and seccomp profile, and the fd of its end of a
+socket pair) comes as one JSON line on stdin. Requests arrive on the socket one JSON line at a
+time, ``{"pid": <the sandbox's PID 1 on the host>, "control_dir": "/run/bilik"}``, and each is
+answered with ``{"pid": <envd's host pid>}`` or ``{"error": "..."}``. The zygote exits when the
+server closes its end.
+
+Inside the sandbox the interpreter's files are those of ``/.bilik/python`` and
+``/.bilik/agents``, copies of the host files the zygote loaded: ``sys.path`` is pointed there,
+so an import envd makes later still finds its module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import signal
+import sys
+import traceback
+
+from . import enter
+
+# sys.path inside sandboxes, entry for entry the zygote's own (see ``EnvdZygote``).
+IN_SANDBOX_PATH = [
+    "/.bilik/agents",
+    f"/.bilik/python/lib/python{sys.version_info.major}.{sys.version_info.minor}",
+    f"/.bilik/python/lib/python{sys.version_info.major}.{sys.version_info.minor}/lib-dynload",
+]
+
+
+def cgroup_procs(pid: int) -> list[str]:
+    """The ``cgroup.procs`` file of every cgroup hierarchy ``pid`` is in (host view)."""
+    files = []
+    with open(f"/proc/{pid}/cgroup") as f:
+        for line in f:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            if controllers == "":
+                unified = "/sys/fs/cgroup/unified"
+                base = unified if os.path.isdir(unified) else "/sys/fs/cgroup"
+            elif controllers.startswith("name="):
+                base = f"/sys/fs/cgroup/{controllers[5:]}"
+            else:
+                base = f"/sys/fs/cgroup/{controllers}"
+            procs = f"{base}{path}/cgroup.procs"
+            if os.path.exists(procs):
+                files.append(procs)
+    return files
+
+
+def _preload() -> None:
+    """Import everything envd may use, before any fork."""
+    import asyncio.subprocess  # noqa: F401
+    import concurrent.futures.thread  # noqa: F401
+
+    import uvicorn.lifespan.off
+    import uvicorn.loops.asyncio
+    import uvicorn.protocols.http.h11_impl  # noqa: F401
+
+    from . import __main__, app, files, inotify, metrics, multipart  # noqa: F401
+
+
+def _relocate(moves: dict[str, str]) -> None:
+    """Point the import system at the sandbox's copies of the files it loaded from the host:
+    ``sys.path``, and each imported package's own search path (which submodules come from)."""
+
+    def moved(path: str) -> str:
+        for old, new in moves.items():
+            if path == old or path.startswith(old + "/"):
+                return new + path[len(old) :]
+        return path
+
+    sys.path[:] = [moved(p) for p in sys.path]
+    for module in list(sys.modules.values()):
+        search = getattr(module, "__path__", None)
+        if search is not None and not isinstance(search, str):
+            search[:] = [moved(p) for p in search]
+    sys.path_importer_cache.clear()
+
+
+def _become_envd(control_dir: str) -> None:
+    """In the forked envd, inside the sandbox: a clean process, then envd's main loop."""
+    os.setsid()
+    for signum in range(1, signal.NSIG):
+        with contextlib.suppress(OSError, ValueError):  # uncatchable or unused numbers
+            signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    os.umask(0o022)
+    null = os.open("/dev/null", os.O_RDWR)
+    log = os.open(
+        os.path.join(control_dir, "envd.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600
+    )
+    os.dup2(null, 0)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.closerange(3, 65536)
+    os.environ.clear()
+    os.environ["PATH"] = "/usr/bin:/bin"
+    _relocate(dict(zip(sys.path, IN_SANDBOX_PATH, strict=True)))
+    enter.set_name("envd")
+    from .__main__ import main
+
+    sys.argv = ["envd", control_dir]
+    main()
+
+
+def _spawn(
+    request: dict[str, object], capabilities: list[str], seccomp: enter.SeccompFilter
+) -> int:
+    """Fork a process that joins the sandbox and forks envd in it; returns envd's host pid."""
+    pid = int(request["pid"])  # type: ignore[call-overload]
+    control_dir = str(request.get("control_dir", "/run/bilik"))
+    target = enter.Target(pid, cgroup_procs(pid))
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # the joiner
+        status = 1
+        try:
+            os.close(read_end)
+            enter.enter(target, capabilities, seccomp)
+            envd = os.fork()  # only a child is in the sandbox's pid namespace
+            if envd == 0:
+                code = 0
+                try:
+                    os.close(write_end)
+                    _become_envd(control_dir)
+                except BaseException:
+                    traceback.print_exc()  # to envd.log, once it is stderr
+                    code = 1
+                finally:
+                    os._exit(code)
+            os.write(write_end, json.dumps({"pid": envd}).encode())
+            status = 0
+        except BaseException:
+            os.write(write_end, json.dumps({"error": traceback.format_exc(limit=3)}).encode())
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    answer = b""
+    while chunk := os.read(read_end, 65536):
+        answer += chunk
+    os.close(read_end)
+    os.waitpid(child, 0)
+    result = json.loads(answer or b'{"error": "the joiner died"}')
+    if "error" in result:
+        raise RuntimeError(result["error"])
+    return int(result["pid"])
+
+
+def main() -> None:
+    config = json.loads(sys.stdin.readline())
+    capabilities: list[str] = config["capabilities"]
+    seccomp = enter.SeccompFilter(config["seccomp"])
+    _preload()
+    # Nothing the zygote imported is ever collected: a collection in an envd would write to
+    # every object's header and copy all the shared pages.
+    gc.collect()
+    gc.freeze()
+    channel = os.fdopen(config["fd"], "r+b", buffering=0)
+    print("ready", flush=True)
+    for line in channel:
+        answer: dict[str, object]
+        try:
+            answer = {"pid": _spawn(json.loads(line), capabilities, seccomp)}
+        except Exception as e:
+            answer = {"error": str(e)}
+        channel.write(json.dumps(answer).encode() + b"\n")
+
+
+if __name__ == "__main__":
+    main()
