@@ -35,6 +35,7 @@ NAMESPACES = (
 PR_SET_NAME = 15
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
+PR_SET_CHILD_SUBREAPER = 36
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
@@ -182,6 +183,10 @@ def enter(target: Target, capabilities: list[str], seccomp: SeccompFilter) -> No
     _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
     _prctl(PR_SET_NO_NEW_PRIVS, 1)
     seccomp.load()
+
+
+def set_child_subreaper() -> None:
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
 
 
 def set_name(name: str) -> None:

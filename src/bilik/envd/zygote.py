@@ -150,11 +150,18 @@ def _spawn(
     while chunk := os.read(read_end, 65536):
         answer += chunk
     os.close(read_end)
-    os.waitpid(child, 0)
+    with contextlib.suppress(ChildProcessError):  # the SIGCHLD handler may have reaped it
+        os.waitpid(child, 0)
     result = json.loads(answer or b'{"error": "the joiner died"}')
     if "error" in result:
         raise RuntimeError(result["error"])
     return int(result["pid"])
+
+
+def _reap(signum: int, frame: object) -> None:
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
 
 
 def main() -> None:
@@ -167,6 +174,11 @@ def main() -> None:
     gc.collect()
     gc.freeze()
     channel = os.fdopen(config["fd"], "r+b", buffering=0)
+    # The envds are orphaned as soon as they start (the process that joined the sandbox exits):
+    # they become the zygote's to reap, so a sandbox's pid namespace can always end promptly.
+    # (Should the zygote die, the host's init takes them.)
+    enter.set_child_subreaper()
+    signal.signal(signal.SIGCHLD, _reap)
     print("ready", flush=True)
     for line in channel:
         answer: dict[str, object]
