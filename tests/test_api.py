@@ -28,7 +28,7 @@ def shared_server() -> Iterator[BilikServer]:
 
 
 def _params(server: BilikServer, key: str | None = None) -> dict[str, Any]:
-    return {"api_key": key or server.key, "api_url": server.url}
+    return {"api_key": key or server.key, "api_url": server.url, "sandbox_url": server.url}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -71,9 +71,13 @@ def test_lifecycle_with_the_official_sdk(any_db_server: BilikServer) -> None:
 
         again = Sandbox.connect(sbx.sandbox_id, **params)
         assert again.sandbox_id == sbx.sandbox_id
+        assert again.is_running()
+        metrics = sbx.get_metrics()
+        assert metrics and metrics[-1].mem_used > 0 and metrics[-1].cpu_count == 1
     finally:
         assert sbx.kill() is True
         assert Sandbox.kill(other.sandbox_id, **params) is True
+    assert not sbx.is_running()
     assert Sandbox.kill(sbx.sandbox_id, **params) is False
     with pytest.raises(SandboxException):
         Sandbox.get_info(sbx.sandbox_id, **params)
@@ -295,9 +299,11 @@ async def test_lifecycle_with_the_async_sdk(shared_server: BilikServer) -> None:
         paginator = AsyncSandbox.list(query=SandboxQuery(metadata={"flavour": "async"}), **params)
         assert [s.sandbox_id for s in await paginator.next_items()] == [sbx.sandbox_id]
         again = await AsyncSandbox.connect(sbx.sandbox_id, **params)
-        assert again.sandbox_id == sbx.sandbox_id
+        assert again.sandbox_id == sbx.sandbox_id and await again.is_running()
+        assert (await sbx.get_metrics())[-1].mem_total == 512 << 20
     finally:
         assert await sbx.kill() is True
+    assert not await sbx.is_running()
     assert await AsyncSandbox.kill(sbx.sandbox_id, **params) is False
 
 

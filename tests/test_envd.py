@@ -438,3 +438,14 @@ def test_old_sdk_commands_and_files(envd_server: BilikServer, sbx: Sandbox) -> N
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[:2] == ["from 2.20", "3"]
+
+
+def test_a_dead_envd_is_started_again(sbx: Sandbox) -> None:
+    survivor = sbx.commands.run("sleep 600", background=True, timeout=0)
+    # Killed from inside (as root; the stream of this very command breaks with it): the next
+    # request finds it gone and starts a new one.
+    with contextlib.suppress(SandboxException):
+        sbx.commands.run("kill -9 $(pgrep -x envd)", user="root")
+    assert sbx.commands.run("echo back").stdout == "back\n"
+    # What the old envd started lives on.
+    assert str(survivor.pid) in sbx.commands.run("pgrep -x sleep").stdout.split()

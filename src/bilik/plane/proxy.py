@@ -160,7 +160,13 @@ class SandboxPlane:
             scope["method"], url, headers=headers, content=_body(receive) if has_body else None
         )
         try:
-            response = await client.send(request, stream=True)
+            try:
+                response = await client.send(request, stream=True)
+            except httpx.ConnectError:
+                # Nothing was sent. An envd that died is started again, and asked once more.
+                if client is self.client or not await self.runtime.revive_envd(sandbox_id):
+                    raise
+                response = await client.send(request, stream=True)
         except httpx.HTTPError as e:
             if not await self.runtime.is_running(sandbox_id):
                 await self._drop_envd(sandbox_id)

@@ -240,6 +240,25 @@ class LocalRuntime:
             return None
         return self.records.dir(sandbox_id) / "control" / ENVD_SOCKET
 
+    async def revive_envd(self, sandbox_id: str) -> bool:
+        """Start envd again in a running sandbox where it no longer answers (it crashed, or
+        was killed from inside); True if envd answers now. Its processes live on, unknown to
+        the new envd. Under gVisor the sandbox's own init restarts it."""
+        async with self._locked(sandbox_id):
+            record = self._record(sandbox_id)
+            socket_path = self.envd_socket(sandbox_id)
+            if socket_path is None or not await self.is_running(sandbox_id):
+                return False
+            with contextlib.suppress(OSError):
+                _, writer = await asyncio.open_unix_connection(socket_path)
+                writer.close()
+                return True
+            self.log(f"envd of {sandbox_id} is gone: starting it again")
+            pid = int((self.records.dir(sandbox_id) / "init.pid").read_text())
+            await self.zygote.spawn(pid, oci.CONTROL_MOUNT)
+            await self._wait_for_envd(record)
+            return True
+
     async def _wait_for_envd(self, record: SandboxRecord) -> None:
         """Until the new sandbox's envd answers: a create returns a sandbox ready for use."""
         socket_path = self.envd_socket(record.sandbox_id)
