@@ -184,12 +184,38 @@ def test_key_caps(shared_server: BilikServer) -> None:
 
         short = key("--max-timeout", "60")
         too_long = _create(server, short, timeout=120)
-        assert too_long.status_code == 400 and "longer than this key" in too_long.json()["message"]
+        assert too_long.status_code == 400 and "than this key may" in too_long.json()["message"]
+
+        small = key("--max-cpu", "1", "--max-memory-mb", "256")
+        for asked in ({"cpuCount": 2, "memoryMB": 256}, {"memoryMB": 512}):
+            refused = _create(server, small, **asked)
+            assert refused.status_code == 400 and "than this key may" in refused.json()["message"]
+        fits = _create(server, small, cpuCount=1, memoryMB=256)
+        assert fits.status_code == 201, fits.text
+        made.append(fits.json()["sandboxID"])
+        detail = httpx.get(
+            f"{server.url}/sandboxes/{made[-1]}", headers={"X-API-Key": small}
+        ).json()
+        assert (detail["cpuCount"], detail["memoryMB"]) == (1, 256)
+        assert _create(server, server.key, cpuCount=64).status_code == 400  # the server's cap
+        assert _create(server, server.key, memoryMB="lots").status_code == 400
+
         listed = json.loads(server.cli("keys", "list", "--json").stdout)
-        assert {(k["maxSandboxes"], k["createsPerMinute"], k["maxTimeout"]) for k in listed} >= {
-            (1, None, None),
-            (None, 2, None),
-            (None, None, 60),
+        caps = {
+            (
+                k["maxSandboxes"],
+                k["createsPerMinute"],
+                k["maxTimeout"],
+                k["maxCpu"],
+                k["maxMemoryMB"],
+            )
+            for k in listed
+        }
+        assert caps >= {
+            (1, None, None, None, None),
+            (None, 2, None, None, None),
+            (None, None, 60, None, None),
+            (None, None, None, 1, 256),
         }
     finally:
         for sandbox_id in made:

@@ -79,3 +79,81 @@ def test_unknown_sandbox_and_closed_port_are_502_json(served: tuple[BilikServer,
     assert "port is not open" in closed.json()["message"]
     # The control plane is still the control plane.
     assert httpx.get(server.url + "/health").status_code == 200
+
+
+# A websocket echo server from the standard library alone (the sandbox has no websocket package).
+WS_ECHO = r"""
+import base64, hashlib, socket, struct, threading
+def serve(conn):
+    request = b""
+    while b"\r\n\r\n" not in request:
+        request += conn.recv(4096)
+    lines = request.split(b"\r\n")
+    key = [l.split(b":", 1)[1].strip() for l in lines if l.lower().startswith(b"sec-websocket-key")]
+    magic = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+    accept = base64.b64encode(hashlib.sha1(key[0] + magic).digest())
+    conn.sendall(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+    )
+    f = conn.makefile("rb")
+    while True:
+        head = f.read(2)
+        if len(head) < 2:
+            return
+        opcode, size = head[0] & 15, head[1] & 127
+        if size == 126:
+            size = struct.unpack(">H", f.read(2))[0]
+        elif size == 127:
+            size = struct.unpack(">Q", f.read(8))[0]
+        mask = f.read(4)
+        data = bytes(b ^ mask[i % 4] for i, b in enumerate(f.read(size)))
+        if opcode == 8:
+            conn.sendall(b"\x88\x00")
+            return
+        reply = data[::-1] if opcode == 1 else data
+        length = struct.pack(">BH", 126, len(reply)) if len(reply) > 125 else bytes([len(reply)])
+        conn.sendall(bytes([0x80 | opcode]) + length + reply)
+listener = socket.create_server(("0.0.0.0", 8765))
+while True:
+    threading.Thread(target=serve, args=(listener.accept()[0],), daemon=True).start()
+"""
+
+
+def test_websockets_pass_through(served: tuple[BilikServer, str, str]) -> None:
+    from websockets.sync.client import connect
+
+    server, sandbox_id, _ = served
+    server.cli(
+        "sandbox",
+        "exec",
+        sandbox_id,
+        "--",
+        "sh",
+        "-c",
+        f"cat > /tmp/ws.py <<'EOF'\n{WS_ECHO}\nEOF\n(nohup python3 /tmp/ws.py >/dev/null 2>&1 &)",
+    )
+    headers = {"E2b-Sandbox-Id": sandbox_id, "E2b-Sandbox-Port": "8765"}
+    url = server.url.replace("http://", "ws://") + "/echo"
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            ws = connect(url, additional_headers=headers, open_timeout=5)
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    with ws:
+        ws.send("hello")
+        assert ws.recv(timeout=5) == "olleh"
+        blob = bytes(range(256)) * 100
+        ws.send(blob)
+        assert ws.recv(timeout=5) == blob
+    # A port nobody listens on closes the websocket instead of hanging.
+    closed = {**headers, "E2b-Sandbox-Port": "8766"}
+    with (
+        pytest.raises(Exception),  # noqa: B017 (refused, whatever form the refusal takes)
+        connect(url, additional_headers=closed, open_timeout=5) as bad,
+    ):
+        bad.recv(timeout=5)

@@ -26,7 +26,18 @@ def _settings(args: argparse.Namespace) -> Settings:
         port=getattr(args, "port", None),
         database_url=getattr(args, "database_url", None),
         domain=getattr(args, "domain", None),
+        **{name: getattr(args, name, None) for name in _CAP_FLAGS},
     )
+
+
+# ``bilik serve`` flags for the operator caps (BILIK_MAX_*), with their help.
+_CAP_FLAGS = {
+    "max_cpu": "most vCPUs a create may ask for",
+    "max_memory_mb": "most memory a create may ask for, MiB",
+    "max_disk_mb": "most disk a create may ask for, MiB",
+    "max_pids": "most processes a sandbox may run",
+    "max_lifetime_s": "longest a sandbox may live, s",
+}
 
 
 def _runtime(args: argparse.Namespace) -> LocalRuntime:
@@ -179,13 +190,21 @@ def _key_row(key: ApiKey) -> dict[str, object]:
         "maxSandboxes": key.caps.max_sandboxes,
         "createsPerMinute": key.caps.creates_per_minute,
         "maxTimeout": key.caps.max_timeout_s,
+        "maxCpu": key.caps.max_cpu,
+        "maxMemoryMB": key.caps.max_memory_mb,
     }
 
 
 async def _keys_create(args: argparse.Namespace) -> int:
     store = await _open_store(args)
     try:
-        caps = KeyCaps(args.max_sandboxes, args.creates_per_minute, args.max_timeout)
+        caps = KeyCaps(
+            args.max_sandboxes,
+            args.creates_per_minute,
+            args.max_timeout,
+            args.max_cpu,
+            args.max_memory_mb,
+        )
         record, key = await store.keys.create(args.name, caps)
     finally:
         await store.close()
@@ -258,6 +277,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (BILIK_HOST)")
     serve.add_argument("--port", type=int, help="port to listen on (BILIK_PORT)")
     serve.add_argument("--domain", help="sandbox ports as {port}-{id}.DOMAIN (BILIK_DOMAIN)")
+    for name, help_text in _CAP_FLAGS.items():
+        flag = "--" + name.replace("_", "-")
+        serve.add_argument(flag, type=int, help=f"{help_text} (BILIK_{name.upper()})")
     serve.set_defaults(func=_serve, sync=True)
 
     sandbox = sub.add_parser("sandbox", help="create, inspect and kill sandboxes on this host")
@@ -303,6 +325,8 @@ def _parser() -> argparse.ArgumentParser:
     kcreate.add_argument("--max-sandboxes", type=int, help="sandboxes running at once")
     kcreate.add_argument("--creates-per-minute", type=int, help="creates a minute (then 429)")
     kcreate.add_argument("--max-timeout", type=int, help="longest lifetime a create may ask, s")
+    kcreate.add_argument("--max-cpu", type=int, help="most vCPUs a create may ask for")
+    kcreate.add_argument("--max-memory-mb", type=int, help="most memory a create may ask, MiB")
     kcreate.set_defaults(func=_keys_create)
     klist = kp.add_parser("list", parents=[common], help="list keys (never the keys themselves)")
     klist.add_argument("--json", action="store_true")

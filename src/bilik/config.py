@@ -45,7 +45,8 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: object) -> Settings:
-        """Read ``BILIK_*`` variables; explicit ``overrides`` (e.g. from flags) win."""
+        """Read ``BILIK_*`` variables; explicit ``overrides`` (e.g. from flags) win. Caps are
+        overridden as ``max_<cap>`` (``max_cpu=8``), like their variables."""
         env = dict(os.environ if env is None else env)
         values: dict[str, object] = {}
         caps: dict[str, int] = {}
@@ -63,6 +64,10 @@ class Settings:
             raw = env.get(f"BILIK_MAX_{field.name.upper()}")
             if raw is not None:
                 caps[field.name] = _int(f"BILIK_MAX_{field.name.upper()}", raw)
+        for field in dataclasses.fields(Caps):
+            flag = overrides.pop(f"max_{field.name}", None)
+            if flag is not None:
+                caps[field.name] = int(flag)  # type: ignore[call-overload]
         values["caps"] = Caps(**caps)
         values.update({k: v for k, v in overrides.items() if v is not None})
         if isinstance(values.get("data_dir"), str):

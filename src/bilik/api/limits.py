@@ -20,15 +20,16 @@ class CreateLimiter:
             collections.deque
         )
 
-    def check(self, key: ApiKey, running: int, timeout_s: int) -> None:
+    def check(self, key: ApiKey, running: int, timeout_s: int, cpu: float, memory_mb: int) -> None:
         """Raise a 429 (or 400) when a create by ``key`` would go past one of its caps."""
         caps = key.caps
-        if caps.max_timeout_s is not None and timeout_s > caps.max_timeout_s:
-            raise ApiError(
-                400,
-                f"timeout {timeout_s} s is longer than this key may ask for "
-                f"({caps.max_timeout_s} s)",
-            )
+        for asked, cap, what in (
+            (timeout_s, caps.max_timeout_s, "timeout (s)"),
+            (cpu, caps.max_cpu, "vCPUs"),
+            (memory_mb, caps.max_memory_mb, "memory (MiB)"),
+        ):
+            if cap is not None and asked > cap:
+                raise ApiError(400, f"{what} {asked} is more than this key may ask for ({cap})")
         if caps.max_sandboxes is not None and running >= caps.max_sandboxes:
             # Waiting helps only once a sandbox ends: tell clients not to retry on their own.
             raise ApiError(

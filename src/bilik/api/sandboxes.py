@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import secrets
 import urllib.parse
@@ -13,7 +14,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..runtime import LocalRuntime, RuntimeFailure, SandboxInfo, SandboxNotFound, SandboxSpec
+from ..runtime import (
+    Limits,
+    LocalRuntime,
+    RuntimeFailure,
+    SandboxInfo,
+    SandboxNotFound,
+    SandboxSpec,
+)
 from ..store import Store
 from ..store.sandboxes import SandboxRow
 from .auth import authenticate
@@ -64,6 +72,16 @@ def _timeout(data: dict[str, Any], default: int | None) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ApiError(400, f"timeout must be a whole number of seconds, at least 0; got {value!r}")
     return value
+
+
+def _limits(data: dict[str, Any]) -> Limits:
+    """CPU and memory a create asks for (bilik's extension: E2B takes them from the template)."""
+    default = Limits()
+    cpu, memory = data.get("cpuCount", default.cpu), data.get("memoryMB", default.memory_mb)
+    for name, value in (("cpuCount", cpu), ("memoryMB", memory)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ApiError(400, f"{name} must be a whole number, at least 1; got {value!r}")
+    return dataclasses.replace(default, cpu=cpu, memory_mb=memory)
 
 
 def _sandbox(info: SandboxInfo, row: SandboxRow) -> dict[str, Any]:
@@ -143,10 +161,12 @@ async def create(request: Request) -> Response:
     timeout = _timeout(data, 300)
     assert timeout is not None
     running = sum(1 for r in await store.sandboxes.of_key(key.id) if _recorded(request, r.id))
+    limits = _limits(data)
     limiter: CreateLimiter = request.app.state.limiter
-    limiter.check(key, running, timeout)
+    limiter.check(key, running, timeout, limits.cpu, limits.memory_mb)
     spec = SandboxSpec(
         template=template,
+        limits=limits,
         timeout_s=timeout,
         internet=internet,
         env=_strings(data, "envVars"),

@@ -7,7 +7,9 @@ Bodies are passed through chunk by chunk in both directions, never held whole.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -17,6 +19,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
+import websockets.asyncio.client
+import websockets.exceptions
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..runtime import LocalRuntime, SandboxNotFound
@@ -83,6 +87,13 @@ class SandboxPlane:
         self._envd: dict[str, httpx.AsyncClient] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            target = route(scope, self.domain)
+            if target is None:
+                await self.app(scope, receive, send)
+            else:
+                await self._websocket(scope, receive, send, *target)
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -130,6 +141,65 @@ class SandboxPlane:
             if hmac.compare_digest(known.encode(), token):
                 return sandbox_id
         return None
+
+    async def _websocket(
+        self, scope: Scope, receive: Receive, send: Send, sandbox_id: str, port: int
+    ) -> None:
+        """Relay a websocket to the sandbox's port, message by message, both ways."""
+        await receive()  # websocket.connect
+        try:
+            address = self.runtime.address(sandbox_id)
+        except SandboxNotFound:
+            await send({"type": "websocket.close", "code": 1011, "reason": "sandbox not found"})
+            return
+        path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+        query = scope.get("query_string", b"").decode("latin-1")
+        url = f"ws://{address}:{port}{path}" + (f"?{query}" if query else "")
+        headers = [
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in scope["headers"]
+            if k.decode("latin-1").lower() not in HOP_BY_HOP
+            and not k.lower().startswith(b"sec-websocket-")
+        ]
+        try:
+            upstream = await websockets.asyncio.client.connect(
+                url,
+                additional_headers=headers,
+                subprotocols=scope.get("subprotocols") or None,
+                open_timeout=5,
+                max_size=None,
+                compression=None,
+            )
+        except (OSError, TimeoutError, websockets.exceptions.WebSocketException):
+            await send({"type": "websocket.close", "code": 1011, "reason": "port is not open"})
+            return
+        await send({"type": "websocket.accept", "subprotocol": upstream.subprotocol})
+
+        async def to_sandbox() -> None:
+            while True:
+                message = await receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                data = message.get("bytes")
+                await upstream.send(data if data is not None else message.get("text", ""))
+
+        async def to_client() -> None:
+            with contextlib.suppress(websockets.exceptions.ConnectionClosed):
+                async for data in upstream:
+                    kind = "bytes" if isinstance(data, bytes) else "text"
+                    await send({"type": "websocket.send", kind: data})
+            await send({"type": "websocket.close", "code": upstream.close_code or 1000})
+
+        tasks = [asyncio.ensure_future(to_sandbox()), asyncio.ensure_future(to_client())]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await upstream.close()
+            for task in tasks:
+                with contextlib.suppress(BaseException):
+                    await task
 
     async def _drop_envd(self, sandbox_id: str) -> None:
         client = self._envd.pop(sandbox_id, None)

@@ -32,6 +32,8 @@ class KeyCaps:
     max_sandboxes: int | None = None
     creates_per_minute: int | None = None
     max_timeout_s: int | None = None
+    max_cpu: int | None = None
+    max_memory_mb: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +59,13 @@ def _hash(key: str) -> str:
 
 
 def _row(row: Any) -> ApiKey:
-    caps = KeyCaps(row.max_sandboxes, row.creates_per_minute, row.max_timeout_s)
+    caps = KeyCaps(
+        row.max_sandboxes,
+        row.creates_per_minute,
+        row.max_timeout_s,
+        row.max_cpu,
+        row.max_memory_mb,
+    )
     return ApiKey(row.id, row.name, row.prefix, row.created_at, row.revoked_at, caps)
 
 
@@ -70,6 +78,8 @@ _COLUMNS = (
     api_keys.c.max_sandboxes,
     api_keys.c.creates_per_minute,
     api_keys.c.max_timeout_s,
+    api_keys.c.max_cpu,
+    api_keys.c.max_memory_mb,
 )
 
 

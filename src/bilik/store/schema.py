@@ -29,6 +29,8 @@ api_keys = sa.Table(
     sa.Column("max_sandboxes", sa.Integer, nullable=True),
     sa.Column("creates_per_minute", sa.Integer, nullable=True),
     sa.Column("max_timeout_s", sa.Integer, nullable=True),
+    sa.Column("max_cpu", sa.Integer, nullable=True),
+    sa.Column("max_memory_mb", sa.Integer, nullable=True),
 )
 
 
@@ -106,12 +108,18 @@ def _v4_idempotency(conn: Connection) -> None:
     ).create(conn)
 
 
+def _v5_key_resource_caps(conn: Connection) -> None:
+    for column in ("max_cpu", "max_memory_mb"):
+        conn.execute(sa.text(f"ALTER TABLE api_keys ADD COLUMN {column} INTEGER"))
+
+
 # Append only: a released migration never changes, a new one goes at the end.
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _v1_api_keys,
     _v2_sandboxes,
     _v3_key_caps,
     _v4_idempotency,
+    _v5_key_resource_caps,
 ]
 
 
