@@ -394,3 +394,16 @@ def test_concurrent_repeats_of_an_idempotent_create_make_one_sandbox(
     finally:
         for sandbox_id in ids:
             server.cli("sandbox", "kill", sandbox_id)
+
+
+def test_concurrent_creates_never_pass_the_cap(shared_server: BilikServer) -> None:
+    server = shared_server
+    capped = server.cli("keys", "create", "--max-sandboxes", "2").stdout.strip()
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda _: _create(server, capped), range(6)))
+    made = [a.json()["sandboxID"] for a in answers if a.status_code == 201]
+    try:
+        assert sorted(a.status_code for a in answers) == [201, 201, 429, 429, 429, 429]
+    finally:
+        for sandbox_id in made:
+            server.cli("sandbox", "kill", sandbox_id)

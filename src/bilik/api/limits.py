@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 
 from ..store import ApiKey
 from .errors import ApiError
@@ -19,6 +21,16 @@ class CreateLimiter:
         self._creates: dict[str, collections.deque[float]] = collections.defaultdict(
             collections.deque
         )
+        # Creates under way, per key: not yet in the store, yet already running or about to.
+        self.pending: collections.Counter[str] = collections.Counter()
+
+    @contextlib.contextmanager
+    def creating(self, key_id: str) -> Iterator[None]:
+        self.pending[key_id] += 1
+        try:
+            yield
+        finally:
+            self.pending[key_id] -= 1
 
     def check(self, key: ApiKey, running: int, timeout_s: int, cpu: float, memory_mb: int) -> None:
         """Raise a 429 (or 400) when a create by ``key`` would go past one of its caps."""

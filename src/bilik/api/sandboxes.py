@@ -163,7 +163,8 @@ async def create(request: Request) -> Response:
     running = sum(1 for r in await store.sandboxes.of_key(key.id) if _recorded(request, r.id))
     limits = _limits(data)
     limiter: CreateLimiter = request.app.state.limiter
-    limiter.check(key, running, timeout, limits.cpu, limits.memory_mb)
+    # Creates of this key still under way count too, or concurrent ones could pass the cap.
+    limiter.check(key, running + limiter.pending[key.id], timeout, limits.cpu, limits.memory_mb)
     spec = SandboxSpec(
         template=template,
         limits=limits,
@@ -173,18 +174,27 @@ async def create(request: Request) -> Response:
         metadata=metadata,
         access_token=secrets.token_hex(16),
     )
+    with limiter.creating(key.id):
+        return await _create(request, key.id, spec, idempotency_key)
+
+
+async def _create(
+    request: Request, key_id: str, spec: SandboxSpec, idempotency_key: str | None
+) -> Response:
+    """Make the sandbox and record who owns it (or make nothing)."""
+    store = _store(request)
     runtime = _runtime(request)
     try:
         info = await runtime.create(spec)
     except RuntimeFailure as e:
         raise from_runtime(e) from None
     row = SandboxRow(
-        info.sandbox_id, key.id, template, metadata, spec.access_token, info.created_at
+        info.sandbox_id, key_id, spec.template, spec.metadata, spec.access_token, info.created_at
     )
     try:
         await store.sandboxes.add(row)
         if idempotency_key:
-            winner = await store.sandboxes.claim(key.id, idempotency_key, info.sandbox_id)
+            winner = await store.sandboxes.claim(key_id, idempotency_key, info.sandbox_id)
             if winner != info.sandbox_id:  # a concurrent repeat got there first: keep its one
                 raise _LostRace
     except BaseException as e:
@@ -194,7 +204,7 @@ async def create(request: Request) -> Response:
         await store.sandboxes.remove(info.sandbox_id)
         if not isinstance(e, _LostRace):
             raise
-        if done := await _repeat(request, key.id, idempotency_key or ""):
+        if done := await _repeat(request, key_id, idempotency_key or ""):
             return done
         raise ApiError(
             409, "a concurrent create with this Idempotency-Key did not finish; try again"
