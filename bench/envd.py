@@ -4,19 +4,15 @@ Goals (issue: envd): ``commands.run("true")`` round trip through the server medi
 1 KiB file write + read median ≤ 10 ms; a 200 MB upload at ≥ 200 MB/s; an idle sandbox with
 envd running ≤ 24 MiB of host memory in all; 500 such sandboxes held at once.
 
-The client speaks the wire protocol the SDKs speak (Connect JSON envelopes, ``/files``) over
-one keep-alive connection, as an SDK does.
+The client (``bench.client``) speaks the SDKs' wire protocol over keep-alive connections, as
+an SDK does.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 
@@ -24,101 +20,11 @@ import httpx
 
 from bilik.config import Settings
 from bilik.runtime import cgroups
-from bilik.store import Store, database_url
 
+from .client import Server, create, kill, new_key
 from .runtime import _percentile, _pss_kib
 
 UPLOAD_MB = 200
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _envelope(message: dict[str, object]) -> bytes:
-    payload = json.dumps(message).encode()
-    return b"\0" + len(payload).to_bytes(4, "big") + payload
-
-
-class _Server:
-    """``bilik serve`` on the bench's instance, in a process of its own."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {
-            **os.environ,
-            "BILIK_DATA_DIR": str(settings.data_dir),
-            "BILIK_INSTANCE": settings.instance,
-            "BILIK_SUBNET": settings.subnet,
-            "BILIK_PORT": str(self.port),
-        }
-        log = open(settings.data_dir / "bench-server.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bilik.cli", "serve"], env=env, stdout=log, stderr=log
-        )
-
-    async def ready(self) -> None:
-        async with httpx.AsyncClient() as client:
-            for _ in range(600):
-                if self.proc.poll() is not None:
-                    raise SystemExit("bilik serve exited; see bench-server.log in the data dir")
-                try:
-                    if (await client.get(f"{self.url}/health")).status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-                await asyncio.sleep(0.1)
-        raise SystemExit("bilik serve never became ready")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(60)
-
-
-async def _new_key(settings: Settings) -> str:
-    store = await Store.open(database_url(settings.data_dir, settings.database_url))
-    try:
-        _, key = await store.keys.create("bench")
-        return key
-    finally:
-        await store.close()
-
-
-class _Sandbox:
-    def __init__(self, client: httpx.AsyncClient, created: dict[str, str]) -> None:
-        self.client = client
-        self.id = created["sandboxID"]
-        self.headers = {
-            "E2b-Sandbox-Id": self.id,
-            "E2b-Sandbox-Port": "49983",
-            "X-Access-Token": created["envdAccessToken"],
-        }
-
-    async def run(self, cmd: str) -> int:
-        body = _envelope({"process": {"cmd": "/bin/bash", "args": ["-l", "-c", cmd]}})
-        headers = {**self.headers, "Content-Type": "application/connect+json"}
-        response = await self.client.post("/process.Process/Start", content=body, headers=headers)
-        if b'"end"' not in response.content:
-            raise SystemExit(f"no end event: {response.content[:200]!r}")
-        return len(response.content)
-
-    async def write(self, path: str, data: bytes | AsyncIterator[bytes]) -> None:
-        response = await self.client.post(
-            "/files",
-            params={"path": path},
-            content=data,
-            headers={**self.headers, "Content-Type": "application/octet-stream"},
-        )
-        response.raise_for_status()
-
-    async def read(self, path: str) -> bytes:
-        response = await self.client.get("/files", params={"path": path}, headers=self.headers)
-        response.raise_for_status()
-        return response.content
 
 
 async def _timed(n: int, fn: object) -> list[float]:
@@ -139,21 +45,8 @@ def _line(label: str, ms: list[float], goal: float) -> None:
     )
 
 
-async def _create(client: httpx.AsyncClient, key: str) -> _Sandbox:
-    response = await client.post(
-        "/sandboxes", json={"templateID": "base", "timeout": 3600}, headers={"X-API-Key": key}
-    )
-    if response.status_code != 201:
-        raise SystemExit(f"create failed: {response.status_code} {response.text}")
-    return _Sandbox(client, response.json())
-
-
-async def _kill(client: httpx.AsyncClient, key: str, sandbox_id: str) -> None:
-    await client.delete(f"/sandboxes/{sandbox_id}", headers={"X-API-Key": key})
-
-
 async def _latency(client: httpx.AsyncClient, key: str, samples: int) -> None:
-    sandbox = await _create(client, key)
+    sandbox = await create(client, key)
     try:
         kib = os.urandom(1024)
 
@@ -194,14 +87,14 @@ async def _latency(client: httpx.AsyncClient, key: str, samples: int) -> None:
             f"   download {down:7.1f} MB/s"
         )
     finally:
-        await _kill(client, key, sandbox.id)
+        await kill(client, key, sandbox.id)
 
 
 async def _idle(client: httpx.AsyncClient, key: str, settings: Settings, count: int) -> None:
     ids: list[str] = []
     try:
         for _ in range(count):
-            ids.append((await _create(client, key)).id)
+            ids.append((await create(client, key)).id)
         await asyncio.sleep(2)
         instance = settings.instance
         pss = sum(_pss_kib(pid) for pid in cgroups.pids_in(instance)) / 1024 / len(ids)
@@ -220,15 +113,15 @@ async def _idle(client: httpx.AsyncClient, key: str, settings: Settings, count: 
         )
     finally:
         for start in range(0, len(ids), 20):
-            await asyncio.gather(*(_kill(client, key, i) for i in ids[start : start + 20]))
+            await asyncio.gather(*(kill(client, key, i) for i in ids[start : start + 20]))
 
 
 async def _run(settings: Settings, samples: int, idle: int) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    server = _Server(settings)
+    server = Server(settings)
     try:
         await server.ready()
-        key = await _new_key(settings)
+        key = await new_key(settings)
         print(f"bilik bench envd: {samples} samples each, {idle} idle sandboxes")
         limits = httpx.Limits(max_connections=50, max_keepalive_connections=50)
         timeout = httpx.Timeout(120.0)

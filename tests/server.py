@@ -47,7 +47,7 @@ class BilikServer:
             if not link.exists():
                 (SETTINGS.data_dir / shared).mkdir(parents=True, exist_ok=True)
                 link.symlink_to(SETTINGS.data_dir / shared)
-        for first_start in ("bilik.db", "api-key"):
+        for first_start in ("bilik.db", "bilik.db-wal", "bilik.db-shm", "api-key"):
             (data / first_start).unlink(missing_ok=True)
         if database_url:
             asyncio.run(_empty_database(database_url))

@@ -248,9 +248,12 @@ def _serve(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     # The benchmarks live in the bench/ tree of the source checkout, beside src/.
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from bench import api as bench_api
     from bench import envd as bench_envd
     from bench import runtime as bench_runtime
 
+    if args.suite == "api":
+        return bench_api.main(_settings(args), samples=args.samples, burst=50, held=args.idle)
     if args.suite == "envd":
         return bench_envd.main(_settings(args), samples=args.samples, idle=args.idle)
     return bench_runtime.main(
@@ -336,10 +339,12 @@ def _parser() -> argparse.ArgumentParser:
     krevoke.set_defaults(func=_keys_revoke)
 
     bench = sub.add_parser("bench", parents=[common], help="measure speed and memory")
-    bench.add_argument("suite", choices=["runtime", "envd"])
+    bench.add_argument("suite", choices=["runtime", "envd", "api"])
     bench.add_argument("--creates", type=int, default=50, help="runtime: creates to time")
-    bench.add_argument("--samples", type=int, default=200, help="envd: round trips to time")
-    bench.add_argument("--idle", type=int, default=500, help="idle sandboxes to hold at once")
+    bench.add_argument("--samples", type=int, default=200, help="envd, api: samples to time")
+    bench.add_argument(
+        "--idle", type=int, default=500, help="idle (running) sandboxes to hold at once"
+    )
     bench.add_argument("--runtimes", default="crun,runsc")
     bench.set_defaults(func=_bench, sync=True)
     return parser

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import secrets
 import urllib.parse
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -311,24 +312,32 @@ async def logs(request: Request) -> Response:
     )
 
 
-async def _listed(request: Request) -> list[dict[str, Any]]:
-    """The caller's running sandboxes, filtered by the ``metadata`` and ``template`` params."""
+async def _listed(
+    request: Request, order: str = "asc", started_after: float | None = None
+) -> AsyncIterator[dict[str, Any]]:
+    """The caller's running sandboxes in start order, filtered by the ``metadata`` and
+    ``template`` params; each is looked up in the runtime only when the caller gets to it."""
     key = await authenticate(request)
     store = _store(request)
-    rows = {r.id: r for r in await store.sandboxes.of_key(key.id)}
-    infos = {i.sandbox_id: i for i in await _runtime(request).list() if i.state == "running"}
-    await store.sandboxes.remove(*(i for i in rows if i not in infos and not _recorded(request, i)))
+    runtime = _runtime(request)
     wanted = dict(urllib.parse.parse_qsl(request.query_params.get("metadata", "")))
     template = request.query_params.get("template")
-    listed = []
-    for sandbox_id, row in rows.items():
-        info = infos.get(sandbox_id)
-        if info is None or any(row.metadata.get(k) != v for k, v in wanted.items()):
+    rows = [
+        r
+        for r in await store.sandboxes.of_key(key.id)
+        if all(r.metadata.get(k) == v for k, v in wanted.items())
+        and (not template or r.template_id == template)
+        and (started_after is None or r.started_at > started_after)
+    ]
+    rows.sort(key=lambda r: (r.started_at, r.id), reverse=order == "desc")
+    for row in rows:
+        try:
+            info = await runtime.inspect(row.id)
+        except SandboxNotFound:
+            await store.sandboxes.remove(row.id)  # it is gone for good
             continue
-        if template and row.template_id != template:
-            continue
-        listed.append(_detail(info, row))
-    return listed
+        if info.state == "running":
+            yield _detail(info, row)
 
 
 def _recorded(request: Request, sandbox_id: str) -> bool:
@@ -337,7 +346,7 @@ def _recorded(request: Request, sandbox_id: str) -> bool:
 
 
 async def list_v1(request: Request) -> Response:
-    return JSONResponse(sorted(await _listed(request), key=lambda s: s["startedAt"]))
+    return JSONResponse([s async for s in _listed(request)])
 
 
 async def list_v2(request: Request) -> Response:
@@ -354,28 +363,29 @@ async def list_v2(request: Request) -> Response:
     order = params.get("order", "asc")
     if order not in ("asc", "desc"):
         raise ApiError(400, "order must be asc or desc")
-    listed = [] if "running" not in states else await _listed(request)
+    since = None
     if after := params.get("startedAfter"):
         try:
             since = datetime.fromisoformat(after.replace("Z", "+00:00")).timestamp()
         except ValueError:
             raise ApiError(400, f"startedAfter is not an ISO 8601 time: {after!r}") from None
-        listed = [s for s in listed if _ts(s["startedAt"]) > since]
-    listed.sort(key=lambda s: (s["startedAt"], s["sandboxID"]), reverse=order == "desc")
     cursor = params.get("nextToken")
-    if cursor:  # the last item of the previous page; continue after it
-        keys = [(s["startedAt"], s["sandboxID"]) for s in listed]
-        position = next((i for i, k in enumerate(keys) if "|".join(k) == cursor), None)
-        if position is None:
+    page: list[dict[str, Any]] = []
+    more = False
+    if "running" in states:
+        found = cursor is None  # a cursor names the last item of the previous page
+        async for sandbox in _listed(request, order, since):
+            if not found:
+                found = f"{sandbox['startedAt']}|{sandbox['sandboxID']}" == cursor
+                continue
+            if len(page) == limit:
+                more = True
+                break
+            page.append(sandbox)
+        if not found:
             raise ApiError(400, "nextToken is not valid (or its sandbox is gone)")
-        listed = listed[position + 1 :]
-    page, more = listed[:limit], len(listed) > limit
     headers = {"X-Next-Token": f"{page[-1]['startedAt']}|{page[-1]['sandboxID']}"} if more else {}
     return JSONResponse(page, headers=headers)
-
-
-def _ts(rfc3339: str) -> float:
-    return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
 
 
 routes = [

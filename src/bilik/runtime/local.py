@@ -87,6 +87,7 @@ class LocalRuntime:
         self.network = HostNetwork(settings.instance, settings.subnet)
         self._oci: dict[str, OciCli] = {}
         self.zygote = EnvdZygote(self.runtime_dir / "agents")
+        self._init_fds: dict[str, tuple[int, asyncio.AbstractEventLoop]] = {}
         self._started = False
 
     # -- lifecycle of the runtime itself ------------------------------------------------------
@@ -109,6 +110,8 @@ class LocalRuntime:
 
     async def close(self) -> None:
         """Stop what this process runs for the sandboxes (they and their envds live on)."""
+        for sandbox_id in list(self._init_fds):
+            self._unfollow_init(sandbox_id)
         await self.zygote.close()
 
     async def serve_dns(self) -> DnsForwarder:
@@ -212,6 +215,9 @@ class LocalRuntime:
                     await asyncio.to_thread(self._prepare, record, image, spec.access_token)
                     bundle = self.records.dir(sandbox_id)
                     pid = await oci_cli.run_detached(sandbox_id, bundle, bundle / "console.log")
+                    record.init_pid, record.init_start = pid, _start_time(pid)
+                    await asyncio.to_thread(self.records.save, record)
+                    self._follow_init(record)
                     if oci_cli.name != "runsc":
                         await self.zygote.spawn(pid, oci.CONTROL_MOUNT)
                     await self._wait_for_envd(record)
@@ -229,8 +235,7 @@ class LocalRuntime:
             record = self._record(sandbox_id)
         except SandboxNotFound:
             return False
-        state = await self.oci(record.oci_runtime).state(sandbox_id)
-        return (state or {}).get("status") == "running"
+        return await self._state(record) == "running"
 
     def envd_socket(self, sandbox_id: str) -> Path | None:
         """The unix socket of the sandbox's envd on the host, or None where there is none
@@ -403,6 +408,7 @@ class LocalRuntime:
         Every step runs even when an earlier one failed, and each tolerates its thing being
         absent; the failures are reported together at the end.
         """
+        self._unfollow_init(sandbox_id)
         errors: list[str] = []
         runtimes = (
             [record.oci_runtime]
@@ -469,17 +475,50 @@ class LocalRuntime:
                 states.update(await self.oci(name).list())
         return states
 
+    async def _state(self, record: SandboxRecord) -> str:
+        """``running`` or ``stopped``: from PID 1 itself when the record knows it (a pidfd
+        followed by the event loop, so a list of hundreds costs nothing), else from the OCI
+        runtime."""
+        if record.sandbox_id in self._init_fds:
+            return "running"
+        if record.init_pid:
+            alive = _start_time(record.init_pid) == record.init_start
+            if alive:
+                self._follow_init(record)
+            return "running" if alive else "stopped"
+        state = await self.oci(record.oci_runtime).state(record.sandbox_id)
+        return str((state or {}).get("status", "stopped"))
+
+    def _follow_init(self, record: SandboxRecord) -> None:
+        """Hold a pidfd of the sandbox's PID 1, dropped (by the event loop) when it exits."""
+        if record.sandbox_id in self._init_fds:
+            return
+        try:
+            fd = os.pidfd_open(record.init_pid)
+        except OSError:
+            return
+        if _start_time(record.init_pid) != record.init_start:  # the pid is another's by now
+            os.close(fd)
+            return
+        loop = asyncio.get_running_loop()
+        self._init_fds[record.sandbox_id] = (fd, loop)
+        loop.add_reader(fd, self._unfollow_init, record.sandbox_id)
+
+    def _unfollow_init(self, sandbox_id: str) -> None:
+        held = self._init_fds.pop(sandbox_id, None)
+        if held is not None:
+            fd, loop = held
+            if not loop.is_closed():
+                loop.remove_reader(fd)
+            os.close(fd)
+
     async def list(self) -> builtins.list[SandboxInfo]:
-        states = await self._states()
-        return [
-            self._info(r, states.get(r.sandbox_id, "stopped"))
-            for r in await asyncio.to_thread(self.records.all)
-        ]
+        records = await asyncio.to_thread(self.records.all)
+        return [self._info(r, await self._state(r)) for r in records]
 
     async def inspect(self, sandbox_id: str) -> SandboxInfo:
         record = self._record(sandbox_id)
-        state = await self.oci(record.oci_runtime).state(sandbox_id)
-        return self._info(record, (state or {}).get("status", "stopped"))
+        return self._info(record, await self._state(record))
 
     async def console(self, sandbox_id: str, limit_bytes: int = 1 << 20) -> builtins.list[str]:
         """The last ``limit_bytes`` of what the sandbox's PID 1 wrote, as lines."""
@@ -645,6 +684,16 @@ class LocalRuntime:
             feeder.cancel()
         code = await proc.wait()
         return ExecResult(code, b"".join(out["stdout"]), b"".join(out["stderr"]))
+
+
+def _start_time(pid: int) -> int:
+    """When process ``pid`` started (clock ticks after boot); 0 if it is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return 0
+    return 0 if fields[0] in (b"Z", b"X") else int(fields[19])
 
 
 def _umount_all(points: list[str]) -> None:

@@ -6,8 +6,10 @@ re-adopt its sandboxes and tell orphans (running with no record, or recorded but
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,10 @@ class SandboxRecord:
     workdir: str
     env: dict[str, str]
     metadata: dict[str, str]
+    # PID 1 on the host and its start time (clock ticks after boot): whether the sandbox still
+    # runs, without asking the OCI runtime (0 until it started).
+    init_pid: int = 0
+    init_start: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -57,25 +63,27 @@ class RecordStore:
         write_json_atomic(self.dir(record.sandbox_id) / "record.json", record.to_json())
 
     def load(self, sandbox_id: str) -> SandboxRecord | None:
-        path = self.dir(sandbox_id) / "record.json"
+        path = os.path.join(self.root, sandbox_id, "record.json")
         try:
-            st = path.stat()
+            st = os.stat(path)
             identity = (st.st_ino, st.st_mtime_ns)  # an atomic save is a new inode
             cached = self._cache.get(sandbox_id)
             if cached and cached[0] == identity:
-                return dataclasses.replace(cached[1])  # a copy: callers may change theirs
-            record = SandboxRecord.from_json(json.loads(path.read_text()))
+                return copy.copy(cached[1])  # callers may change theirs
+            with open(path) as f:
+                record = SandboxRecord.from_json(json.load(f))
         except (FileNotFoundError, NotADirectoryError):
             self._cache.pop(sandbox_id, None)
             return None
         except (json.JSONDecodeError, KeyError, TypeError):
             return None
         self._cache[sandbox_id] = (identity, record)
-        return dataclasses.replace(record)
+        return copy.copy(record)
 
     def ids(self) -> list[str]:
         """Ids of every sandbox directory, recorded or not (a create may have died early)."""
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        with os.scandir(self.root) as entries:
+            return sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
 
     def all(self) -> list[SandboxRecord]:
         ids = self.ids()
