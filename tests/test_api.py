@@ -407,3 +407,27 @@ def test_concurrent_creates_never_pass_the_cap(shared_server: BilikServer) -> No
     finally:
         for sandbox_id in made:
             server.cli("sandbox", "kill", sandbox_id)
+
+
+def test_create_with_egress_rules(shared_server: BilikServer) -> None:
+    server = shared_server
+    params = _params(server)
+    sbx = Sandbox.create(
+        "base",
+        timeout=60,
+        allow_internet_access=False,
+        network={"allow_out": ["198.51.100.0/24", "pypi.test"], "deny_out": ["192.0.2.0/24"]},
+        **params,
+    )
+    try:
+        assert sbx.get_info().state == "running"
+    finally:
+        sbx.kill()
+    for network, fragment in (
+        ({"allowOut": "1.1.1.1"}, "must be a list"),
+        ({"denyOut": ["example.com"]}, "addresses and CIDRs only"),
+        ({"allowOut": ["::1"]}, "no IPv6"),
+        ("everything", "must be an object"),
+    ):
+        refused = _create(server, server.key, network=network)
+        assert refused.status_code == 400 and fragment in refused.json()["message"], refused.text

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from bilik.runtime import LocalRuntime, SandboxInfo, SandboxSpec
+from bilik.runtime import InvalidSpec, LocalRuntime, SandboxInfo, SandboxSpec
 from helpers import SETTINGS, run_ok, sh, wait_for
 
 METADATA = "169.254.169.254"
@@ -163,3 +163,80 @@ async def test_no_dns_without_internet(runtime: LocalRuntime) -> None:
         assert result.exit_code != 0
     finally:
         await runtime.kill(info.sandbox_id)
+
+
+# -- per-sandbox egress rules (E2B's network.allowOut / denyOut) ------------------------------
+
+
+def _table_elements(address: str) -> list[str]:
+    """Every line of the instance's nftables table that names ``address``."""
+    listing = sh("nft", "list", "table", "inet", SETTINGS.instance).stdout
+    return [line for line in listing.splitlines() if f"{address} " in line or f"{address}," in line]
+
+
+async def test_denied_destinations_are_unreachable(
+    runtime: LocalRuntime, internet: dict[str, str]
+) -> None:
+    public = internet["public"]
+    info = await runtime.create(SandboxSpec(deny_out=(f"{public}/32",)))
+    try:
+        denied = await runtime.run(info.sandbox_id, curl(f"http://{public}:8080/"))
+        assert denied.stdout != b"200", denied
+    finally:
+        await runtime.kill(info.sandbox_id)
+
+
+async def test_allowed_destinations_with_internet_off(
+    runtime: LocalRuntime, internet: dict[str, str]
+) -> None:
+    public = internet["public"]
+    info = await runtime.create(
+        SandboxSpec(internet=False, allow_out=(f"{public}/24",), deny_out=("0.0.0.0/0",))
+    )
+    try:
+        allowed = await runtime.run(info.sandbox_id, curl(f"http://{public}:8080/"))
+        assert allowed.stdout == b"200", allowed  # an allow wins over internet off and denies
+        # No domain is allowed, so no DNS.
+        names = await runtime.run(info.sandbox_id, ["getent", "hosts", "example.test"])
+        assert names.exit_code != 0
+        # Never the always-blocked ranges, allowed or not.
+        private = await runtime.run(info.sandbox_id, curl(f"http://{internet['private']}:8080/"))
+        assert private.stdout != b"200"
+    finally:
+        await runtime.kill(info.sandbox_id)
+
+
+async def test_allowed_domains_with_internet_off(
+    runtime: LocalRuntime, internet: dict[str, str]
+) -> None:
+    public = internet["public"]
+    info = await runtime.create(SandboxSpec(internet=False, allow_out=("web.test", "*.api.test")))
+    sandbox_id = info.sandbox_id
+    try:
+        before = await runtime.run(sandbox_id, curl(f"http://{public}:8080/"))
+        assert before.stdout != b"200"  # not yet: nothing resolved
+        other = await runtime.run(sandbox_id, ["getent", "hosts", "other.test"])
+        assert other.exit_code != 0  # names it does not allow are not answered
+        resolved = await run_ok(runtime, sandbox_id, "getent hosts web.test")
+        assert resolved.split()[0] == public
+        fetched = await runtime.run(sandbox_id, curl("http://web.test:8080/"))
+        assert fetched.stdout == b"200", fetched
+        sub = await run_ok(runtime, sandbox_id, "getent hosts v1.api.test")
+        assert sub.split()[0] == public
+        apex = await runtime.run(sandbox_id, ["getent", "hosts", "api.test"])
+        assert apex.exit_code != 0  # "*." names subdomains only
+    finally:
+        await runtime.kill(sandbox_id)
+    # Everything the sandbox's rules added is gone with it, learned addresses included.
+    assert _table_elements(info.address) == []
+
+
+async def test_egress_rules_are_checked(runtime: LocalRuntime) -> None:
+    for spec in (
+        SandboxSpec(deny_out=("example.com",)),  # deny takes addresses only
+        SandboxSpec(allow_out=("not a name!",)),
+        SandboxSpec(allow_out=("2001:db8::/32",)),
+        SandboxSpec(allow_out=tuple(f"10.0.{i}.0/24" for i in range(101))),
+    ):
+        with pytest.raises(InvalidSpec):
+            await runtime.create(spec)

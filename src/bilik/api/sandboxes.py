@@ -75,6 +75,20 @@ def _timeout(data: dict[str, Any], default: int | None) -> int | None:
     return value
 
 
+def _egress(data: dict[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """E2B's ``network.allowOut`` and ``network.denyOut`` (checked in full by the runtime)."""
+    network = data.get("network") or {}
+    if not isinstance(network, dict):
+        raise ApiError(400, "network must be an object")
+    rules = []
+    for name in ("allowOut", "denyOut"):
+        value = network.get(name) or []
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ApiError(400, f"network.{name} must be a list of strings")
+        rules.append(tuple(value))
+    return rules[0], rules[1]
+
+
 def _limits(data: dict[str, Any]) -> Limits:
     """CPU and memory a create asks for (bilik's extension: E2B takes them from the template)."""
     default = Limits()
@@ -166,9 +180,12 @@ async def create(request: Request) -> Response:
     limiter: CreateLimiter = request.app.state.limiter
     # Creates of this key still under way count too, or concurrent ones could pass the cap.
     limiter.check(key, running + limiter.pending[key.id], timeout, limits.cpu, limits.memory_mb)
+    allow_out, deny_out = _egress(data)
     spec = SandboxSpec(
         template=template,
         limits=limits,
+        allow_out=allow_out,
+        deny_out=deny_out,
         timeout_s=timeout,
         internet=internet,
         env=_strings(data, "envVars"),

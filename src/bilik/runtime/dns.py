@@ -3,15 +3,22 @@
 Sandboxes get ``nameserver <gateway>`` in their resolv.conf. The forwarder relays each query to
 the host's own resolvers (or ``BILIK_DNS_UPSTREAM``) and the answer back; the nftables rules let
 sandboxes reach the gateway on port 53 and nothing else of the host, and sandboxes with internet
-off are not answered at all (DNS would otherwise be a way out).
+off are not answered at all (DNS would otherwise be a way out), unless they allow some domain
+names: then those names, and only those, are answered.
+
+A sandbox that allows a domain may reach the addresses its answers hold, for their lifetime:
+the forwarder adds them to the sandbox's rules before the answer goes back (``learn``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import socket
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger("bilik.dns")
@@ -21,6 +28,74 @@ QUERY_TIMEOUT_S = 4.0
 MAX_PENDING_QUERIES = 256
 MAX_TCP_CLIENTS = 64
 TCP_IDLE_S = 10.0
+# How long an address learned from an answer stays reachable, whatever the answer's TTL says.
+LEARN_TTL_S = (30, 3600)
+
+
+@dataclasses.dataclass(frozen=True)
+class DnsPolicy:
+    """What one sandbox may ask: everything (internet on), and which names to learn from."""
+
+    internet: bool
+    domains: list[str]
+
+    def allows(self, name: str) -> bool:
+        return any(name.endswith(d[1:]) if d.startswith("*.") else name == d for d in self.domains)
+
+
+def query_name(message: bytes) -> str | None:
+    """The name asked in a DNS message (lowercase, no trailing dot), if it is well formed."""
+    labels, at = [], 12
+    try:
+        while message[at]:
+            length = message[at]
+            if length > 63:
+                return None
+            labels.append(message[at + 1 : at + 1 + length].decode("ascii").lower())
+            at += 1 + length
+    except (IndexError, UnicodeDecodeError):
+        return None
+    return ".".join(labels)
+
+
+def refused(query: bytes) -> bytes:
+    """A REFUSED answer to ``query`` (its header and question, no records)."""
+    ident, flags = struct.unpack("!HH", query[:4])
+    name_end = query.index(b"\0", 12) + 5
+    header = struct.pack("!HHHHHH", ident, 0x8000 | (flags & 0x7900) | 5, 1, 0, 0, 0)
+    return header + query[12:name_end]
+
+
+def _skip_name(message: bytes, at: int) -> int:
+    while True:
+        length = message[at]
+        if length >= 0xC0:
+            return at + 2
+        if length == 0:
+            return at + 1
+        at += 1 + length
+
+
+def addresses(answer: bytes) -> tuple[list[str], int]:
+    """The IPv4 addresses an answer holds, and the shortest TTL among them."""
+    found: list[str] = []
+    ttl = LEARN_TTL_S[1]
+    try:
+        questions, records = struct.unpack("!HH", answer[4:8])
+        at = 12
+        for _ in range(questions):
+            at = _skip_name(answer, at) + 4
+        for _ in range(records):
+            at = _skip_name(answer, at)
+            rtype, _rclass, rttl, length = struct.unpack("!HHIH", answer[at : at + 10])
+            at += 10
+            if rtype == 1 and length == 4:
+                found.append(socket.inet_ntoa(answer[at : at + 4]))
+                ttl = min(ttl, rttl)
+            at += length
+    except (IndexError, struct.error):
+        pass
+    return found, max(LEARN_TTL_S[0], min(ttl, LEARN_TTL_S[1]))
 
 
 def host_resolvers(resolv_conf: Path = Path("/etc/resolv.conf")) -> list[str]:
@@ -75,11 +150,23 @@ async def _resolve(upstreams: list[str], query: bytes, *, tcp: bool) -> bytes | 
 
 
 class DnsForwarder:
-    """UDP and TCP port 53 on ``address``, relaying to ``upstreams``."""
+    """UDP and TCP port 53 on ``address``, relaying to ``upstreams``.
 
-    def __init__(self, address: str, upstreams: list[str]) -> None:
+    ``policy(source address)`` says what a sandbox may ask (None: answer as asked);
+    ``learn(source, addresses, ttl_s)`` lets it reach an allowed name's addresses (runs in a
+    thread: it changes firewall rules)."""
+
+    def __init__(
+        self,
+        address: str,
+        upstreams: list[str],
+        policy: Callable[[str], DnsPolicy | None] | None = None,
+        learn: Callable[[str, list[str], int], None] | None = None,
+    ) -> None:
         self.address = address
         self.upstreams = upstreams
+        self.policy = policy
+        self.learn = learn
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -107,10 +194,28 @@ class DnsForwarder:
         self._tcp = await asyncio.start_server(self._answer_tcp, self.address, 53)
         log.info("DNS forwarder on %s:53 → %s", self.address, ", ".join(self.upstreams))
 
+    async def _answer(self, source: str, query: bytes, *, tcp: bool) -> bytes | None:
+        policy = self.policy(source) if self.policy else None
+        name = query_name(query)
+        if name is None:
+            return None
+        allowed = policy is not None and policy.allows(name)
+        if policy is not None and not policy.internet and not allowed:
+            return refused(query)
+        answer = await _resolve(self.upstreams, query, tcp=tcp)
+        if answer is not None and allowed and self.learn is not None:
+            found, ttl = addresses(answer)
+            if found:
+                try:
+                    await asyncio.to_thread(self.learn, source, found, ttl)
+                except Exception as e:  # the name stays unreachable: say so, answer anyway
+                    log.warning("could not allow %s for %s: %s", found, source, e)
+        return answer
+
     async def _answer_udp(
         self, transport: asyncio.BaseTransport, query: bytes, addr: tuple[str, int]
     ) -> None:
-        answer = await _resolve(self.upstreams, query, tcp=False)
+        answer = await self._answer(addr[0], query, tcp=False)
         if answer is not None and not transport.is_closing():
             transport.sendto(answer, addr)  # type: ignore[attr-defined]
 
@@ -124,7 +229,8 @@ class DnsForwarder:
                 header = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE_S)
                 (length,) = struct.unpack("!H", header)
                 query = await asyncio.wait_for(reader.readexactly(length), TCP_IDLE_S)
-                answer = await _resolve(self.upstreams, query, tcp=True)
+                source = writer.get_extra_info("peername")[0]
+                answer = await self._answer(source, query, tcp=True)
                 if answer is None:
                     return
                 writer.write(struct.pack("!H", len(answer)) + answer)

@@ -21,7 +21,7 @@ from pathlib import Path
 from ..config import Settings
 from . import agent_python, agents, base_image, cgroups, disk, oci, syscalls
 from .base import ExecResult, Process, SandboxInfo, Usage
-from .dns import DnsForwarder, host_resolvers
+from .dns import DnsForwarder, DnsPolicy, host_resolvers
 from .envd_zygote import EnvdZygote
 from .errors import InvalidSpec, SandboxExists, SandboxNotFound, StepFailed
 from .fsutil import file_lock, lock_fd, write_text
@@ -29,7 +29,7 @@ from .layers import Image, LayerStore
 from .network import HostNetwork
 from .ocicli import RUNTIMES, OciCli
 from .records import RecordStore, SandboxRecord
-from .spec import SandboxSpec, is_sandbox_id, new_sandbox_id
+from .spec import SandboxSpec, egress_rule, is_sandbox_id, new_sandbox_id
 
 Log = Callable[[str], None]
 
@@ -88,6 +88,8 @@ class LocalRuntime:
         self._oci: dict[str, OciCli] = {}
         self.zygote = EnvdZygote(self.runtime_dir / "agents")
         self._init_fds: dict[str, tuple[int, asyncio.AbstractEventLoop]] = {}
+        self._by_address: dict[str, SandboxRecord] = {}
+        self._by_address_at = 0.0
         self._started = False
 
     # -- lifecycle of the runtime itself ------------------------------------------------------
@@ -117,7 +119,9 @@ class LocalRuntime:
     async def serve_dns(self) -> DnsForwarder:
         """Start the sandboxes' DNS forwarder on the gateway; the caller closes it."""
         upstreams = [u for u in self.settings.dns_upstream.split(",") if u] or host_resolvers()
-        forwarder = DnsForwarder(str(self.network.gateway), upstreams)
+        forwarder = DnsForwarder(
+            str(self.network.gateway), upstreams, policy=self.dns_policy, learn=self.network.learn
+        )
         await forwarder.start()
         return forwarder
 
@@ -333,6 +337,8 @@ class LocalRuntime:
                 workdir=image.workdir,
                 env={**image.env, **spec.env},
                 metadata=dict(spec.metadata),
+                allow_out=list(spec.allow_out),
+                deny_out=list(spec.deny_out),
             )
             self.records.save(record)
             return record
@@ -386,6 +392,7 @@ class LocalRuntime:
         )
         write_text(etc / "resolv.conf", f"nameserver {self.network.gateway}\n")
         netns = self.network.create(record.sandbox_id, record.address, record.internet)
+        self._set_egress(record, on=True)
         config = oci.config(
             sandbox_id=record.sandbox_id,
             rootfs=rootfs,
@@ -420,15 +427,49 @@ class LocalRuntime:
                 await self.oci(name).delete(sandbox_id)
             except StepFailed as e:
                 errors.append(str(e))
-        errors += await asyncio.to_thread(
-            self._release_host, sandbox_id, record.address if record else None
-        )
+        errors += await asyncio.to_thread(self._release_host, sandbox_id, record)
         if errors:
             raise StepFailed("release", "; ".join(errors))
 
-    def _release_host(self, sandbox_id: str, address: str | None) -> list[str]:
+    def _set_egress(self, record: SandboxRecord, *, on: bool) -> None:
+        rules = {
+            kind: [egress_rule(r, domains_ok=kind == "allow") for r in raw]
+            for kind, raw in (("allow", record.allow_out), ("deny", record.deny_out))
+        }
+        self.network.set_egress(
+            record.address,
+            [v for k, v in rules["allow"] if k == "cidr"],
+            [v for k, v in rules["deny"] if k == "cidr"],
+            any(k == "domain" for k, _ in rules["allow"]),
+            on=on,
+        )
+
+    def dns_policy(self, address: str) -> DnsPolicy | None:
+        """What the DNS forwarder may answer the sandbox at ``address`` (None: no sandbox)."""
+        record = self._by_address.get(address)
+        if record is None or time.monotonic() - self._by_address_at > 1:
+            self._by_address = {r.address: r for r in self.records.all()}
+            self._by_address_at = time.monotonic()
+            record = self._by_address.get(address)
+        if record is None:
+            return None
+        domains = [
+            value
+            for kind, value in (egress_rule(r, domains_ok=True) for r in record.allow_out)
+            if kind == "domain"
+        ]
+        return DnsPolicy(internet=record.internet, domains=domains)
+
+    def _release_host(self, sandbox_id: str, record: SandboxRecord | None) -> list[str]:
         d = self.records.dir(sandbox_id)
+        address = record.address if record else None
+
+        def egress() -> None:
+            if record is not None:
+                self._set_egress(record, on=False)
+
         steps: list[tuple[str, Callable[[], object]]] = [
+            ("egress", egress),
             ("network", lambda: self.network.delete(sandbox_id, address)),
             ("cgroups", lambda: cgroups.remove_cgroup(self.settings.instance, sandbox_id)),
             ("unmount", lambda: _umount_all(syscalls.mounted_under(str(d)))),

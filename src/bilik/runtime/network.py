@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import ipaddress
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -103,21 +104,35 @@ class HostNetwork:
         br, net = self.bridge, str(self.network)
         blocked = ", ".join(BLOCKED_V4)
         # Declaring the table first makes the delete valid when it does not exist yet, so the whole
-        # file replaces the table atomically. The offline set survives through re-adding.
-        offline = self.offline_addresses()
-        elements = f"elements = {{ {', '.join(offline)} }};" if offline else ""
+        # file replaces the table atomically. The sets' elements (the sandboxes' own rules)
+        # survive through re-adding.
+        kept = {name: self._elements(name) for name in PER_SANDBOX_SETS}
+
+        def elements(name: str) -> str:
+            return f"elements = {{ {', '.join(kept[name])} }};" if kept[name] else ""
+
         rules = f"""
 table inet {self.table} {{}}
 delete table inet {self.table}
 table inet {self.table} {{
   set blocked4 {{ type ipv4_addr; flags interval; elements = {{ {blocked} }}; }}
-  set offline4 {{ type ipv4_addr; {elements} }}
+  # sandboxes with internet off
+  set offline4 {{ type ipv4_addr; {elements("offline4")} }}
+  # sandboxes that may ask DNS even so (they allow some domains)
+  set dns4 {{ type ipv4_addr; {elements("dns4")} }}
+  # sandbox . destination: allowed (wins over internet off and denies), denied
+  set allow4 {{ type ipv4_addr . ipv4_addr; flags interval; {elements("allow4")} }}
+  set deny4 {{ type ipv4_addr . ipv4_addr; flags interval; {elements("deny4")} }}
+  # sandbox . address its DNS answered for an allowed domain, for the answer's lifetime
+  set learned4 {{ type ipv4_addr . ipv4_addr; flags timeout; {elements("learned4")} }}
   chain input {{
     type filter hook input priority filter - 10; policy accept;
     iifname "{br}" ct state established,related accept
     # Segments conntrack cannot place (stray ones of a connection already gone, say) are
     # dropped quietly rather than answered.
     iifname "{br}" ct state invalid drop
+    iifname "{br}" ip saddr @dns4 ip daddr {self.gateway} udp dport 53 accept
+    iifname "{br}" ip saddr @dns4 ip daddr {self.gateway} tcp dport 53 accept
     iifname "{br}" ip saddr @offline4 reject with icmp type admin-prohibited
     iifname "{br}" ip daddr {self.gateway} udp dport 53 accept
     iifname "{br}" ip daddr {self.gateway} tcp dport 53 accept
@@ -125,10 +140,15 @@ table inet {self.table} {{
   }}
   chain forward {{
     type filter hook forward priority filter - 10; policy accept;
-    iifname "{br}" ip saddr @offline4 reject with icmp type admin-prohibited
     iifname "{br}" oifname "{br}" drop
     iifname "{br}" ip daddr @blocked4 reject with icmp type admin-prohibited
     iifname "{br}" meta nfproto ipv6 drop
+    # A connection allowed when it began stays allowed (a learned address may expire meanwhile).
+    iifname "{br}" ct state established,related accept
+    iifname "{br}" ip saddr . ip daddr @allow4 accept
+    iifname "{br}" ip saddr . ip daddr @learned4 accept
+    iifname "{br}" ip saddr @offline4 reject with icmp type admin-prohibited
+    iifname "{br}" ip saddr . ip daddr @deny4 reject with icmp type admin-prohibited
     iifname "{br}" accept
     oifname "{br}" ct state established,related accept
     oifname "{br}" drop;
@@ -141,17 +161,26 @@ table inet {self.table} {{
 """
         _nft(rules)
 
-    def offline_addresses(self) -> list[str]:
+    def _elements(self, name: str) -> list[str]:
+        """The elements of one of the table's sets, as nft writes them (none: no table yet)."""
         try:
-            out = _nft_capture(f"list set inet {self.table} offline4")
+            out = json.loads(_nft_capture(f"-j list set inet {self.table} {name}"))
         except StepFailed as e:
-            if "No such file or directory" in e.detail:  # no table yet
+            if "No such file or directory" in e.detail:
                 return []
             raise
-        if "elements" not in out:
-            return []
-        body = out.split("elements = {", 1)[1].split("}", 1)[0]
-        return [e.strip() for e in body.split(",") if e.strip()]
+        found = []
+        for item in out["nftables"]:
+            for element in item.get("set", {}).get("elem", []):
+                timeout = ""
+                if isinstance(element, dict) and "elem" in element:
+                    timeout = f" timeout {max(1, element['elem'].get('expires', 1))}s"
+                    element = element["elem"]["val"]
+                found.append(_element_text(element) + timeout)
+        return found
+
+    def offline_addresses(self) -> list[str]:
+        return self._elements("offline4")
 
     def teardown(self) -> None:
         """Remove the bridge and the rules (used when an instance is removed, e.g. by tests)."""
@@ -213,6 +242,42 @@ table inet {self.table} {{
             elif address in self.offline_addresses():
                 _nft(f"delete element inet {self.table} offline4 {{ {address} }}\n")
 
+    def set_egress(
+        self, address: str, allow: list[str], deny: list[str], domains: bool, *, on: bool
+    ) -> None:
+        """Add (or remove) a sandbox's own allow and deny CIDRs; ``domains``: it allows some
+        domain names, so may ask DNS even with internet off. Adding fails loudly."""
+        parts = [
+            f"{'add' if on else 'delete'} element inet {self.table} {name} {{ {items} }}\n"
+            for name, items in (
+                ("allow4", ", ".join(f"{address} . {c}" for c in allow)),
+                ("deny4", ", ".join(f"{address} . {c}" for c in deny)),
+                ("dns4", address if domains else ""),
+            )
+            if items
+        ]
+        if not parts:
+            return
+        with self._rules_lock():
+            if on:
+                _nft("".join(parts))
+            else:
+                for part in parts:  # each independently: what is already gone is no error
+                    with contextlib.suppress(StepFailed):
+                        _nft(part)
+                learned = [e for e in self._elements("learned4") if e.startswith(f"{address} .")]
+                if learned:
+                    items = ", ".join(e.split(" timeout")[0] for e in learned)
+                    with contextlib.suppress(StepFailed):
+                        _nft(f"delete element inet {self.table} learned4 {{ {items} }}\n")
+
+    def learn(self, address: str, destinations: list[str], ttl_s: int) -> None:
+        """Let the sandbox at ``address`` reach ``destinations`` (the answer of a DNS query for
+        a domain it allows) for ``ttl_s`` seconds."""
+        items = ", ".join(f"{address} . {d} timeout {ttl_s}s" for d in destinations)
+        if items:
+            _nft(f"add element inet {self.table} learned4 {{ {items} }}\n")
+
     def delete(self, sandbox_id: str, address: str | None) -> None:
         """Release everything ``create`` made; safe to call on a half-made or missing sandbox."""
         path = self.netns_path(sandbox_id)
@@ -261,6 +326,22 @@ def _new_netns(path: Path) -> IPRoute:
             syscalls.setns(home, syscalls.CLONE_NEWNET)
     finally:
         os.close(home)
+
+
+# Sets whose elements belong to sandboxes (kept when the table is reloaded).
+PER_SANDBOX_SETS = ("offline4", "dns4", "allow4", "deny4", "learned4")
+
+
+def _element_text(element: object) -> str:
+    """One set element of ``nft -j`` output in nft's own syntax."""
+    if isinstance(element, dict) and "concat" in element:
+        return " . ".join(_element_text(part) for part in element["concat"])
+    if isinstance(element, dict) and "prefix" in element:
+        return f"{element['prefix']['addr']}/{element['prefix']['len']}"
+    if isinstance(element, dict) and "range" in element:
+        low, high = element["range"]
+        return f"{low}-{high}"
+    return str(element)
 
 
 def _nft(script: str) -> None:

@@ -37,6 +37,8 @@ class SandboxRecord:
     # runs, without asking the OCI runtime (0 until it started).
     init_pid: int = 0
     init_start: int = 0
+    allow_out: list[str] = dataclasses.field(default_factory=list)
+    deny_out: list[str] = dataclasses.field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 import secrets
 import string
@@ -56,6 +57,10 @@ class SandboxSpec:
     metadata: dict[str, str] = dataclasses.field(default_factory=dict)
     # What envd asks of every client but for health and files (none: it asks nothing).
     access_token: str = ""
+    # Egress rules beyond internet on/off: addresses and CIDRs (and, to allow, domain names)
+    # this sandbox may or may not reach. An allow wins over a deny and over internet off.
+    allow_out: tuple[str, ...] = ()
+    deny_out: tuple[str, ...] = ()
 
     def validate(
         self,
@@ -76,11 +81,42 @@ class SandboxSpec:
             raise InvalidSpec(f"sandbox id {self.sandbox_id!r} must be 8-32 of [a-z0-9]")
         if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$", self.template):
             raise InvalidSpec(f"template name {self.template!r} is not valid")
+        for rules, domains_ok in ((self.allow_out, True), (self.deny_out, False)):
+            if len(rules) > MAX_EGRESS_RULES:
+                raise InvalidSpec(f"at most {MAX_EGRESS_RULES} egress rules of each kind")
+            for rule in rules:
+                egress_rule(rule, domains_ok=domains_ok)
         for name, value in self.env.items():
             if not _ENV_NAME_RE.match(name):
                 raise InvalidSpec(f"environment variable name {name!r} is not valid")
             if "\0" in value:
                 raise InvalidSpec(f"environment variable {name!r} contains a NUL byte")
+
+
+MAX_EGRESS_RULES = 100
+_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+# A name, or "*." and a name (its subdomains).
+_DOMAIN_RE = re.compile(rf"^(\*\.)?({_LABEL}\.)*{_LABEL}$")
+
+
+def egress_rule(rule: object, *, domains_ok: bool) -> tuple[str, str]:
+    """``("cidr", "a.b.c.d/n")`` or ``("domain", "name")`` for one allow or deny entry."""
+    if not isinstance(rule, str) or not rule:
+        raise InvalidSpec(f"egress rule {rule!r} must be an address, a CIDR or a domain name")
+    try:
+        network = ipaddress.ip_network(rule, strict=False)
+    except ValueError:
+        network = None
+    if network is None:
+        name = rule.lower().rstrip(".")
+        if not domains_ok:
+            raise InvalidSpec(f"deny rules take addresses and CIDRs only, not {rule!r}")
+        if len(name) > 253 or not _DOMAIN_RE.match(name):
+            raise InvalidSpec(f"egress rule {rule!r} is not an address, CIDR or domain name")
+        return "domain", name
+    if network.version != 4:
+        raise InvalidSpec(f"egress rule {rule!r}: sandboxes have no IPv6 to filter")
+    return "cidr", str(network)
 
 
 def _check_range(name: str, value: float, low: float, high: float) -> None:
