@@ -18,6 +18,8 @@ packages=(
   # what every sandbox gets from the host, independent of its image: PID 1 and a shell (static
   # builds), and a Python for in-sandbox agents (patched to load only its own libraries)
   tini busybox-static patchelf
+  # envd joins sandboxes from the host with their own seccomp filter (libseccomp, as crun does)
+  libseccomp2
   # the server
   python3 python3-venv ca-certificates curl
 )

@@ -94,8 +94,15 @@ async def test_keepalives_while_silent(envd: tuple[SandboxInfo, httpx.AsyncClien
     assert kinds.count("keepalive") >= 2
 
 
-async def test_plain_endpoints(envd: tuple[SandboxInfo, httpx.AsyncClient]) -> None:
-    _, client = envd
+async def test_plain_endpoints(
+    runtime: LocalRuntime, envd: tuple[SandboxInfo, httpx.AsyncClient]
+) -> None:
+    info, client = envd
+    # Inside the sandbox envd answers on E2B's port too.
+    inside = await run_ok(
+        runtime, info.sandbox_id, "curl -s -o /dev/null -w '%{http_code}' localhost:49983/health"
+    )
+    assert inside == "204"
     assert (await client.get("/health", headers={"X-Access-Token": ""})).status_code == 204
     envs = await client.get("/envs")
     assert envs.status_code == 200 and envs.json()["TEAM"] == "blue"
