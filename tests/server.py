@@ -88,7 +88,12 @@ class BilikServer:
         return (SERVER_SETTINGS.data_dir / "api-key").read_text().strip()
 
     def _env(self) -> dict[str, str]:
-        return {**settings_env(SERVER_SETTINGS), "BILIK_DATABASE_URL": self.database_url}
+        return {
+            **settings_env(SERVER_SETTINGS),
+            "BILIK_DATABASE_URL": self.database_url,
+            # Templates whose ready check never passes fail in seconds, not a minute.
+            "BILIK_READY_TIMEOUT_S": "5",
+        }
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

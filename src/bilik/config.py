@@ -41,6 +41,8 @@ class Settings:
     domain: str = "localhost"
     host: str = "127.0.0.1"
     port: int = 3000
+    # How long a template's ready check may take to pass when a sandbox starts.
+    ready_timeout_s: int = 60
     caps: Caps = dataclasses.field(default_factory=Caps)
 
     @classmethod

@@ -19,7 +19,8 @@ from ..config import Settings
 from ..plane import SandboxPlane
 from ..runtime import LocalRuntime
 from ..store import Store, database_url
-from . import openapi, sandboxes
+from ..templates import TemplateService
+from . import openapi, sandboxes, templates
 from .errors import ApiError, handle_api_error, handle_http_error, handle_unexpected
 from .limits import CreateLimiter
 
@@ -65,6 +66,9 @@ def create_app(settings: Settings) -> SandboxPlane:
         await ensure_first_key(store, settings.data_dir)
         await runtime.start()
         await runtime.reconcile()
+        app.state.templates = TemplateService(runtime, store, settings.data_dir)
+        for build_id in await store.templates.abandon_unfinished():
+            log.warning("build %s was cut short by a stop of the server", build_id)
         # The runtime's truth wins: forget sandboxes that no longer exist.
         live = {info.sandbox_id for info in await runtime.list()}
         await store.sandboxes.remove(*(await store.sandboxes.ids() - live))
@@ -75,6 +79,7 @@ def create_app(settings: Settings) -> SandboxPlane:
             yield
         finally:
             task.cancel()
+            await app.state.templates.close()
             await dns.close()
             await runtime.close()
             await store.close()
@@ -90,6 +95,7 @@ def create_app(settings: Settings) -> SandboxPlane:
             Route("/health", health),
             Route("/openapi.json", openapi.openapi),
             *sandboxes.routes,
+            *templates.routes,
         ],
         lifespan=lifespan,
         exception_handlers={

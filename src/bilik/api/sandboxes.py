@@ -89,9 +89,9 @@ def _egress(data: dict[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return rules[0], rules[1]
 
 
-def _limits(data: dict[str, Any]) -> Limits:
-    """CPU and memory a create asks for (bilik's extension: E2B takes them from the template)."""
-    default = Limits()
+def _limits(data: dict[str, Any], default: Limits) -> Limits:
+    """CPU and memory a create asks for (bilik's extension: E2B takes them from the template,
+    which gives the defaults)."""
     cpu, memory = data.get("cpuCount", default.cpu), data.get("memoryMB", default.memory_mb)
     for name, value in (("cpuCount", cpu), ("memoryMB", memory)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -176,13 +176,24 @@ async def create(request: Request) -> Response:
     timeout = _timeout(data, 300)
     assert timeout is not None
     running = sum(1 for r in await store.sandboxes.of_key(key.id) if _recorded(request, r.id))
-    limits = _limits(data)
+    image = "base"
+    default = Limits()
+    if template != "base":
+        # A template of the key's own, by id or name, with a finished build.
+        row = await store.templates.get(template, key.id)
+        if row is None:
+            raise ApiError(404, f"template {template!r} not found")
+        if row.ready_build_id is None:
+            raise ApiError(400, f"template {template!r} has no finished build yet")
+        image = row.id
+        default = dataclasses.replace(default, cpu=row.cpu_count, memory_mb=row.memory_mb)
+    limits = _limits(data, default)
     limiter: CreateLimiter = request.app.state.limiter
     # Creates of this key still under way count too, or concurrent ones could pass the cap.
     limiter.check(key, running + limiter.pending[key.id], timeout, limits.cpu, limits.memory_mb)
     allow_out, deny_out = _egress(data)
     spec = SandboxSpec(
-        template=template,
+        template=image,
         limits=limits,
         allow_out=allow_out,
         deny_out=deny_out,

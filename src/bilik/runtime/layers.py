@@ -40,6 +40,10 @@ class Image:
     # The OCI runtime its sandboxes run under unless a create names one; None: the server's.
     # Layers for runsc are stored unshifted (gVisor takes no host user namespace).
     oci_runtime: str | None = None
+    # Started in every new sandbox (as ``user``, in ``workdir``); the create returns once
+    # ``ready_cmd`` succeeds.
+    start_cmd: str | None = None
+    ready_cmd: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "layers": list(self.layers)}
@@ -53,6 +57,8 @@ class Image:
             user=data.get("user", "user"),
             workdir=data.get("workdir", "/home/user"),
             oci_runtime=data.get("oci_runtime"),
+            start_cmd=data.get("start_cmd"),
+            ready_cmd=data.get("ready_cmd"),
         )
 
 

@@ -22,6 +22,7 @@ from ..config import Settings
 from . import agent_python, agents, base_image, cgroups, disk, oci, syscalls
 from .base import ExecResult, Process, SandboxInfo, Usage
 from .dns import DnsForwarder, DnsPolicy, host_resolvers
+from .envd_client import EnvdClient
 from .envd_zygote import EnvdZygote
 from .errors import InvalidSpec, SandboxExists, SandboxNotFound, StepFailed
 from .fsutil import file_lock, lock_fd, write_text
@@ -225,6 +226,8 @@ class LocalRuntime:
                     if oci_cli.name != "runsc":
                         await self.zygote.spawn(pid, oci.CONTROL_MOUNT)
                     await self._wait_for_envd(record)
+                    if image.start_cmd:
+                        await self._start_workload(record, image)
                     undo.pop_all()
             except OSError as e:
                 raise StepFailed("create", str(e)) from e
@@ -267,6 +270,27 @@ class LocalRuntime:
             await self.zygote.spawn(pid, oci.CONTROL_MOUNT)
             await self._wait_for_envd(record)
             return True
+
+    def envd(self, sandbox_id: str) -> EnvdClient:
+        """A client of the sandbox's envd, for the runtime's own work inside it."""
+        record = self._record(sandbox_id)
+        control = self.records.dir(sandbox_id) / "control"
+        token = json.loads((control / ENVD_CONFIG).read_text()).get("access_token", "")
+        return EnvdClient(self.envd_socket(sandbox_id), record.address, token)
+
+    async def _start_workload(self, record: SandboxRecord, image: Image) -> None:
+        """Start the template's start command, and wait until its ready check passes."""
+        assert image.start_cmd is not None
+        async with self.envd(record.sandbox_id) as envd:
+            await envd.start(image.start_cmd, user=image.user, cwd=image.workdir, tag="start_cmd")
+            if image.ready_cmd:
+                await wait_ready(
+                    envd,
+                    image.ready_cmd,
+                    image.user,
+                    image.workdir,
+                    self.settings.ready_timeout_s,
+                )
 
     async def _wait_for_envd(self, record: SandboxRecord) -> None:
         """Until the new sandbox's envd answers: a create returns a sandbox ready for use."""
@@ -725,6 +749,24 @@ class LocalRuntime:
             feeder.cancel()
         code = await proc.wait()
         return ExecResult(code, b"".join(out["stdout"]), b"".join(out["stderr"]))
+
+
+async def wait_ready(
+    envd: EnvdClient, ready_cmd: str, user: str, workdir: str, timeout_s: float
+) -> None:
+    """Run ``ready_cmd`` until it succeeds; StepFailed after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        last = await envd.run(ready_cmd, user=user, cwd=workdir, timeout_s=10)
+        if last.exit_code == 0:
+            return
+        if time.monotonic() > deadline:
+            raise StepFailed(
+                "ready-check",
+                f"'{ready_cmd}' did not succeed within {timeout_s:.0f} s "
+                f"(last exit {last.exit_code}: {last.output.strip()[-500:]})",
+            )
+        await asyncio.sleep(0.1)
 
 
 def _start_time(pid: int) -> int:

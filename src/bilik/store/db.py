@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from . import keys, sandboxes, schema
+from . import keys, sandboxes, schema, templates
 
 
 def database_url(data_dir: Path, url: str = "") -> str:
@@ -38,6 +38,7 @@ class Store:
         self.engine = engine
         self.keys = keys.KeyStore(engine)
         self.sandboxes = sandboxes.SandboxStore(engine)
+        self.templates = templates.TemplateStore(engine)
 
     @classmethod
     async def open(cls, url: str) -> Store:

@@ -48,6 +48,33 @@ sandboxes = sa.Table(
 )
 
 
+# A key's templates: a name the key picks, its latest build and what sandboxes get by default.
+templates = sa.Table(
+    "templates",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("key_id", sa.String(32), nullable=False, index=True),
+    sa.Column("name", sa.String(128), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("cpu_count", sa.Integer, nullable=False),
+    sa.Column("memory_mb", sa.Integer, nullable=False),
+    # The build that made the image sandboxes start from (NULL until one is ready).
+    sa.Column("ready_build_id", sa.String(64), nullable=True),
+    sa.UniqueConstraint("key_id", "name"),
+)
+
+template_builds = sa.Table(
+    "template_builds",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("template_id", sa.String(32), nullable=False, index=True),
+    sa.Column("status", sa.String(16), nullable=False),  # waiting building ready error
+    sa.Column("reason", sa.Text, nullable=True),  # JSON {message, step?} when it failed
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("finished_at", sa.Float, nullable=True),
+)
+
+
 # Each migration spells out its own DDL: the tables above describe the latest schema, and a
 # migration must keep doing exactly what it did when it was released.
 
@@ -113,6 +140,33 @@ def _v5_key_resource_caps(conn: Connection) -> None:
         conn.execute(sa.text(f"ALTER TABLE api_keys ADD COLUMN {column} INTEGER"))
 
 
+def _v6_templates(conn: Connection) -> None:
+    meta = sa.MetaData()
+    sa.Table(
+        "templates",
+        meta,
+        sa.Column("id", sa.String(32), primary_key=True),
+        sa.Column("key_id", sa.String(32), nullable=False, index=True),
+        sa.Column("name", sa.String(128), nullable=False),
+        sa.Column("created_at", sa.Float, nullable=False),
+        sa.Column("cpu_count", sa.Integer, nullable=False),
+        sa.Column("memory_mb", sa.Integer, nullable=False),
+        sa.Column("ready_build_id", sa.String(64), nullable=True),
+        sa.UniqueConstraint("key_id", "name"),
+    )
+    sa.Table(
+        "template_builds",
+        meta,
+        sa.Column("id", sa.String(64), primary_key=True),
+        sa.Column("template_id", sa.String(32), nullable=False, index=True),
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("reason", sa.Text, nullable=True),
+        sa.Column("created_at", sa.Float, nullable=False),
+        sa.Column("finished_at", sa.Float, nullable=True),
+    )
+    meta.create_all(conn)
+
+
 # Append only: a released migration never changes, a new one goes at the end.
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _v1_api_keys,
@@ -120,6 +174,7 @@ MIGRATIONS: list[Callable[[Connection], None]] = [
     _v3_key_caps,
     _v4_idempotency,
     _v5_key_resource_caps,
+    _v6_templates,
 ]
 
 

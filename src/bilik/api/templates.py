@@ -1,0 +1,202 @@
+"""E2B's template build API: request a build, upload COPY files, start it, follow its logs."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from ..runtime.spec import Limits
+from ..store import Store
+from ..store.templates import TemplateRow
+from ..templates import BadUpload, TemplateService
+from .auth import authenticate
+from .errors import ApiError
+from .sandboxes import _json_object, _rfc3339
+
+# At most this many log entries per status call (as E2B's API).
+LOGS_PAGE = 100
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
+
+
+def _service(request: Request) -> TemplateService:
+    service: TemplateService = request.app.state.templates
+    return service
+
+
+def _store(request: Request) -> Store:
+    store: Store = request.app.state.store
+    return store
+
+
+def _positive(data: dict[str, Any], name: str, default: int) -> int:
+    value = data.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ApiError(400, f"{name} must be a whole number, at least 1; got {value!r}")
+    return value
+
+
+async def request_build(request: Request) -> Response:
+    """``POST /v3/templates``: a template (new, or the key's one of that name) and a build."""
+    key = await authenticate(request)
+    data = await _json_object(request)
+    name = data.get("name") or data.get("alias")
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ApiError(400, "name must be 1-128 of lowercase letters, digits, '.', '_' and '-'")
+    if name == "base":
+        raise ApiError(400, "'base' is bilik's own template; pick another name")
+    default = Limits()
+    cpu = _positive(data, "cpuCount", int(default.cpu))
+    memory = _positive(data, "memoryMB", default.memory_mb)
+    for asked, cap, what in ((cpu, key.caps.max_cpu, "vCPUs"), (memory, key.caps.max_memory_mb,
+                                                                  "memory (MiB)")):  # fmt: skip
+        if cap is not None and asked > cap:
+            raise ApiError(400, f"{what} {asked} is more than this key may ask for ({cap})")
+    template, build = await _store(request).templates.request_build(key.id, name, cpu, memory)
+    return JSONResponse(
+        {
+            "templateID": template.id,
+            "buildID": build.id,
+            "public": False,
+            "names": [template.name],
+            "tags": [],
+            "aliases": [template.name],
+        },
+        status_code=202,
+    )
+
+
+async def _template(request: Request) -> TemplateRow:
+    key = await authenticate(request)
+    template_id = request.path_params["template_id"]
+    template = await _store(request).templates.get(template_id, key.id)
+    if template is None:
+        raise ApiError(404, f"template {template_id!r} not found")
+    return template
+
+
+async def file_upload_link(request: Request) -> Response:
+    """``GET /templates/{id}/files/{hash}``: whether the files are here, else where to PUT."""
+    template = await _template(request)
+    files = _service(request).files
+    files_hash = request.path_params["files_hash"]
+    try:
+        present = files.present(template.id, files_hash)
+    except BadUpload as e:
+        raise ApiError(400, str(e)) from None
+    body: dict[str, Any] = {"present": present}
+    if not present:
+        token = files.upload_token(template.id, files_hash)
+        body["url"] = str(request.base_url).rstrip("/") + f"/upload/{token}"
+    return JSONResponse(body, status_code=201)
+
+
+async def upload(request: Request) -> Response:
+    """``PUT /upload/{token}``: the files of a COPY step (the token is the authorization)."""
+    files = _service(request).files
+    try:
+        template_id, files_hash = files.redeem(request.path_params["token"])
+    except BadUpload as e:
+        raise ApiError(403, str(e)) from None
+    partial = files.receiving(template_id, files_hash)
+    try:
+        with open(partial, "wb") as f:
+            async for chunk in request.stream():
+                f.write(chunk)
+        files.keep(partial, template_id, files_hash)
+    finally:
+        partial.unlink(missing_ok=True)
+    return Response(status_code=200)
+
+
+async def start_build(request: Request) -> Response:
+    """``POST /v2/templates/{id}/builds/{buildID}``: the steps; the build runs from here."""
+    template = await _template(request)
+    build = await _store(request).templates.build(request.path_params["build_id"])
+    if build is None or build.template_id != template.id:
+        raise ApiError(404, f"build {request.path_params['build_id']!r} not found")
+    if build.status != "waiting":
+        raise ApiError(409, f"build {build.id} has already started ({build.status})")
+    spec = await _json_object(request)
+    if not isinstance(spec.get("steps", []), list):
+        raise ApiError(400, "steps must be a list")
+    _service(request).start(template, build, spec)
+    return Response(status_code=202)
+
+
+async def build_status(request: Request) -> Response:
+    """``GET /templates/{id}/builds/{buildID}/status``: status and logs from ``logsOffset``."""
+    template = await _template(request)
+    build = await _store(request).templates.build(request.path_params["build_id"])
+    if build is None or build.template_id != template.id:
+        raise ApiError(404, f"build {request.path_params['build_id']!r} not found")
+    try:
+        offset = max(0, int(request.query_params.get("logsOffset", "0")))
+        limit = min(LOGS_PAGE, max(1, int(request.query_params.get("limit", LOGS_PAGE))))
+    except ValueError:
+        raise ApiError(400, "logsOffset and limit must be whole numbers") from None
+    entries = _service(request).log_of(build.id).entries[offset : offset + limit]
+    body: dict[str, Any] = {
+        "templateID": template.id,
+        "buildID": build.id,
+        "status": build.status,
+        "logs": [e.message for e in entries],
+        "logEntries": [e.to_json() for e in entries],
+    }
+    if build.reason:
+        body["reason"] = build.reason
+    return JSONResponse(body)
+
+
+async def by_alias(request: Request) -> Response:
+    """``GET /templates/aliases/{alias}``: 200 when the key has a template of that name."""
+    key = await authenticate(request)
+    alias = request.path_params["alias"]
+    template = await _store(request).templates.get(alias, key.id)
+    if template is None:
+        raise ApiError(404, f"template {alias!r} not found")
+    return JSONResponse({"templateID": template.id, "public": False})
+
+
+async def list_templates(request: Request) -> Response:
+    key = await authenticate(request)
+    rows = await _store(request).templates.of_key(key.id)
+    return JSONResponse(
+        [
+            {
+                "templateID": t.id,
+                "buildID": t.ready_build_id or "",
+                "cpuCount": t.cpu_count,
+                "memoryMB": t.memory_mb,
+                "public": False,
+                "aliases": [t.name],
+                "names": [t.name],
+                "createdAt": _rfc3339(t.created_at),
+                "updatedAt": _rfc3339(t.created_at),
+                "buildStatus": "ready" if t.ready_build_id else "waiting",
+            }
+            for t in rows
+        ]
+    )
+
+
+async def delete_template(request: Request) -> Response:
+    template = await _template(request)
+    await _store(request).templates.remove(template.id)
+    request.app.state.runtime.layers.remove_image(template.id)
+    return Response(status_code=204)
+
+
+routes = [
+    Route("/v3/templates", request_build, methods=["POST"]),
+    Route("/templates", list_templates, methods=["GET"]),
+    Route("/templates/aliases/{alias}", by_alias, methods=["GET"]),
+    Route("/templates/{template_id}", delete_template, methods=["DELETE"]),
+    Route("/templates/{template_id}/files/{files_hash}", file_upload_link, methods=["GET"]),
+    Route("/upload/{token}", upload, methods=["PUT"]),
+    Route("/v2/templates/{template_id}/builds/{build_id}", start_build, methods=["POST"]),
+    Route("/templates/{template_id}/builds/{build_id}/status", build_status, methods=["GET"]),
+]

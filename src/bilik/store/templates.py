@@ -1,0 +1,169 @@
+"""Templates a key owns, and their builds."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import secrets
+import time
+import uuid
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from .schema import template_builds, templates
+
+
+@dataclasses.dataclass(frozen=True)
+class TemplateRow:
+    id: str
+    key_id: str
+    name: str
+    created_at: float
+    cpu_count: int
+    memory_mb: int
+    ready_build_id: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildRow:
+    id: str
+    template_id: str
+    status: str
+    reason: dict[str, Any] | None
+    created_at: float
+    finished_at: float | None
+
+
+def _template(row: Any) -> TemplateRow:
+    return TemplateRow(
+        row.id,
+        row.key_id,
+        row.name,
+        row.created_at,
+        row.cpu_count,
+        row.memory_mb,
+        row.ready_build_id,
+    )
+
+
+def _build(row: Any) -> BuildRow:
+    reason = json.loads(row.reason) if row.reason else None
+    return BuildRow(row.id, row.template_id, row.status, reason, row.created_at, row.finished_at)
+
+
+class TemplateStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def request_build(
+        self, key_id: str, name: str, cpu_count: int, memory_mb: int
+    ) -> tuple[TemplateRow, BuildRow]:
+        """The key's template called ``name`` (made now if new) and a new build of it."""
+        for _ in range(3):  # a concurrent request for the same new name may win the insert
+            template = await self.get(name, key_id)
+            async with self.engine.begin() as conn:
+                if template is None:
+                    template = TemplateRow(
+                        secrets.token_hex(10), key_id, name, time.time(), cpu_count, memory_mb, None
+                    )
+                    try:
+                        await conn.execute(
+                            templates.insert().values(**dataclasses.asdict(template))
+                        )
+                    except IntegrityError:
+                        continue
+                else:
+                    await conn.execute(
+                        templates.update()
+                        .where(templates.c.id == template.id)
+                        .values(cpu_count=cpu_count, memory_mb=memory_mb)
+                    )
+                    template = dataclasses.replace(
+                        template, cpu_count=cpu_count, memory_mb=memory_mb
+                    )
+                build = BuildRow(str(uuid.uuid4()), template.id, "waiting", None, time.time(), None)
+                values = dataclasses.asdict(build)
+                values["reason"] = None
+                await conn.execute(template_builds.insert().values(**values))
+                return template, build
+        raise RuntimeError(f"could not make template {name!r}")
+
+    async def get(self, id_or_name: str, key_id: str) -> TemplateRow | None:
+        """The key's template with this id or name."""
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(templates).where(
+                        templates.c.key_id == key_id,
+                        sa.or_(templates.c.id == id_or_name, templates.c.name == id_or_name),
+                    )
+                )
+            ).first()
+        return _template(row) if row else None
+
+    async def of_key(self, key_id: str) -> list[TemplateRow]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(sa.select(templates).where(templates.c.key_id == key_id))
+            return [_template(r) for r in rows]
+
+    async def remove(self, template_id: str) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                template_builds.delete().where(template_builds.c.template_id == template_id)
+            )
+            await conn.execute(templates.delete().where(templates.c.id == template_id))
+
+    async def build(self, build_id: str) -> BuildRow | None:
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(template_builds).where(template_builds.c.id == build_id)
+                )
+            ).first()
+        return _build(row) if row else None
+
+    async def set_status(
+        self, build: BuildRow, status: str, reason: dict[str, Any] | None = None
+    ) -> None:
+        """Move a build on; a ready build becomes its template's image."""
+        finished = time.time() if status in ("ready", "error") else None
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                template_builds.update()
+                .where(template_builds.c.id == build.id)
+                .values(
+                    status=status,
+                    reason=json.dumps(reason) if reason else None,
+                    finished_at=finished,
+                )
+            )
+            if status == "ready":
+                await conn.execute(
+                    templates.update()
+                    .where(templates.c.id == build.template_id)
+                    .values(ready_build_id=build.id)
+                )
+
+    async def abandon_unfinished(self) -> list[str]:
+        """Fail builds a server that stopped left running; returns their ids."""
+        async with self.engine.begin() as conn:
+            rows = await conn.execute(
+                sa.select(template_builds.c.id).where(
+                    template_builds.c.status.in_(("waiting", "building"))
+                )
+            )
+            ids = [r.id for r in rows]
+            if ids:
+                await conn.execute(
+                    template_builds.update()
+                    .where(template_builds.c.id.in_(ids))
+                    .values(
+                        status="error",
+                        reason=json.dumps({"message": "the server stopped during the build"}),
+                        finished_at=time.time(),
+                    )
+                )
+        return ids

@@ -1,0 +1,7 @@
+"""Templates: steps into layers, built in build sandboxes, cached by content."""
+
+from .build import Builder, BuildFailed, BuildLog
+from .files import BadUpload, FileStore
+from .service import TemplateService
+
+__all__ = ["BadUpload", "BuildFailed", "BuildLog", "Builder", "FileStore", "TemplateService"]

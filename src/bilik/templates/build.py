@@ -1,0 +1,336 @@
+"""Building a template: its steps, each a read-only layer made in a build sandbox.
+
+A RUN or COPY step runs in a sandbox started from the layers below it (same isolation as any
+sandbox, network on); what it changed (the sandbox's overlay upper directory) becomes a layer
+keyed by the hash of the key below, the step and the image settings it ran with, and the
+hash of the files it copied. A step whose key exists is not run again. ENV, WORKDIR and USER
+change the image's settings (and so the keys above them). Then the start command runs in a
+sandbox of the finished image, and the build is ready once its ready check passes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import fnmatch
+import json
+import posixpath
+import secrets
+import shlex
+import subprocess
+import tarfile
+from pathlib import Path
+from typing import Any
+
+from ..runtime import LocalRuntime, RuntimeFailure, SandboxSpec
+from ..runtime.layers import Image, layer_key
+from ..runtime.spec import Limits
+from .files import FileStore
+
+# Registry names the SDKs use for E2B's own base image; bilik's base is built from Debian.
+BASE_IMAGES = {"e2bdev/base", "e2bdev/base:latest"}
+STEP_TIMEOUT_S = 3600
+BUILD_DISK_MB = 8192
+
+
+class BuildFailed(Exception):
+    def __init__(self, message: str, step: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.step = step
+
+
+@dataclasses.dataclass
+class LogEntry:
+    timestamp: str
+    level: str
+    message: str
+    step: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        entry = {"timestamp": self.timestamp, "level": self.level, "message": self.message}
+        if self.step is not None:
+            entry["step"] = self.step
+        return entry
+
+
+class BuildLog:
+    """A build's log: in memory for the status endpoint, and a JSON-lines file that outlives
+    the server."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.entries: list[LogEntry] = []
+        if path.exists():
+            for line in path.read_text().splitlines():
+                with_fields = json.loads(line)
+                self.entries.append(LogEntry(**with_fields))
+
+    def __call__(self, message: str, level: str = "info", step: str | None = None) -> None:
+        now = datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
+        entry = LogEntry(now, level, message.rstrip("\n"), step)
+        self.entries.append(entry)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(dataclasses.asdict(entry)) + "\n")
+
+
+@dataclasses.dataclass
+class Settings:
+    """The image settings steps run with (and that sandboxes start with)."""
+
+    env: dict[str, str]
+    user: str
+    workdir: str
+
+    def identity(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Builder:
+    def __init__(self, runtime: LocalRuntime, files: FileStore) -> None:
+        self.runtime = runtime
+        self.files = files
+
+    async def build(
+        self,
+        template_id: str,
+        build_id: str,
+        spec: dict[str, Any],
+        limits: Limits,
+        log: BuildLog,
+    ) -> Image:
+        """Build ``spec`` (E2B's TemplateBuildStartV2) into the image named ``template_id``."""
+        layers, settings = await self._base(spec, log)
+        force = bool(spec.get("force"))
+        below = layer_key("image", list(layers))
+        steps = spec.get("steps") or []
+        if not isinstance(steps, list):
+            raise BuildFailed("steps must be a list", "base")
+        scratch_image = f"build-{build_id}"
+        try:
+            for number, step in enumerate(steps, start=1):
+                tag = str(number)
+                if not isinstance(step, dict) or not isinstance(step.get("type"), str):
+                    raise BuildFailed(f"step {number} is not a step", tag)
+                kind, args = step["type"].upper(), [str(a) for a in step.get("args") or []]
+                log(f"[{number}/{len(steps)}] {kind} {' '.join(args)}".rstrip(), step=tag)
+                force = force or bool(step.get("force"))
+                if kind == "ENV":
+                    if len(args) % 2:
+                        raise BuildFailed("ENV takes name, value pairs", tag)
+                    settings.env.update(zip(args[::2], args[1::2], strict=True))
+                elif kind == "USER":
+                    if not args:
+                        raise BuildFailed("USER takes a user name", tag)
+                    settings.user = args[0]
+                elif kind in ("RUN", "COPY", "WORKDIR"):
+                    if kind == "WORKDIR":
+                        if not args:
+                            raise BuildFailed("WORKDIR takes a path", tag)
+                        settings.workdir = posixpath.join(settings.workdir, args[0])
+                    key = layer_key(below, kind, args, step.get("filesHash"), settings.identity())
+                    if self.runtime.layers.has(key) and not force:
+                        log("CACHED", step=tag)
+                    else:
+                        image = Image(scratch_image, tuple(layers), dict(settings.env),
+                                      settings.user, settings.workdir)  # fmt: skip
+                        await self._make_layer(key, image, kind, args, step, template_id,
+                                               limits, log, tag)  # fmt: skip
+                    layers.append(key)
+                    below = key
+                else:
+                    raise BuildFailed(f"unknown step type {kind!r}", tag)
+            final = Image(
+                template_id,
+                tuple(layers),
+                dict(settings.env),
+                settings.user,
+                settings.workdir,
+                start_cmd=spec.get("startCmd") or None,
+                ready_cmd=spec.get("readyCmd") or None,
+            )
+            if final.start_cmd:
+                await self._check_start(final, limits, log)
+            return final
+        finally:
+            self.runtime.layers.remove_image(scratch_image)
+
+    async def _base(self, spec: dict[str, Any], log: BuildLog) -> tuple[list[str], Settings]:
+        if spec.get("fromImageRegistry"):
+            raise BuildFailed("images from private registries are not supported yet", "base")
+        source = spec.get("fromTemplate") or spec.get("fromImage") or "e2bdev/base"
+        if not isinstance(source, str):
+            raise BuildFailed("fromImage and fromTemplate must be names", "base")
+        name = "base" if source in BASE_IMAGES or source == "base" else source
+        if spec.get("fromImage") and name != "base":
+            raise BuildFailed(
+                f"image {source!r}: only bilik's base image (e2bdev/base) can be built on "
+                "yet; registry images are not supported",
+                "base",
+            )
+        log(f"FROM {source}", step="base")
+        try:
+            image = await asyncio.to_thread(self.runtime.image, name)
+        except RuntimeFailure as e:
+            raise BuildFailed(f"base {source!r}: {e}", "base") from None
+        return list(image.layers), Settings(dict(image.env), image.user, image.workdir)
+
+    async def _make_layer(
+        self,
+        key: str,
+        image: Image,
+        kind: str,
+        args: list[str],
+        step: dict[str, Any],
+        template_id: str,
+        limits: Limits,
+        log: BuildLog,
+        tag: str,
+    ) -> None:
+        """Run one step in a build sandbox and keep what it changed as layer ``key``."""
+        runtime = self.runtime
+        await asyncio.to_thread(runtime.layers.save_image, image)
+        spec = SandboxSpec(
+            template=image.name,
+            limits=dataclasses.replace(limits, disk_mb=BUILD_DISK_MB),
+            timeout_s=STEP_TIMEOUT_S,
+            access_token=secrets.token_hex(16),
+        )
+        try:
+            info = await runtime.create(spec)
+        except RuntimeFailure as e:
+            raise BuildFailed(f"could not start a build sandbox: {e}", tag) from None
+        try:
+            async with runtime.envd(info.sandbox_id) as envd:
+                if kind == "RUN":
+                    user = args[1] if len(args) > 1 and args[1] else image.user
+                    finished = await envd.run(
+                        args[0] if args else "true",
+                        user=user,
+                        cwd=image.workdir,
+                        env=image.env,
+                        timeout_s=STEP_TIMEOUT_S,
+                        on_output=lambda text: log(text, step=tag),
+                    )
+                    if finished.exit_code != 0:
+                        tail = finished.output.strip()[-2000:]
+                        raise BuildFailed(
+                            f"command '{args[0] if args else ''}' failed with exit code "
+                            f"{finished.exit_code}" + (f":\n{tail}" if tail else ""),
+                            tag,
+                        )
+                elif kind == "WORKDIR":
+                    await _must(envd.run(f"mkdir -p {shlex.quote(image.workdir)}"), tag)
+                else:
+                    await self._copy(envd, template_id, args, step, image, tag)
+            await asyncio.to_thread(self._keep_upper, info.sandbox_id, key)
+        finally:
+            await runtime.kill(info.sandbox_id)
+
+    async def _copy(
+        self,
+        envd: Any,
+        template_id: str,
+        args: list[str],
+        step: dict[str, Any],
+        image: Image,
+        tag: str,
+    ) -> None:
+        if len(args) < 2:
+            raise BuildFailed("COPY takes a source and a destination", tag)
+        src, dest = args[0], args[1]
+        user = args[2] if len(args) > 2 and args[2] else image.user
+        mode = args[3] if len(args) > 3 and args[3] else ""
+        files_hash = str(step.get("filesHash") or "")
+        try:
+            archive = self.files.path(template_id, files_hash)
+        except ValueError:
+            raise BuildFailed(f"COPY {src}: the step carries no files hash", tag) from None
+        if not archive.is_file():
+            raise BuildFailed(f"COPY {src}: its files were never uploaded", tag)
+        moves = await asyncio.to_thread(_copy_plan, archive, src, dest, image.workdir)
+        if not moves:
+            raise BuildFailed(f"COPY {src}: nothing in the upload matches it", tag)
+        staging = f"/tmp/.bilik-copy-{secrets.token_hex(4)}"
+        await envd.write(f"{staging}.tar", archive)
+        zipped = archive.open("rb").read(2) == b"\x1f\x8b"
+        script = [
+            "set -e",
+            f"mkdir -p {staging}",
+            f"tar -x{'z' if zipped else ''}f {staging}.tar -C {staging}",
+        ]
+        for member, target, whole_dir in moves:
+            source = shlex.quote(f"{staging}/{member}")
+            quoted = shlex.quote(target)
+            script.append(f"mkdir -p {shlex.quote(posixpath.dirname(target) or '/')}")
+            if whole_dir:
+                script.append(f"mkdir -p {quoted} && cp -a {source}/. {quoted}/")
+            else:
+                script.append(f"cp -a {source} {quoted}")
+            script.append(f"chown -R {shlex.quote(user)}: {quoted}")
+            if mode:
+                script.append(f"chmod -R {shlex.quote(mode)} {quoted}")
+        script.append(f"rm -rf {staging} {staging}.tar")
+        finished = await envd.run("\n".join(script), user="root")
+        if finished.exit_code != 0:
+            raise BuildFailed(f"COPY {src} → {dest} failed: {finished.output.strip()}", tag)
+
+    def _keep_upper(self, sandbox_id: str, key: str) -> None:
+        layers = self.runtime.layers
+        upper = self.runtime.records.dir(sandbox_id) / "disk" / "upper"
+        with layers.lock(key):
+            if layers.has(key):
+                layers.remove(key)  # a forced rebuild of the same step
+            scratch = layers.scratch(key)
+            # Everything the step changed, ownership, modes, xattrs and overlay whiteouts kept.
+            subprocess.run(["cp", "-a", f"{upper}/.", str(scratch)], check=True)
+            for stub in ("run/bilik",):  # the sandbox's control mount point
+                path = scratch / stub
+                if path.is_dir() and not any(path.iterdir()):
+                    path.rmdir()
+            layers.publish(key, scratch)
+
+    async def _check_start(self, image: Image, limits: Limits, log: BuildLog) -> None:
+        """Start the finished image once: its start command must come up and pass its check."""
+        log(f"Starting: {image.start_cmd}", step="finalize")
+        await asyncio.to_thread(self.runtime.layers.save_image, image)
+        try:
+            info = await self.runtime.create(
+                SandboxSpec(template=image.name, limits=limits, access_token=secrets.token_hex(16))
+            )
+        except RuntimeFailure as e:
+            raise BuildFailed(f"the start command did not become ready: {e}", "finalize") from None
+        await self.runtime.kill(info.sandbox_id)
+        log("Ready", step="finalize")
+
+
+async def _must(run: Any, tag: str) -> None:
+    finished = await run
+    if finished.exit_code != 0:
+        raise BuildFailed(finished.output.strip(), tag)
+
+
+def _copy_plan(archive: Path, src: str, dest: str, workdir: str) -> list[tuple[str, str, bool]]:
+    """What to put where, Docker's way: ``(member, target, whole directory?)`` for each match.
+
+    A file goes to ``dest`` (or into it, when ``dest`` ends with "/"); a directory's contents go
+    into ``dest``; each file a pattern matches goes into ``dest``.
+    """
+    with tarfile.open(archive) as tar:
+        names = [m.name.rstrip("/") for m in tar.getmembers()]
+    target = dest if dest.startswith("/") else posixpath.join(workdir, dest)
+    clean = posixpath.normpath(src).lstrip("./") if src not in (".", "./") else ""
+    if any(c in src for c in "*?["):
+        matched = [n for n in names if fnmatch.fnmatch(n, clean) and "/" not in n[len(clean) :]]
+        return [(n, posixpath.join(target, posixpath.basename(n)), False) for n in matched]
+    if clean == "":
+        return [(".", target, True)] if names else []
+    if clean in names and not any(n.startswith(clean + "/") for n in names):
+        into = dest.endswith("/")
+        return [(clean, posixpath.join(target, posixpath.basename(clean)) if into else target,
+                 False)]  # fmt: skip
+    if any(n.startswith(clean + "/") for n in names):
+        return [(clean, target, True)]
+    return []

@@ -1,0 +1,68 @@
+"""Builds as the server runs them: in the background, one task each, status in the store."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from ..runtime import LocalRuntime
+from ..runtime.spec import Limits
+from ..store import Store
+from ..store.templates import BuildRow, TemplateRow
+from .build import Builder, BuildFailed, BuildLog
+from .files import FileStore
+
+log = logging.getLogger("bilik.templates")
+
+
+class TemplateService:
+    def __init__(self, runtime: LocalRuntime, store: Store, data_dir: Path) -> None:
+        self.runtime = runtime
+        self.store = store
+        self.files = FileStore(data_dir)
+        self.builder = Builder(runtime, self.files)
+        self.logs_dir = data_dir / "builds"
+        self._logs: dict[str, BuildLog] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    def log_of(self, build_id: str) -> BuildLog:
+        if build_id not in self._logs:
+            self._logs[build_id] = BuildLog(self.logs_dir / f"{build_id}.jsonl")
+        return self._logs[build_id]
+
+    def start(self, template: TemplateRow, build: BuildRow, spec: dict[str, Any]) -> None:
+        task = asyncio.create_task(self._run(template, build, spec))
+        self._tasks[build.id] = task
+        task.add_done_callback(lambda _: self._tasks.pop(build.id, None))
+
+    async def _run(self, template: TemplateRow, build: BuildRow, spec: dict[str, Any]) -> None:
+        build_log = self.log_of(build.id)
+        await self.store.templates.set_status(build, "building")
+        limits = Limits(cpu=template.cpu_count, memory_mb=template.memory_mb)
+        try:
+            image = await self.builder.build(template.id, build.id, spec, limits, build_log)
+        except BuildFailed as e:
+            build_log(e.message, level="error", step=e.step)
+            await self.store.templates.set_status(
+                build, "error", {"message": e.message, "step": e.step}
+            )
+            return
+        except Exception as e:
+            log.exception("build %s failed", build.id)
+            build_log(f"internal error: {e}", level="error")
+            await self.store.templates.set_status(build, "error", {"message": str(e)})
+            return
+        await asyncio.to_thread(self.runtime.layers.save_image, image)
+        build_log("Build finished", step="finalize")
+        await self.store.templates.set_status(build, "ready")
+
+    async def close(self) -> None:
+        for task in list(self._tasks.values()):
+            task.cancel()
+        for task in list(self._tasks.values()):
+            # Cancelled mid-build: the next start marks the build failed (abandon_unfinished).
+            with contextlib.suppress(BaseException):
+                await task

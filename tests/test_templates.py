@@ -1,0 +1,137 @@
+"""Template builds through E2B's build API, driven by the official ``e2b`` SDK."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from e2b import BuildException, Sandbox, Template, wait_for_port
+
+from server import BilikServer
+
+APP = """
+import http.server, os
+class Hello(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = (os.environ.get("GREETING", "?") + " " + open("/app/data/a.txt").read()).encode()
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(body)
+http.server.HTTPServer(("0.0.0.0", 8000), Hello).serve_forever()
+"""
+
+
+@pytest.fixture(scope="module")
+def built_server() -> Iterator[BilikServer]:
+    srv = BilikServer()
+    srv.start()
+    yield srv
+    srv.finish()
+
+
+def _params(server: BilikServer) -> dict[str, Any]:
+    return {"api_key": server.key, "api_url": server.url, "sandbox_url": server.url}
+
+
+def _template(context: Path) -> Any:
+    return (
+        Template(file_context_path=str(context))
+        .from_base_image()
+        .copy("app.py", "/app/")
+        .copy("data", "/app/data")
+        .run_cmd("echo built > /home/user/marker")
+        .set_envs({"GREETING": "hello"})
+        .set_workdir("/app")
+        .set_user("user")
+        .run_cmd("whoami > /home/user/who && pwd >> /home/user/who")
+        .set_start_cmd("python3 /app/app.py", wait_for_port(8000))
+    )
+
+
+def _build(server: BilikServer, template: Any, name: str) -> tuple[list[str], float]:
+    logs: list[str] = []
+    started = time.monotonic()
+    Template.build(
+        template,
+        alias=name,
+        cpu_count=1,
+        memory_mb=512,
+        on_build_logs=lambda entry: logs.append(entry.message),
+        **_params(server),
+    )
+    return logs, time.monotonic() - started
+
+
+def test_build_cache_and_sandboxes_from_it(built_server: BilikServer, tmp_path: Path) -> None:
+    server = built_server
+    (tmp_path / "app.py").write_text(APP)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.txt").write_text("world")
+    logs, _ = _build(server, _template(tmp_path), "web")
+    assert any("RUN echo built" in line for line in logs), logs
+
+    with Sandbox.create("web", timeout=120, **_params(server)) as sbx:
+        # Files, env, user, workdir, and the start command's port answering.
+        assert sbx.files.read("/app/data/a.txt") == "world"
+        assert sbx.files.read("/home/user/who") == "user\n/app\n"
+        assert sbx.files.read("/home/user/marker") == "built\n"
+        assert sbx.commands.run("echo $GREETING; pwd; whoami").stdout == "hello\n/app\nuser\n"
+        page = sbx.commands.run("curl -s localhost:8000").stdout
+        assert page == "hello world"
+        answer = httpx.get(
+            server.url, headers={"E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": "8000"}
+        )
+        assert answer.text == "hello world"
+
+    # Unchanged: every layer reused, nothing uploaded, quickly.
+    again, took = _build(server, _template(tmp_path), "web")
+    # Five steps make layers (two COPYs, two RUNs and the WORKDIR): none runs again.
+    assert sum("CACHED" in line for line in again) == 5, again
+    assert any("Skipping upload" in line for line in again), again
+    assert took < 2 + 1.5  # the start command's check runs on every build
+
+    # One copied file changed: that step and the ones above it run again, not those below.
+    (tmp_path / "data" / "a.txt").write_text("again")
+    changed, _ = _build(server, _template(tmp_path), "web")
+    assert sum("CACHED" in line for line in changed) == 1, changed  # the first COPY only
+    with Sandbox.create("web", timeout=60, **_params(server)) as sbx:
+        assert sbx.commands.run("curl -s localhost:8000").stdout == "hello again"
+
+
+def test_build_errors_are_clear(built_server: BilikServer, tmp_path: Path) -> None:
+    server = built_server
+    (tmp_path / "present.txt").write_text("x")
+    failing = (
+        Template(file_context_path=str(tmp_path))
+        .from_base_image()
+        .run_cmd("echo oh no >&2; exit 7")
+    )
+    with pytest.raises(BuildException, match=r"exit code 7(.|\n)*oh no"):
+        _build(server, failing, "failing")
+    with pytest.raises(Exception, match=r"missing\.txt"):
+        _build(
+            server,
+            Template(file_context_path=str(tmp_path)).from_base_image().copy("missing.txt", "/"),
+            "missing",
+        )
+    with pytest.raises(BuildException, match="registry images are not supported"):
+        _build(server, Template().from_image("nosuch/image:1"), "unknown-base")
+    never = (
+        Template(file_context_path=str(tmp_path))
+        .from_base_image()
+        .set_start_cmd("sleep 1000", "false")
+    )
+    with pytest.raises(BuildException, match="did not become ready"):
+        _build(server, never, "never-ready")
+    # Nothing half-built can be used.
+    for name in ("failing", "never-ready"):
+        response = httpx.post(
+            f"{server.url}/sandboxes",
+            json={"templateID": name},
+            headers={"X-API-Key": server.key},
+        )
+        assert response.status_code == 400 and "no finished build" in response.json()["message"]
