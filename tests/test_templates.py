@@ -30,6 +30,10 @@ def built_server() -> Iterator[BilikServer]:
     srv = BilikServer()
     srv.start()
     yield srv
+    # Templates share the test layer store: drop them, so their layers can be collected.
+    headers = {"X-API-Key": srv.key}
+    for template in httpx.get(f"{srv.url}/templates", headers=headers).json():
+        httpx.delete(f"{srv.url}/templates/{template['templateID']}", headers=headers)
     srv.finish()
 
 
