@@ -20,6 +20,8 @@ packages=(
   tini busybox-static patchelf
   # envd joins sandboxes from the host with their own seccomp filter (libseccomp, as crun does)
   libseccomp2
+  # templates from OCI registries: pulled by skopeo, unpacked by umoci
+  skopeo umoci
   # the server
   python3 python3-venv ca-certificates curl
 )
@@ -39,12 +41,17 @@ if [ "${1:-}" = "--test" ]; then
   # the suite runs the store against a real PostgreSQL, which it starts itself
   missing=()
   # and regenerates envd's protocol modules to check they match the .proto files
-  for p in postgresql protobuf-compiler libprotobuf-dev; do
+  # and pulls template images from a registry of its own (docker-registry, on loopback)
+  for p in postgresql protobuf-compiler libprotobuf-dev docker-registry; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
   done
   if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -q
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+  fi
+  # The package starts a registry of its own on port 5000; the tests start theirs.
+  if command -v systemctl >/dev/null && systemctl is-enabled docker-registry >/dev/null 2>&1; then
+    systemctl disable --now docker-registry || true
   fi
 fi
 if [ ! -x .venv/bin/python ]; then

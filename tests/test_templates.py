@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import httpx
 import pytest
 from e2b import BuildException, Sandbox, Template, wait_for_port
 
+import registry
 from server import BilikServer
 
 APP = """
@@ -99,11 +101,13 @@ def test_build_cache_and_sandboxes_from_it(built_server: BilikServer, tmp_path: 
     assert took < 2 + 1.5  # the start command's check runs on every build
 
     # One copied file changed: that step and the ones above it run again, not those below.
-    (tmp_path / "data" / "a.txt").write_text("again")
+    # (New content each run: layers are content-addressed and outlive a test session.)
+    fresh = f"again-{uuid.uuid4().hex[:8]}"
+    (tmp_path / "data" / "a.txt").write_text(fresh)
     changed, _ = _build(server, _template(tmp_path), "web")
     assert sum("CACHED" in line for line in changed) == 1, changed  # the first COPY only
     with Sandbox.create("web", timeout=60, **_params(server)) as sbx:
-        assert sbx.commands.run("curl -s localhost:8000").stdout == "hello again"
+        assert sbx.commands.run("curl -s localhost:8000").stdout == f"hello {fresh}"
 
 
 def test_build_errors_are_clear(built_server: BilikServer, tmp_path: Path) -> None:
@@ -122,8 +126,8 @@ def test_build_errors_are_clear(built_server: BilikServer, tmp_path: Path) -> No
             Template(file_context_path=str(tmp_path)).from_base_image().copy("missing.txt", "/"),
             "missing",
         )
-    with pytest.raises(BuildException, match="registry images are not supported"):
-        _build(server, Template().from_image("nosuch/image:1"), "unknown-base")
+    with pytest.raises(BuildException, match="nosuch-template' not found"):
+        _build(server, Template().from_template("nosuch-template"), "unknown-base")
     never = (
         Template(file_context_path=str(tmp_path))
         .from_base_image()
@@ -139,3 +143,30 @@ def test_build_errors_are_clear(built_server: BilikServer, tmp_path: Path) -> No
             headers={"X-API-Key": server.key},
         )
         assert response.status_code == 400 and "no finished build" in response.json()["message"]
+
+
+@pytest.mark.parametrize("auth", [False, True], ids=["open", "basic-auth"])
+def test_from_an_oci_registry(built_server: BilikServer, auth: bool) -> None:
+    server = built_server
+    creds = {"username": registry.USER, "password": registry.PASSWORD} if auth else {}
+    with registry.registry(auth=auth) as address:
+        ref = f"{address}/test/tiny:v1"
+        template = (
+            Template()
+            .from_image(ref, **creds)
+            .run_cmd("echo $GREETING > /srv/out; pwd >> /srv/out", user="root")
+            .run_cmd("touch /home/user/mine")  # as the sandbox user, added to the image
+        )
+        logs, _ = _build(server, template, f"tiny-{'auth' if auth else 'open'}")
+        assert any("Pulling" in line or "cached" in line for line in logs), logs
+        with Sandbox.create(f"tiny-{'auth' if auth else 'open'}", **_params(server)) as sbx:
+            assert sbx.files.read("/srv/out") == "hi-from-registry\n/srv\n"
+            assert sbx.files.read("/srv/data.txt") == "from the registry\n"
+            assert sbx.files.get_info("/home/user/mine").owner == "user"
+        if auth:
+            wrong = Template().from_image(ref, username=registry.USER, password="wrong")
+            with pytest.raises(BuildException, match=r"(?i)unauthorized|authentication"):
+                _build(server, wrong, "tiny-wrong")
+    # A registry that is not there: a clear error, quickly.
+    with pytest.raises(BuildException, match="base"):
+        _build(server, Template().from_image(f"{address}/test/tiny:v1"), "tiny-gone")

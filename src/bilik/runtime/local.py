@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 from ..config import Settings
-from . import agent_python, agents, base_image, cgroups, disk, oci, syscalls
+from . import agent_python, agents, base_image, cgroups, disk, oci, registry_image, syscalls
 from .base import ExecResult, Process, SandboxInfo, Usage
 from .dns import DnsForwarder, DnsPolicy, host_resolvers
 from .envd_client import EnvdClient
@@ -160,6 +160,24 @@ class LocalRuntime:
         if rebuild:
             self.collect_layers(grace_s=0)
         return image
+
+    def pull_image(
+        self,
+        ref: str,
+        log: Log,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+    ) -> Image:
+        """An image from an OCI registry, as a template's base (cached by digest)."""
+        return registry_image.pull(
+            self.layers,
+            ref,
+            self.uid_base(self.settings.oci_runtime),
+            log,
+            username=username,
+            password=password,
+        )
 
     def collect_layers(self, *, grace_s: float = LAYER_GRACE_S) -> list[str]:
         """Delete layers that no template and no sandbox uses any more (e.g. after a rebuild).

@@ -158,21 +158,31 @@ class Builder:
             self.runtime.layers.remove_image(scratch_image)
 
     async def _base(self, spec: dict[str, Any], log: BuildLog) -> tuple[list[str], Settings]:
-        if spec.get("fromImageRegistry"):
-            raise BuildFailed("images from private registries are not supported yet", "base")
         source = spec.get("fromTemplate") or spec.get("fromImage") or "e2bdev/base"
         if not isinstance(source, str):
             raise BuildFailed("fromImage and fromTemplate must be names", "base")
-        name = "base" if source in BASE_IMAGES or source == "base" else source
-        if spec.get("fromImage") and name != "base":
-            raise BuildFailed(
-                f"image {source!r}: only bilik's base image (e2bdev/base) can be built on "
-                "yet; registry images are not supported",
-                "base",
-            )
         log(f"FROM {source}", step="base")
         try:
-            image = await asyncio.to_thread(self.runtime.image, name)
+            if spec.get("fromTemplate") or source in BASE_IMAGES or source == "base":
+                name = "base" if source in BASE_IMAGES else source
+                image = await asyncio.to_thread(self.runtime.image, name)
+            else:
+                registry = spec.get("fromImageRegistry") or {}
+                if not isinstance(registry, dict) or registry.get("type", "registry") != (
+                    "registry"
+                ):
+                    raise BuildFailed(
+                        "only registries with a username and password are supported "
+                        "(not AWS or GCP ones)",
+                        "base",
+                    )
+                image = await asyncio.to_thread(
+                    self.runtime.pull_image,
+                    source,
+                    lambda line: log(line, step="base"),
+                    username=registry.get("username"),
+                    password=registry.get("password"),
+                )
         except RuntimeFailure as e:
             raise BuildFailed(f"base {source!r}: {e}", "base") from None
         return list(image.layers), Settings(dict(image.env), image.user, image.workdir)

@@ -43,6 +43,13 @@ class TemplateService:
         await self.store.templates.set_status(build, "building")
         limits = Limits(cpu=template.cpu_count, memory_mb=template.memory_mb)
         try:
+            base = spec.get("fromTemplate")
+            if isinstance(base, str) and base != "base":
+                # Another template of the same key, by id or name, with a finished build.
+                row = await self.store.templates.get(base, template.key_id)
+                if row is None or row.ready_build_id is None:
+                    raise BuildFailed(f"template {base!r} not found (or never built)", "base")
+                spec = {**spec, "fromTemplate": row.id}
             image = await self.builder.build(template.id, build.id, spec, limits, build_log)
         except BuildFailed as e:
             build_log(e.message, level="error", step=e.step)
