@@ -25,6 +25,7 @@ from ..runtime import (
 )
 from ..store import Store
 from ..store.sandboxes import SandboxRow
+from ..templates import build_image
 from .auth import authenticate
 from .errors import ApiError, from_runtime
 from .limits import CreateLimiter
@@ -179,13 +180,19 @@ async def create(request: Request) -> Response:
     image = "base"
     default = Limits()
     if template != "base":
-        # A template of the key's own, by id or name, with a finished build.
-        row = await store.templates.get(template, key.id)
+        # A template of the key's own, by id or name (and tag), with a finished build.
+        name, _, tag = template.partition(":")
+        row = await store.templates.get(name, key.id)
         if row is None:
             raise ApiError(404, f"template {template!r} not found")
         if row.ready_build_id is None:
             raise ApiError(400, f"template {template!r} has no finished build yet")
         image = row.id
+        if tag:
+            build_id = await store.templates.tagged(row.id, tag)
+            if build_id is None:
+                raise ApiError(404, f"template {name!r} has no build tagged {tag!r}")
+            image = build_image(row.id, build_id)
         default = dataclasses.replace(default, cpu=row.cpu_count, memory_mb=row.memory_mb)
     limits = _limits(data, default)
     limiter: CreateLimiter = request.app.state.limiter

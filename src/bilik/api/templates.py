@@ -11,7 +11,7 @@ from starlette.routing import Route
 
 from ..runtime.spec import Limits
 from ..store import Store
-from ..store.templates import TemplateRow
+from ..store.templates import DEFAULT_TAG, TemplateRow
 from ..templates import BadUpload, TemplateService
 from .auth import authenticate
 from .errors import ApiError
@@ -55,17 +55,74 @@ async def request_build(request: Request) -> Response:
                                                                   "memory (MiB)")):  # fmt: skip
         if cap is not None and asked > cap:
             raise ApiError(400, f"{what} {asked} is more than this key may ask for ({cap})")
-    template, build = await _store(request).templates.request_build(key.id, name, cpu, memory)
+    tags = _tags(data.get("tags") or [])
+    template, build = await _store(request).templates.request_build(
+        key.id, name, cpu, memory, tuple(tags)
+    )
     return JSONResponse(
         {
             "templateID": template.id,
             "buildID": build.id,
             "public": False,
             "names": [template.name],
-            "tags": [],
+            "tags": tags,
             "aliases": [template.name],
         },
         status_code=202,
+    )
+
+
+def _tags(value: object) -> list[str]:
+    if not isinstance(value, list) or not all(
+        isinstance(t, str) and _NAME_RE.match(t) for t in value
+    ):
+        raise ApiError(400, "tags must be a list of names (lowercase letters, digits, . _ -)")
+    return list(dict.fromkeys(value))
+
+
+async def _named(request: Request, name: str) -> tuple[TemplateRow, str]:
+    """The key's template and tag a ``name[:tag]`` refers to (the tag "default" if none)."""
+    key = await authenticate(request)
+    base, _, tag = name.partition(":")
+    template = await _store(request).templates.get(base, key.id)
+    if template is None:
+        raise ApiError(404, f"template {base!r} not found")
+    return template, tag or DEFAULT_TAG
+
+
+async def assign_tags(request: Request) -> Response:
+    """``POST /templates/tags``: point tags at the build ``target`` (``name:tag``) names."""
+    data = await _json_object(request)
+    target, tags = data.get("target"), _tags(data.get("tags"))
+    if not isinstance(target, str) or not tags:
+        raise ApiError(400, "target (name:tag) and tags are required")
+    template, tag = await _named(request, target)
+    store = _store(request).templates
+    build_id = await store.tagged(template.id, tag)
+    if build_id is None:
+        raise ApiError(404, f"template {target!r} has no build tagged {tag!r}")
+    await store.tag(template.id, build_id, tags)
+    return JSONResponse({"buildID": build_id, "tags": tags}, status_code=201)
+
+
+async def remove_tags(request: Request) -> Response:
+    """``DELETE /templates/tags``: take tags off a template."""
+    data = await _json_object(request)
+    name, tags = data.get("name"), _tags(data.get("tags"))
+    if not isinstance(name, str) or not tags:
+        raise ApiError(400, "name and tags are required")
+    template, _ = await _named(request, name)
+    await _store(request).templates.untag(template.id, tags)
+    return Response(status_code=204)
+
+
+async def list_tags(request: Request) -> Response:
+    template = await _template(request)
+    return JSONResponse(
+        [
+            {"tag": t.tag, "buildID": t.build_id, "createdAt": _rfc3339(t.created_at)}
+            for t in await _store(request).templates.tags(template.id)
+        ]
     )
 
 
@@ -186,7 +243,7 @@ async def list_templates(request: Request) -> Response:
 async def delete_template(request: Request) -> Response:
     template = await _template(request)
     await _store(request).templates.remove(template.id)
-    request.app.state.runtime.layers.remove_image(template.id)
+    _service(request).forget(template.id)
     return Response(status_code=204)
 
 
@@ -194,6 +251,9 @@ routes = [
     Route("/v3/templates", request_build, methods=["POST"]),
     Route("/templates", list_templates, methods=["GET"]),
     Route("/templates/aliases/{alias}", by_alias, methods=["GET"]),
+    Route("/templates/tags", assign_tags, methods=["POST"]),
+    Route("/templates/tags", remove_tags, methods=["DELETE"]),
+    Route("/templates/{template_id}/tags", list_tags, methods=["GET"]),
     Route("/templates/{template_id}", delete_template, methods=["DELETE"]),
     Route("/templates/{template_id}/files/{files_hash}", file_upload_link, methods=["GET"]),
     Route("/upload/{token}", upload, methods=["PUT"]),

@@ -72,6 +72,18 @@ template_builds = sa.Table(
     sa.Column("reason", sa.Text, nullable=True),  # JSON {message, step?} when it failed
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("finished_at", sa.Float, nullable=True),
+    # Tags the build takes when it is ready (JSON list), besides "default".
+    sa.Column("tags", sa.Text, nullable=True),
+)
+
+# A tag names one build of a template ("name:tag"); "default" is the latest ready one.
+template_tags = sa.Table(
+    "template_tags",
+    metadata,
+    sa.Column("template_id", sa.String(32), primary_key=True),
+    sa.Column("tag", sa.String(128), primary_key=True),
+    sa.Column("build_id", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
 )
 
 
@@ -167,6 +179,18 @@ def _v6_templates(conn: Connection) -> None:
     meta.create_all(conn)
 
 
+def _v7_template_tags(conn: Connection) -> None:
+    conn.execute(sa.text("ALTER TABLE template_builds ADD COLUMN tags TEXT"))
+    sa.Table(
+        "template_tags",
+        sa.MetaData(),
+        sa.Column("template_id", sa.String(32), primary_key=True),
+        sa.Column("tag", sa.String(128), primary_key=True),
+        sa.Column("build_id", sa.String(64), nullable=False),
+        sa.Column("created_at", sa.Float, nullable=False),
+    ).create(conn)
+
+
 # Append only: a released migration never changes, a new one goes at the end.
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _v1_api_keys,
@@ -175,6 +199,7 @@ MIGRATIONS: list[Callable[[Connection], None]] = [
     _v4_idempotency,
     _v5_key_resource_caps,
     _v6_templates,
+    _v7_template_tags,
 ]
 
 

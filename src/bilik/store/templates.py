@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from .schema import template_builds, templates
+from .schema import template_builds, template_tags, templates
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +35,17 @@ class BuildRow:
     reason: dict[str, Any] | None
     created_at: float
     finished_at: float | None
+    tags: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class TagRow:
+    tag: str
+    build_id: str
+    created_at: float
+
+
+DEFAULT_TAG = "default"
 
 
 def _template(row: Any) -> TemplateRow:
@@ -51,7 +62,10 @@ def _template(row: Any) -> TemplateRow:
 
 def _build(row: Any) -> BuildRow:
     reason = json.loads(row.reason) if row.reason else None
-    return BuildRow(row.id, row.template_id, row.status, reason, row.created_at, row.finished_at)
+    tags = tuple(json.loads(row.tags)) if row.tags else ()
+    return BuildRow(
+        row.id, row.template_id, row.status, reason, row.created_at, row.finished_at, tags
+    )
 
 
 class TemplateStore:
@@ -59,7 +73,7 @@ class TemplateStore:
         self.engine = engine
 
     async def request_build(
-        self, key_id: str, name: str, cpu_count: int, memory_mb: int
+        self, key_id: str, name: str, cpu_count: int, memory_mb: int, tags: tuple[str, ...] = ()
     ) -> tuple[TemplateRow, BuildRow]:
         """The key's template called ``name`` (made now if new) and a new build of it."""
         for _ in range(3):  # a concurrent request for the same new name may win the insert
@@ -84,9 +98,12 @@ class TemplateStore:
                     template = dataclasses.replace(
                         template, cpu_count=cpu_count, memory_mb=memory_mb
                     )
-                build = BuildRow(str(uuid.uuid4()), template.id, "waiting", None, time.time(), None)
+                build = BuildRow(
+                    str(uuid.uuid4()), template.id, "waiting", None, time.time(), None, tags
+                )
                 values = dataclasses.asdict(build)
                 values["reason"] = None
+                values["tags"] = json.dumps(list(tags))
                 await conn.execute(template_builds.insert().values(**values))
                 return template, build
         raise RuntimeError(f"could not make template {name!r}")
@@ -111,9 +128,8 @@ class TemplateStore:
 
     async def remove(self, template_id: str) -> None:
         async with self.engine.begin() as conn:
-            await conn.execute(
-                template_builds.delete().where(template_builds.c.template_id == template_id)
-            )
+            for table in (template_builds, template_tags):
+                await conn.execute(table.delete().where(table.c.template_id == template_id))
             await conn.execute(templates.delete().where(templates.c.id == template_id))
 
     async def build(self, build_id: str) -> BuildRow | None:
@@ -146,6 +162,54 @@ class TemplateStore:
                     .where(templates.c.id == build.template_id)
                     .values(ready_build_id=build.id)
                 )
+                await self._tag(conn, build.template_id, build.id, (DEFAULT_TAG, *build.tags))
+
+    async def _tag(self, conn: Any, template_id: str, build_id: str, tags: Any) -> None:
+        for tag in dict.fromkeys(tags):
+            await conn.execute(
+                template_tags.delete().where(
+                    template_tags.c.template_id == template_id, template_tags.c.tag == tag
+                )
+            )
+            await conn.execute(
+                template_tags.insert().values(
+                    template_id=template_id, tag=tag, build_id=build_id, created_at=time.time()
+                )
+            )
+
+    async def tag(self, template_id: str, build_id: str, tags: list[str]) -> None:
+        """Point ``tags`` at ``build_id`` (moving them from any other build)."""
+        async with self.engine.begin() as conn:
+            await self._tag(conn, template_id, build_id, tags)
+
+    async def untag(self, template_id: str, tags: list[str]) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                template_tags.delete().where(
+                    template_tags.c.template_id == template_id, template_tags.c.tag.in_(tags)
+                )
+            )
+
+    async def tags(self, template_id: str) -> list[TagRow]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                sa.select(template_tags)
+                .where(template_tags.c.template_id == template_id)
+                .order_by(template_tags.c.created_at)
+            )
+            return [TagRow(r.tag, r.build_id, r.created_at) for r in rows]
+
+    async def tagged(self, template_id: str, tag: str) -> str | None:
+        """The build ``tag`` names."""
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(template_tags.c.build_id).where(
+                        template_tags.c.template_id == template_id, template_tags.c.tag == tag
+                    )
+                )
+            ).first()
+        return row.build_id if row else None
 
     async def abandon_unfinished(self) -> list[str]:
         """Fail builds a server that stopped left running; returns their ids."""

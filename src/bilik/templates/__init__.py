@@ -2,6 +2,14 @@
 
 from .build import Builder, BuildFailed, BuildLog
 from .files import BadUpload, FileStore
-from .service import TemplateService
+from .service import TemplateService, build_image
 
-__all__ = ["BadUpload", "BuildFailed", "BuildLog", "Builder", "FileStore", "TemplateService"]
+__all__ = [
+    "BadUpload",
+    "BuildFailed",
+    "BuildLog",
+    "Builder",
+    "FileStore",
+    "TemplateService",
+    "build_image",
+]

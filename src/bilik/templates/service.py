@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,11 @@ from .build import Builder, BuildFailed, BuildLog
 from .files import FileStore
 
 log = logging.getLogger("bilik.templates")
+
+
+def build_image(template_id: str, build_id: str) -> str:
+    """The name of the image one build of a template made."""
+    return f"{template_id}:{build_id}"
 
 
 class TemplateService:
@@ -62,9 +68,20 @@ class TemplateService:
             build_log(f"internal error: {e}", level="error")
             await self.store.templates.set_status(build, "error", {"message": str(e)})
             return
-        await asyncio.to_thread(self.runtime.layers.save_image, image)
+        # The template's image, and this build's own (what its tags name).
+        for name in (template.id, build_image(template.id, build.id)):
+            await asyncio.to_thread(
+                self.runtime.layers.save_image, dataclasses.replace(image, name=name)
+            )
         build_log("Build finished", step="finalize")
         await self.store.templates.set_status(build, "ready")
+
+    def forget(self, template_id: str) -> None:
+        """Remove the images of a template that is deleted (its layers go once unused)."""
+        layers = self.runtime.layers
+        for image in layers.images():
+            if image.name == template_id or image.name.startswith(f"{template_id}:"):
+                layers.remove_image(image.name)
 
     async def close(self) -> None:
         for task in list(self._tasks.values()):
