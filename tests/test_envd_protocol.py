@@ -12,10 +12,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
+import pytest
 import pytest_asyncio
 
+from bilik.envd.enter import start_time
 from bilik.proto import filesystem_pb, process_pb
-from bilik.runtime import LocalRuntime, SandboxInfo, SandboxSpec
+from bilik.runtime import LocalRuntime, SandboxInfo, SandboxSpec, StepFailed
 from helpers import run_ok
 from test_agent_runtime import _busybox_image
 
@@ -245,3 +247,18 @@ async def test_envd_is_confined_like_the_sandbox_itself(
     )
     unshare_status, mount_status, uid = stdout.split()
     assert unshare_status != b"0" and mount_status != b"0" and uid == b"0", stdout
+
+
+async def test_the_zygote_joins_only_sandboxes(
+    runtime: LocalRuntime, envd: tuple[SandboxInfo, httpx.AsyncClient]
+) -> None:
+    """Asked to start envd beside a host process, or beside a process that merely took a
+    sandbox PID 1's number, the zygote refuses."""
+    me = os.getpid()
+    with pytest.raises(StepFailed, match="host's user namespace"):
+        await runtime.zygote.spawn(me, start_time(me), "/run/bilik")
+    info, _ = envd
+    record = runtime.records.load(info.sandbox_id)
+    assert record is not None
+    with pytest.raises(StepFailed, match="not the sandbox's PID 1"):
+        await runtime.zygote.spawn(record.init_pid, record.init_start + 1, "/run/bilik")

@@ -10,12 +10,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..runtime.spec import Limits
-from ..store import Store
 from ..store.templates import DEFAULT_TAG, TemplateRow
 from ..templates import BadUpload, TemplateService
 from .auth import authenticate
 from .errors import ApiError
-from .sandboxes import _json_object, _rfc3339
+from .sandboxes import _json_object, _rfc3339, _store
 
 # At most this many log entries per status call (as E2B's API).
 LOGS_PAGE = 100
@@ -25,11 +24,6 @@ _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 def _service(request: Request) -> TemplateService:
     service: TemplateService = request.app.state.templates
     return service
-
-
-def _store(request: Request) -> Store:
-    store: Store = request.app.state.store
-    return store
 
 
 def _positive(data: dict[str, Any], name: str, default: int) -> int:

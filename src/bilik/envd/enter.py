@@ -141,10 +141,21 @@ class SeccompFilter:
 
 @dataclass
 class Target:
-    """What to join: the sandbox's PID 1 (host pid) and its cgroup.procs files."""
+    """What to join: the sandbox's PID 1 (host pid, and its start time, so a pid reused by
+    another process is refused) and its cgroup.procs files."""
 
     pid: int
+    start_time: int
     cgroup_procs: list[str]
+
+
+def start_time(pid: int) -> int:
+    """When process ``pid`` started (clock ticks after boot); 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 def enter(target: Target, capabilities: list[str], seccomp: SeccompFilter) -> None:
@@ -153,6 +164,13 @@ def enter(target: Target, capabilities: list[str], seccomp: SeccompFilter) -> No
         (os.open(f"/proc/{target.pid}/ns/{name}", os.O_RDONLY), kind) for name, kind in NAMESPACES
     ]
     root = os.open(f"/proc/{target.pid}/root", os.O_RDONLY | os.O_DIRECTORY)
+    # The namespaces are pinned now: check they are the sandbox's. Its PID 1 must still be the
+    # process that started then, and live in a user namespace of its own: never the host's.
+    if start_time(target.pid) != target.start_time:
+        raise RuntimeError(f"process {target.pid} is not the sandbox's PID 1 any more")
+    user_fd = next(fd for fd, kind in ns_fds if kind == CLONE_NEWUSER)
+    if os.fstat(user_fd).st_ino == os.stat("/proc/self/ns/user").st_ino:
+        raise RuntimeError(f"process {target.pid} is in the host's user namespace")
     me = str(os.getpid())
     for procs in target.cgroup_procs:
         with open(procs, "w") as f:

@@ -120,13 +120,21 @@ def _spawn(
     """Fork a process that joins the sandbox and forks envd in it; returns envd's host pid."""
     pid = int(request["pid"])  # type: ignore[call-overload]
     control_dir = str(request.get("control_dir", "/run/bilik"))
-    target = enter.Target(pid, cgroup_procs(pid))
+    start = int(request["start"])  # type: ignore[call-overload]
+    target = enter.Target(pid, start, cgroup_procs(pid))
     read_end, write_end = os.pipe()
     child = os.fork()
     if child == 0:  # the joiner
         status = 1
         try:
             os.close(read_end)
+            # Nothing of the zygote's may cross into the sandbox: not its channel to the
+            # server (which can start envds anywhere), not its stdio.
+            null = os.open("/dev/null", os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            os.closerange(3, write_end)
+            os.closerange(write_end + 1, 65536)
             enter.enter(target, capabilities, seccomp)
             envd = os.fork()  # only a child is in the sandbox's pid namespace
             if envd == 0:

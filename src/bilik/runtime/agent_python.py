@@ -123,6 +123,14 @@ def _build(dest: Path) -> None:
         *(lib_python / "lib-dynload").glob("*.so"),
     ]:
         patch_rpath(elf)
+    compile_tree(lib_python)
+    for path in dest.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, 0o755 if path.is_dir() or os.access(path, os.X_OK) else 0o644)
+
+
+def compile_tree(root: Path) -> None:
+    """Byte-compile every module under ``root`` ahead of time: sandboxes see it read-only."""
     subprocess.run(
         [
             str(interpreter()),
@@ -133,14 +141,11 @@ def _build(dest: Path) -> None:
             "-j0",
             "--invalidation-mode",
             "unchecked-hash",
-            str(lib_python),
+            str(root),
         ],
         check=False,
         capture_output=True,
     )
-    for path in dest.rglob("*"):
-        if not path.is_symlink():
-            os.chmod(path, 0o755 if path.is_dir() or os.access(path, os.X_OK) else 0o644)
 
 
 def patch_rpath(elf: Path, *extra: str) -> None:

@@ -15,8 +15,6 @@ import hashlib
 import importlib.metadata
 import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -96,21 +94,7 @@ def ensure(runtime_dir: Path, log: Callable[[str], None]) -> Path:
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, dest)
         _add_libraries(scratch, python / "lib")
-        subprocess.run(
-            [
-                sys.executable,
-                "-I",
-                "-m",
-                "compileall",
-                "-q",
-                "-j0",
-                "--invalidation-mode",
-                "unchecked-hash",
-                str(scratch),
-            ],
-            check=False,
-            capture_output=True,
-        )
+        agent_python.compile_tree(scratch)
         for path in scratch.rglob("*"):
             os.chmod(path, 0o755 if path.is_dir() or os.access(path, os.X_OK) else 0o644)
         (scratch / ".fingerprint").write_text(want)

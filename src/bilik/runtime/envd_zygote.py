@@ -70,13 +70,14 @@ class EnvdZygote:
             raise StepFailed("envd-zygote", f"the zygote did not start (exit {code})")
         self._reader, self._writer = await asyncio.open_connection(sock=ours)
 
-    async def spawn(self, init_pid: int, control_dir: str) -> int:
-        """Start envd in the sandbox whose PID 1 is ``init_pid``; returns envd's host pid."""
+    async def spawn(self, init_pid: int, init_start: int, control_dir: str) -> int:
+        """Start envd in the sandbox whose PID 1 is ``init_pid`` (started at ``init_start``,
+        clock ticks after boot); returns envd's host pid."""
         async with self._lock:
             if self._proc is None or self._proc.returncode is not None:
                 await self._start()
             assert self._reader is not None and self._writer is not None
-            request = {"pid": init_pid, "control_dir": control_dir}
+            request = {"pid": init_pid, "start": init_start, "control_dir": control_dir}
             self._writer.write(json.dumps(request).encode() + b"\n")
             await self._writer.drain()
             line = await self._reader.readline()

@@ -242,7 +242,7 @@ class LocalRuntime:
                     await asyncio.to_thread(self.records.save, record)
                     self._follow_init(record)
                     if oci_cli.name != "runsc":
-                        await self.zygote.spawn(pid, oci.CONTROL_MOUNT)
+                        await self.zygote.spawn(pid, record.init_start, oci.CONTROL_MOUNT)
                     await self._wait_for_envd(record)
                     if image.start_cmd:
                         await self._start_workload(record, image)
@@ -284,8 +284,7 @@ class LocalRuntime:
                 writer.close()
                 return True
             self.log(f"envd of {sandbox_id} is gone: starting it again")
-            pid = int((self.records.dir(sandbox_id) / "init.pid").read_text())
-            await self.zygote.spawn(pid, oci.CONTROL_MOUNT)
+            await self.zygote.spawn(record.init_pid, record.init_start, oci.CONTROL_MOUNT)
             await self._wait_for_envd(record)
             return True
 
