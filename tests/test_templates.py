@@ -201,3 +201,14 @@ def test_from_an_oci_registry(built_server: BilikServer, auth: bool) -> None:
     # A registry that is not there: a clear error, quickly.
     with pytest.raises(BuildException, match="base"):
         _build(server, Template().from_image(f"{address}/test/tiny:v1"), "tiny-gone")
+
+
+def test_from_debian_without_a_registry(built_server: BilikServer) -> None:
+    """``from_debian_image()`` (debian:stable) is built from the host's own apt sources."""
+    server = built_server
+    template = Template().from_debian_image().run_cmd("cat /etc/debian_version > /tmp/v")
+    logs, _ = _build(server, template, "plain-debian")
+    assert any("apt sources" in line for line in logs), logs
+    with Sandbox.create("plain-debian", **_params(server)) as sbx:
+        assert sbx.files.read("/tmp/v").split(".")[0] == "12"
+        assert sbx.commands.run("whoami; command -v sudo python3 || true").stdout == "user\n"

@@ -47,13 +47,16 @@ BASE_ENV = {
 }
 
 # Run inside the new rootfs (mmdebstrap passes it as $1).
+_ADD_USER = 'chroot "$1" useradd --create-home --uid 1000 --user-group --shell /bin/bash user'
+# Files the runtime bind-mounts per sandbox must exist as mount points.
+_MOUNT_POINTS = 'touch "$1/etc/hostname" "$1/etc/hosts" "$1/etc/resolv.conf"'
+_CLEAN = 'rm -rf "$1/var/cache/apt/archives"/*.deb "$1/var/lib/apt/lists"/*'
 _CUSTOMIZE = [
-    'chroot "$1" useradd --create-home --uid 1000 --user-group --shell /bin/bash user',
+    _ADD_USER,
     "echo 'user ALL=(ALL:ALL) NOPASSWD: ALL' > \"$1/etc/sudoers.d/user\"",
     'chmod 0440 "$1/etc/sudoers.d/user"',
-    # Files the runtime bind-mounts per sandbox must exist as mount points.
-    'touch "$1/etc/hostname" "$1/etc/hosts" "$1/etc/resolv.conf"',
-    'rm -rf "$1/var/cache/apt/archives"/*.deb "$1/var/lib/apt/lists"/*',
+    _MOUNT_POINTS,
+    _CLEAN,
 ]
 
 Log = Callable[[str], None]
@@ -81,21 +84,31 @@ def host_apt_sources() -> list[Path]:
     return paths
 
 
-def base_layer_key(uid_base: int, release: str) -> str:
-    return layer_key("debian-base", RECIPE_VERSION, release, PACKAGES, _CUSTOMIZE, uid_base)
+# ``debian``: plain Debian (what a registry's debian:<release> holds), plus the sandbox user.
+DEBIAN_PACKAGES = ("bash", "ca-certificates")
+_DEBIAN_CUSTOMIZE = [_ADD_USER, _MOUNT_POINTS, _CLEAN]
+RECIPES = {"base": (PACKAGES, _CUSTOMIZE), "debian": (DEBIAN_PACKAGES, _DEBIAN_CUSTOMIZE)}
+
+
+def base_layer_key(uid_base: int, release: str, recipe: str = "base") -> str:
+    packages, customize = RECIPES[recipe]
+    if recipe == "base":  # (the key base layers have always had)
+        return layer_key("debian-base", RECIPE_VERSION, release, packages, customize, uid_base)
+    return layer_key(f"debian-{recipe}", RECIPE_VERSION, release, packages, customize, uid_base)
 
 
 def ensure_base_image(
-    store: LayerStore, uid_base: int, log: Log, *, rebuild: bool = False
+    store: LayerStore, uid_base: int, log: Log, *, rebuild: bool = False, recipe_name: str = "base"
 ) -> Image:
-    """Return the ``base`` image, building its layer first if it is not cached.
+    """Return the ``base`` image (or ``debian``, plain Debian of the host's release), building
+    its layer first if it is not cached.
 
     ``rebuild`` builds a fresh layer under a new key and points the image at it; the old layer
     stays, since running sandboxes may still have it mounted.
     """
     release = host_release()
-    recipe = base_layer_key(uid_base, release)
-    name = "base" if uid_base else "base@unshifted"
+    recipe = base_layer_key(uid_base, release, recipe_name)
+    name = recipe_name if uid_base else f"{recipe_name}@unshifted"
     with store.lock(recipe):
         if not rebuild:
             with contextlib.suppress(TemplateNotFound):
@@ -104,7 +117,7 @@ def ensure_base_image(
                     return current
         key = f"{recipe}-{time.time_ns()}" if rebuild else recipe
         if not store.has(key):
-            _build(store, key, release, uid_base, log)
+            _build(store, key, release, uid_base, log, *RECIPES[recipe_name])
         image = Image(
             name=name, layers=(key,), env=dict(BASE_ENV), user="user", workdir="/home/user"
         )
@@ -112,7 +125,15 @@ def ensure_base_image(
     return image
 
 
-def _build(store: LayerStore, key: str, release: str, uid_base: int, log: Log) -> None:
+def _build(
+    store: LayerStore,
+    key: str,
+    release: str,
+    uid_base: int,
+    log: Log,
+    packages: tuple[str, ...],
+    customize: list[str],
+) -> None:
     sources = host_apt_sources()
     if not sources:
         raise StepFailed("build-base", "no apt sources configured on this host")
@@ -124,8 +145,8 @@ def _build(store: LayerStore, key: str, release: str, uid_base: int, log: Log) -
             "--variant=minbase",
             "--mode=root",
             "--format=directory",
-            f"--include={','.join(PACKAGES)}",
-            *[f"--customize-hook={hook}" for hook in _CUSTOMIZE],
+            f"--include={','.join(packages)}",
+            *[f"--customize-hook={hook}" for hook in customize],
             release,
             str(rootfs),
             *map(str, sources),

@@ -152,11 +152,14 @@ class LocalRuntime:
     def image(
         self, template: str, *, oci_runtime: str | None = None, rebuild: bool = False
     ) -> Image:
-        """The image of ``template`` for ``oci_runtime``; ``base`` is built on first use."""
+        """The image of ``template`` for ``oci_runtime``; ``base`` (and ``debian``, plain Debian
+        for templates to build on) are built on first use."""
         uid_base = self.uid_base(oci_runtime or self.settings.oci_runtime)
-        if template != "base":
+        if template not in base_image.RECIPES:
             return self.layers.image(template)
-        image = base_image.ensure_base_image(self.layers, uid_base, self.log, rebuild=rebuild)
+        image = base_image.ensure_base_image(
+            self.layers, uid_base, self.log, rebuild=rebuild, recipe_name=template
+        )
         if rebuild:
             self.collect_layers(grace_s=0)
         return image

@@ -23,13 +23,16 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
-from ..runtime import LocalRuntime, RuntimeFailure, SandboxSpec
+from ..runtime import LocalRuntime, RuntimeFailure, SandboxSpec, base_image
 from ..runtime.layers import Image, layer_key
 from ..runtime.spec import Limits
 from .files import FileStore
 
 # Registry names the SDKs use for E2B's own base image; bilik's base is built from Debian.
 BASE_IMAGES = {"e2bdev/base", "e2bdev/base:latest"}
+# Debian images (``from_debian_image``) of the host's release are built from its own apt
+# sources, with no registry; others are pulled.
+DEBIAN_TAGS = {"debian", "debian:stable", "debian:latest", "debian:stable-slim"}
 STEP_TIMEOUT_S = 3600
 BUILD_DISK_MB = 8192
 
@@ -166,6 +169,9 @@ class Builder:
             if spec.get("fromTemplate") or source in BASE_IMAGES or source == "base":
                 name = "base" if source in BASE_IMAGES else source
                 image = await asyncio.to_thread(self.runtime.image, name)
+            elif source in DEBIAN_TAGS or source in _host_debian_tags():
+                log("Debian from this host's apt sources", step="base")
+                image = await asyncio.to_thread(self.runtime.image, "debian")
             else:
                 registry = spec.get("fromImageRegistry") or {}
                 if not isinstance(registry, dict) or registry.get("type", "registry") != (
@@ -314,6 +320,12 @@ class Builder:
             raise BuildFailed(f"the start command did not become ready: {e}", "finalize") from None
         await self.runtime.kill(info.sandbox_id)
         log("Ready", step="finalize")
+
+
+def _host_debian_tags() -> set[str]:
+    release = base_image.host_release()
+    version = {"bookworm": "12", "trixie": "13"}.get(release, release)
+    return {f"debian:{release}", f"debian:{release}-slim", f"debian:{version}"}
 
 
 async def _must(run: Any, tag: str) -> None:
