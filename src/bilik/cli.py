@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import threading
@@ -15,6 +16,8 @@ from .config import InvalidSettings, Settings
 from .runtime import Limits, LocalRuntime, RuntimeFailure, SandboxInfo, SandboxSpec
 from .runtime.ocicli import RUNTIMES
 from .store import ApiKey, KeyCaps, KeyNotFound, Store, database_url
+from .templates import BuildFailed, TemplateService
+from .templates.defaults import DEFAULTS
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -175,6 +178,32 @@ async def _template_build_base(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _template_build_default(args: argparse.Namespace) -> int:
+    runtime = _runtime(args)
+    await runtime.start()
+    store = await _open_store(args)
+    dns = None
+    try:
+        # Builds resolve names through the gateway; a running server's forwarder serves them.
+        with contextlib.suppress(OSError):
+            dns = await runtime.serve_dns()
+        service = TemplateService(runtime, store, runtime.settings.data_dir)
+        for name in args.names or sorted(DEFAULTS):
+            if name not in DEFAULTS:
+                raise SystemExit(f"bilik: {name!r} is not a default template: {sorted(DEFAULTS)}")
+            await service.ensure_default(name, log=print)
+            print(f"{name}: ready")
+    except BuildFailed as e:
+        print(f"bilik: {e.message}", file=sys.stderr)
+        return 1
+    finally:
+        if dns is not None:
+            await dns.close()
+        await store.close()
+        await runtime.close()
+    return 0
+
+
 async def _open_store(args: argparse.Namespace) -> Store:
     settings = _settings(args)
     return await Store.open(database_url(settings.data_dir, settings.database_url))
@@ -320,6 +349,11 @@ def _parser() -> argparse.ArgumentParser:
     base = tp.add_parser("build-base", parents=[common], help="build the base image")
     base.add_argument("--rebuild", action="store_true", help="rebuild even if cached")
     base.set_defaults(func=_template_build_base)
+    default = tp.add_parser(
+        "build-default", parents=[common], help="build bilik's default templates ahead of use"
+    )
+    default.add_argument("names", nargs="*", help="which (default: all)")
+    default.set_defaults(func=_template_build_default)
 
     keys = sub.add_parser("keys", help="API keys (stored only as hashes)")
     kp = keys.add_subparsers(dest="action", required=True)

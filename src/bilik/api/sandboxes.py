@@ -25,7 +25,8 @@ from ..runtime import (
 )
 from ..store import Store
 from ..store.sandboxes import SandboxRow
-from ..templates import build_image
+from ..templates import BuildFailed, TemplateService, build_image
+from ..templates.defaults import DEFAULTS
 from .auth import authenticate
 from .errors import ApiError, from_runtime
 from .limits import CreateLimiter
@@ -153,6 +154,38 @@ async def _owned(request: Request) -> tuple[SandboxInfo, SandboxRow]:
     return info, row
 
 
+async def _image_of(request: Request, key_id: str, template: str) -> tuple[str, Limits]:
+    """The runtime image a create's ``templateID`` names, and the limits it starts with: the
+    key's own template (by id or name, and tag) with a finished build, else one of bilik's
+    defaults (built on first use)."""
+    if template == "base":
+        return "base", Limits()
+    name, _, tag = template.partition(":")
+    row = await _store(request).templates.get(name, key_id)
+    if row is None:
+        if template not in DEFAULTS:
+            raise ApiError(404, f"template {template!r} not found")
+        try:
+            await _templates(request).ensure_default(template)
+        except BuildFailed as e:
+            raise ApiError(500, f"the default template {template} did not build: {e}") from None
+        return template, Limits()
+    if row.ready_build_id is None:
+        raise ApiError(400, f"template {template!r} has no finished build yet")
+    image = row.id
+    if tag:
+        build_id = await _store(request).templates.tagged(row.id, tag)
+        if build_id is None:
+            raise ApiError(404, f"template {name!r} has no build tagged {tag!r}")
+        image = build_image(row.id, build_id)
+    return image, dataclasses.replace(Limits(), cpu=row.cpu_count, memory_mb=row.memory_mb)
+
+
+def _templates(request: Request) -> TemplateService:
+    service: TemplateService = request.app.state.templates
+    return service
+
+
 async def create(request: Request) -> Response:
     key = await authenticate(request)
     store = _store(request)
@@ -177,23 +210,7 @@ async def create(request: Request) -> Response:
     timeout = _timeout(data, 300)
     assert timeout is not None
     running = sum(1 for r in await store.sandboxes.of_key(key.id) if _recorded(request, r.id))
-    image = "base"
-    default = Limits()
-    if template != "base":
-        # A template of the key's own, by id or name (and tag), with a finished build.
-        name, _, tag = template.partition(":")
-        row = await store.templates.get(name, key.id)
-        if row is None:
-            raise ApiError(404, f"template {template!r} not found")
-        if row.ready_build_id is None:
-            raise ApiError(400, f"template {template!r} has no finished build yet")
-        image = row.id
-        if tag:
-            build_id = await store.templates.tagged(row.id, tag)
-            if build_id is None:
-                raise ApiError(404, f"template {name!r} has no build tagged {tag!r}")
-            image = build_image(row.id, build_id)
-        default = dataclasses.replace(default, cpu=row.cpu_count, memory_mb=row.memory_mb)
+    image, default = await _image_of(request, key.id, template)
     limits = _limits(data, default)
     limiter: CreateLimiter = request.app.state.limiter
     # Creates of this key still under way count too, or concurrent ones could pass the cap.

@@ -21,8 +21,9 @@ from pathlib import Path
 from . import agent_python
 
 MOUNTED_AT = "/.bilik/agents"
-# bilik's own packages that run inside sandboxes (never the server's).
-OWN_PACKAGES = ("envd", "proto")
+# bilik's own packages that run inside sandboxes (never the server's). The interpreter runs
+# with a code-interpreter template's Python, which has jupyter_client.
+OWN_PACKAGES = ("envd", "interpreter", "proto")
 # What they import, by distribution name.
 DISTRIBUTIONS = (
     "connectrpc",

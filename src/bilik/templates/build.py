@@ -20,6 +20,7 @@ import secrets
 import shlex
 import subprocess
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,8 @@ class BuildLog:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.entries: list[LogEntry] = []
+        # Also told each message as it comes (the CLI prints them).
+        self.listeners: list[Callable[[str], None]] = []
         if path.exists():
             for line in path.read_text().splitlines():
                 with_fields = json.loads(line)
@@ -74,6 +77,8 @@ class BuildLog:
         now = datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
         entry = LogEntry(now, level, message.rstrip("\n"), step)
         self.entries.append(entry)
+        for listener in self.listeners:
+            listener(entry.message)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(dataclasses.asdict(entry)) + "\n")
@@ -277,17 +282,24 @@ class Builder:
             f"mkdir -p {staging}",
             f"tar -x{'z' if zipped else ''}f {staging}.tar -C {staging}",
         ]
+        owner = shlex.quote(user)
         for member, target, whole_dir in moves:
             source = shlex.quote(f"{staging}/{member}")
             quoted = shlex.quote(target)
             script.append(f"mkdir -p {shlex.quote(posixpath.dirname(target) or '/')}")
             if whole_dir:
+                # Owner and mode go to what was copied, never to what was already there.
                 script.append(f"mkdir -p {quoted} && cp -a {source}/. {quoted}/")
+                script.append(
+                    f"(cd {source} && find . -mindepth 1) | while IFS= read -r p; do "
+                    f'chown -h {owner}: {quoted}/"$p"'
+                    + (f' && chmod {shlex.quote(mode)} {quoted}/"$p"' if mode else "")
+                    + "; done"
+                )
             else:
-                script.append(f"cp -a {source} {quoted}")
-            script.append(f"chown -R {shlex.quote(user)}: {quoted}")
-            if mode:
-                script.append(f"chmod -R {shlex.quote(mode)} {quoted}")
+                script.append(f"cp -a {source} {quoted} && chown -h {owner}: {quoted}")
+                if mode:
+                    script.append(f"chmod {shlex.quote(mode)} {quoted}")
         script.append(f"rm -rf {staging} {staging}.tar")
         finished = await envd.run("\n".join(script), user="root")
         if finished.exit_code != 0:

@@ -6,14 +6,18 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..runtime import LocalRuntime
+from ..runtime import LocalRuntime, RuntimeFailure
 from ..runtime.spec import Limits
 from ..store import Store
 from ..store.templates import BuildRow, TemplateRow
+from . import host_settings
 from .build import Builder, BuildFailed, BuildLog
+from .defaults import DEFAULTS
 from .files import FileStore
 
 log = logging.getLogger("bilik.templates")
@@ -33,6 +37,7 @@ class TemplateService:
         self.logs_dir = data_dir / "builds"
         self._logs: dict[str, BuildLog] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._default_locks: dict[str, asyncio.Lock] = {}
 
     def log_of(self, build_id: str) -> BuildLog:
         if build_id not in self._logs:
@@ -75,6 +80,41 @@ class TemplateService:
             )
         build_log("Build finished", step="finalize")
         await self.store.templates.set_status(build, "ready")
+
+    async def ensure_default(self, name: str, log: Callable[[str], None] | None = None) -> None:
+        """Build the default template ``name`` unless its image exists (one build at a time;
+        a create that asked for it waits, and so does any other)."""
+        lock = self._default_locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            with contextlib.suppress(RuntimeFailure):
+                await asyncio.to_thread(self.runtime.layers.image, name)
+                return
+            build_log = self.log_of(f"default-{name}-{int(time.time())}")
+            if log is not None:
+                build_log.listeners.append(log)
+            build_log(f"building the default template {name} (once)")
+            spec = self._with_host_settings(name, DEFAULTS[name])
+            # Shielded: a client that gives up waiting must not cut the build short.
+            image = await asyncio.shield(
+                self.builder.build(name, "default", spec, Limits(cpu=2, memory_mb=2048), build_log)
+            )
+            await asyncio.to_thread(self.runtime.layers.save_image, image)
+            build_log(f"default template {name} ready")
+
+    def _with_host_settings(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        """``spec`` with its host-settings COPY steps pointing at this host's settings."""
+        steps = []
+        for step in spec["steps"]:
+            if step.get("hostPipSettings"):
+                bundle = host_settings.pip_bundle()
+                files_hash = host_settings.bundle_hash(bundle)
+                path = self.files.path(name, files_hash)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(bundle)
+                step = {k: v for k, v in step.items() if k != "hostPipSettings"}
+                step["filesHash"] = files_hash
+            steps.append(step)
+        return {**spec, "steps": steps}
 
     def forget(self, template_id: str) -> None:
         """Remove the images of a template that is deleted (its layers go once unused)."""

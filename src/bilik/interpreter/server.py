@@ -1,0 +1,340 @@
+"""The code interpreter's HTTP API (E2B's, port 49999): contexts and streamed executions.
+
+Each context is a Jupyter kernel (``jupyter_client``), started in its working directory and
+kept between executions, so state carries over like a notebook's. ``POST /execute`` streams
+NDJSON as the kernel produces it: stdout and stderr, results (mapped from MIME types), errors,
+the execution count, keepalives while it is silent, and the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from jupyter_client.manager import AsyncKernelManager
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+PORT = 49999
+KEEPALIVE_S = 5.0
+DEFAULT_CWD = "/home/user"
+ALIASES = {"js": "javascript", "ts": "typescript"}
+KERNELS = {"python": "python3"}
+MIME_FIELDS = {
+    "text/plain": "text",
+    "text/html": "html",
+    "text/markdown": "markdown",
+    "image/svg+xml": "svg",
+    "image/png": "png",
+    "image/jpeg": "jpeg",
+    "application/pdf": "pdf",
+    "text/latex": "latex",
+    "application/json": "json",
+    "application/javascript": "javascript",
+    "e2b/data": "data",
+    "e2b/chart": "chart",
+}
+
+
+class Unsupported(Exception):
+    pass
+
+
+@dataclass
+class Context:
+    id: str
+    language: str
+    cwd: str
+    manager: AsyncKernelManager
+    client: Any
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def to_json(self) -> dict[str, str]:
+        return {"id": self.id, "language": self.language, "cwd": self.cwd}
+
+
+def language_of(raw: object) -> str:
+    language = str(raw or "python").lower()
+    return ALIASES.get(language, language)
+
+
+class Interpreter:
+    def __init__(self) -> None:
+        self.contexts: dict[str, Context] = {}
+        self.defaults: dict[str, str] = {}
+
+    async def create(self, language: str, cwd: str) -> Context:
+        kernel = KERNELS.get(language)
+        if kernel is None:
+            raise Unsupported(f"language {language!r} is not supported (yet): try python")
+        manager = AsyncKernelManager(kernel_name=kernel)
+        # The server's own PYTHONPATH (bilik's packages) is no business of the user's code.
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        await manager.start_kernel(cwd=cwd, env=env)
+        client = manager.client()
+        client.start_channels()
+        await client.wait_for_ready(timeout=60)
+        context = Context(secrets.token_hex(8), language, cwd, manager, client)
+        self.contexts[context.id] = context
+        return context
+
+    async def default(self, language: str) -> Context:
+        context_id = self.defaults.get(language)
+        if context_id in self.contexts:
+            return self.contexts[context_id]
+        context = await self.create(language, DEFAULT_CWD)
+        self.defaults[language] = context.id
+        return context
+
+    async def remove(self, context_id: str) -> bool:
+        context = self.contexts.pop(context_id, None)
+        if context is None:
+            return False
+        context.client.stop_channels()
+        await context.manager.shutdown_kernel(now=True)
+        return True
+
+    async def restart(self, context_id: str) -> bool:
+        context = self.contexts.get(context_id)
+        if context is None:
+            return False
+        await context.manager.restart_kernel(now=True)
+        await context.client.wait_for_ready(timeout=60)
+        return True
+
+    async def execute(
+        self,
+        context: Context,
+        code: str,
+        env: dict[str, str],
+        emit: Callable[[dict[str, Any]], Awaitable[None]],
+    ) -> None:
+        """Run ``code`` in ``context``, emitting E2B's stream items; ends with end_of_execution."""
+        async with context.lock:
+            if env:
+                await self._silently(context, _env_code(env, set_them=True))
+            try:
+                await self._run(context, code, emit)
+            finally:
+                if env:
+                    await self._silently(context, _env_code(env, set_them=False))
+        await emit({"type": "end_of_execution"})
+
+    async def _silently(self, context: Context, code: str) -> None:
+        msg_id = context.client.execute(code, silent=True, store_history=False)
+        await self._wait_idle(context, msg_id)
+
+    async def _wait_idle(self, context: Context, msg_id: str) -> None:
+        while True:
+            message = await context.client.get_iopub_msg(timeout=300)
+            if (
+                message["parent_header"].get("msg_id") == msg_id
+                and message["msg_type"] == "status"
+                and message["content"]["execution_state"] == "idle"
+            ):
+                return
+
+    async def _run(
+        self, context: Context, code: str, emit: Callable[[dict[str, Any]], Awaitable[None]]
+    ) -> None:
+        client = context.client
+        msg_id = client.execute(code, allow_stdin=False)
+        while True:
+            try:
+                message = await client.get_iopub_msg(timeout=1)
+            except Exception:  # queue.Empty: the kernel is silent; is it still there?
+                if not await context.manager.is_alive():
+                    await emit(
+                        {
+                            "type": "error",
+                            "name": "UnexpectedEndOfExecution",
+                            "value": "the kernel died while running the code; restart the context",
+                            "traceback": "",
+                        }
+                    )
+                    return
+                continue
+            if message["parent_header"].get("msg_id") != msg_id:
+                continue
+            kind, content = message["msg_type"], message["content"]
+            stamp = str(message["header"].get("date", ""))
+            if kind == "stream":
+                await emit({"type": content["name"], "text": content["text"], "timestamp": stamp})
+            elif kind in ("execute_result", "display_data"):
+                await emit(_result(content.get("data", {}), kind == "execute_result"))
+            elif kind == "error":
+                await emit(
+                    {
+                        "type": "error",
+                        "name": content.get("ename", ""),
+                        "value": content.get("evalue", ""),
+                        "traceback": "\n".join(content.get("traceback", [])),
+                    }
+                )
+            elif kind == "execute_input":
+                await emit(
+                    {"type": "number_of_executions", "execution_count": content["execution_count"]}
+                )
+            elif kind == "status" and content["execution_state"] == "idle":
+                return
+
+    async def interrupt(self, context: Context) -> None:
+        with contextlib.suppress(Exception):
+            await context.manager.interrupt_kernel()
+
+
+def _result(data: dict[str, Any], main: bool) -> dict[str, Any]:
+    result: dict[str, Any] = {"type": "result", "is_main_result": main}
+    extra = {}
+    for mime, value in data.items():
+        name = MIME_FIELDS.get(mime)
+        if name is None:
+            extra[mime] = value
+        else:
+            result[name] = value
+    text = result.get("text")
+    if isinstance(text, str) and len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        result["text"] = text[1:-1]
+    if extra:
+        result["extra"] = extra
+    return result
+
+
+def _env_code(env: dict[str, str], *, set_them: bool) -> str:
+    """Python that sets ``env`` for one execution (and then puts back what was there)."""
+    names = json.dumps(env)
+    if set_them:
+        return (
+            "import os as __bilik_os\n"
+            f"__bilik_saved_env = {{k: __bilik_os.environ.get(k) for k in {names}}}\n"
+            f"__bilik_os.environ.update({names})\n"
+        )
+    return (
+        "for __k, __v in __bilik_saved_env.items():\n"
+        "    if __v is None: __bilik_os.environ.pop(__k, None)\n"
+        "    else: __bilik_os.environ[__k] = __v\n"
+        "del __bilik_saved_env\n"
+    )
+
+
+# -- HTTP ---------------------------------------------------------------------------------------
+
+
+async def _body(receive: Receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+async def _reply(
+    send: Send, status: int, body: Any, content_type: str = "application/json"
+) -> None:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", content_type.encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": data})
+
+
+class App:
+    def __init__(self) -> None:
+        self.interpreter = Interpreter()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        method, path = scope["method"], scope["path"].rstrip("/") or "/"
+        try:
+            if path == "/health":
+                await _reply(send, 200, "OK")
+            elif path == "/execute" and method == "POST":
+                await self._execute(receive, send)
+            elif path == "/contexts" and method == "POST":
+                data = json.loads(await _body(receive) or b"{}")
+                context = await self.interpreter.create(
+                    language_of(data.get("language")), data.get("cwd") or DEFAULT_CWD
+                )
+                await _reply(send, 200, context.to_json())
+            elif path == "/contexts" and method == "GET":
+                await _reply(send, 200, [c.to_json() for c in self.interpreter.contexts.values()])
+            elif path.startswith("/contexts/") and method == "DELETE":
+                found = await self.interpreter.remove(path.split("/")[2])
+                await _reply(send, 200 if found else 404, {} if found else "Context not found")
+            elif path.startswith("/contexts/") and path.endswith("/restart") and method == "POST":
+                found = await self.interpreter.restart(path.split("/")[2])
+                await _reply(send, 200 if found else 404, {} if found else "Context not found")
+            else:
+                await _reply(send, 404, f"no such endpoint: {method} {path}")
+        except Unsupported as e:
+            await _reply(send, 400, str(e))
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            await _reply(send, 400, f"malformed request: {e}")
+
+    async def _execute(self, receive: Receive, send: Send) -> None:
+        data = json.loads(await _body(receive) or b"{}")
+        code = data.get("code")
+        if not isinstance(code, str):
+            await _reply(send, 400, "code is required")
+            return
+        context_id, language = data.get("context_id"), data.get("language")
+        if context_id and language:
+            await _reply(send, 400, "give a context or a language, not both")
+            return
+        if context_id:
+            context = self.interpreter.contexts.get(context_id)
+            if context is None:
+                await _reply(send, 404, f"Context {context_id} not found", "text/plain")
+                return
+        else:
+            context = await self.interpreter.default(language_of(language))
+        env = {str(k): str(v) for k, v in (data.get("env_vars") or {}).items()}
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/x-ndjson")],
+            }
+        )
+        last = time.monotonic()
+
+        async def emit(item: dict[str, Any]) -> None:
+            nonlocal last
+            last = time.monotonic()
+            line = json.dumps(item).encode() + b"\n"
+            await send({"type": "http.response.body", "body": line, "more_body": True})
+
+        async def keepalive() -> None:
+            while True:
+                await asyncio.sleep(1)
+                if time.monotonic() - last >= KEEPALIVE_S:
+                    await emit({"type": "keepalive"})
+
+        async def hang_up() -> None:
+            # The client went away (its timeout, say): stop the code, keep the context.
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            await self.interpreter.interrupt(context)
+
+        helpers = [asyncio.create_task(keepalive()), asyncio.create_task(hang_up())]
+        try:
+            await self.interpreter.execute(context, code, env, emit)
+        finally:
+            for helper in helpers:
+                helper.cancel()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})

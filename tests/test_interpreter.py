@@ -1,0 +1,106 @@
+"""The code interpreter, driven by the official ``e2b-code-interpreter`` SDK (sync and async)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from e2b_code_interpreter import AsyncSandbox, Sandbox
+
+from server import BilikServer
+
+
+@pytest.fixture(scope="module")
+def interpreter_server() -> Iterator[BilikServer]:
+    srv = BilikServer()
+    srv.start()
+    # Built ahead, beside the server (whose DNS forwarder the build sandboxes use); the first
+    # create would otherwise wait for the build.
+    built = srv.cli("template", "build-default", "code-interpreter-v1", check=False)
+    assert built.returncode == 0, built.stdout + built.stderr
+    yield srv
+    srv.finish()
+
+
+def _params(server: BilikServer) -> dict[str, Any]:
+    return {"api_key": server.key, "api_url": server.url, "sandbox_url": server.url}
+
+
+@pytest.fixture(scope="module")
+def sbx(interpreter_server: BilikServer) -> Iterator[Sandbox]:
+    with Sandbox.create(timeout=300, **_params(interpreter_server)) as sandbox:
+        yield sandbox
+
+
+def test_state_carries_over(sbx: Sandbox) -> None:
+    sbx.run_code("x = 1")
+    execution = sbx.run_code("x += 1; x")
+    assert execution.text == "2" and execution.execution_count is not None
+    assert sbx.run_code("'a string'").text == "a string"
+
+
+def test_output_streams_as_it_comes(sbx: Sandbox) -> None:
+    seen: list[tuple[float, str]] = []
+    errors: list[str] = []
+    execution = sbx.run_code(
+        "import sys, time\nfor i in range(3):\n    print(i, flush=True)\n    time.sleep(0.3)\n"
+        "print('oops', file=sys.stderr)",
+        on_stdout=lambda out: seen.append((time.monotonic(), str(out.line))),
+        on_stderr=lambda err: errors.append(str(err.line)),
+    )
+    assert "".join(line for _, line in seen) == "0\n1\n2\n"
+    assert seen[-1][0] - seen[0][0] > 0.4
+    assert errors == ["oops\n"] and execution.logs.stdout == ["0\n", "1\n", "2\n"]
+
+
+def test_errors_are_data_and_the_sandbox_goes_on(sbx: Sandbox) -> None:
+    execution = sbx.run_code("def f():\n    raise ValueError('bad value')\nf()")
+    assert execution.error is not None
+    assert execution.error.name == "ValueError" and execution.error.value == "bad value"
+    assert "f()" in execution.error.traceback
+    assert sbx.run_code("1 + 1").text == "2"
+
+
+def test_rich_results(sbx: Sandbox) -> None:
+    frame = sbx.run_code("import pandas as pd\npd.DataFrame({'a': [1, 2], 'b': [3, 4]})")
+    result = frame.results[0]
+    assert result.is_main_result and "<table" in (result.html or "") and "a" in (result.text or "")
+    plot = sbx.run_code(
+        "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3], [1, 4, 9])\nplt.show()"
+    )
+    assert any(r.png for r in plot.results), plot
+
+
+def test_contexts_and_env_vars(sbx: Sandbox) -> None:
+    context = sbx.create_code_context(cwd="/tmp")
+    sbx.run_code("y = 'in the context'", context=context)
+    assert sbx.run_code("y", context=context).text == "in the context"
+    assert sbx.run_code("'y' in globals()").text == "False"  # the default context's own state
+    assert sbx.run_code("import os; os.getcwd()", context=context).text == "/tmp"
+    assert context.id in [c.id for c in sbx.list_code_contexts()]
+    scoped = sbx.run_code("import os; os.environ.get('ONLY_NOW')", envs={"ONLY_NOW": "yes"})
+    assert scoped.text == "yes"
+    assert sbx.run_code("import os; str(os.environ.get('ONLY_NOW'))").text == "None"
+    sbx.restart_code_context(context)
+    assert sbx.run_code("'y' in globals()", context=context).text == "False"
+    sbx.remove_code_context(context)
+    assert context.id not in [c.id for c in sbx.list_code_contexts()]
+
+
+def test_a_timeout_interrupts_rather_than_kills(sbx: Sandbox) -> None:
+    sbx.run_code("z = 'kept'")
+    with pytest.raises(Exception):  # noqa: B017 (the SDK's timeout error)
+        sbx.run_code("import time; time.sleep(30)", timeout=2)
+    time.sleep(0.5)
+    assert sbx.run_code("z").text == "kept"
+
+
+async def test_async_sdk(interpreter_server: BilikServer) -> None:
+    sandbox = await AsyncSandbox.create(timeout=120, **_params(interpreter_server))
+    try:
+        await sandbox.run_code("n = 20")
+        assert (await sandbox.run_code("n * 2")).text == "40"
+    finally:
+        await sandbox.kill()
