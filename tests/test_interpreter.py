@@ -15,13 +15,15 @@ from server import BilikServer
 @pytest.fixture(scope="module")
 def interpreter_server() -> Iterator[BilikServer]:
     srv = BilikServer()
-    srv.start()
-    # Built ahead, beside the server (whose DNS forwarder the build sandboxes use); the first
-    # create would otherwise wait for the build.
-    built = srv.cli("template", "build-default", "code-interpreter-v1", check=False)
-    assert built.returncode == 0, built.stdout + built.stderr
-    yield srv
-    srv.finish()
+    try:
+        srv.start()
+        # Built ahead, beside the server (whose DNS forwarder the build sandboxes use); the
+        # first create would otherwise wait for the build.
+        built = srv.cli("template", "build-default", "code-interpreter-v1", check=False)
+        assert built.returncode == 0, built.stdout + built.stderr
+        yield srv
+    finally:
+        srv.finish()
 
 
 def _params(server: BilikServer) -> dict[str, Any]:
@@ -104,3 +106,17 @@ async def test_async_sdk(interpreter_server: BilikServer) -> None:
         assert (await sandbox.run_code("n * 2")).text == "40"
     finally:
         await sandbox.kill()
+
+
+def test_bash_and_r(sbx: Sandbox) -> None:
+    sbx.run_code("open('/home/user/from_python.txt', 'w').write('written by python')")
+    shell = sbx.run_code("cat /home/user/from_python.txt; echo; echo $ONLY", language="bash",
+                         envs={"ONLY": "for bash"})  # fmt: skip
+    assert "".join(shell.logs.stdout) == "written by python\nfor bash\n", shell
+    assert sbx.run_code("x <- 20; x * 2", language="r").text == "[1] 40"
+    assert sbx.run_code("x + 1", language="r").text == "[1] 21"  # R keeps its own state
+    assert sbx.run_code("x").text == "2"  # and Python its own
+    failed = sbx.run_code("stop('no good')", language="r")
+    assert failed.error is not None and "no good" in failed.error.value
+    with pytest.raises(Exception, match="not supported"):
+        sbx.run_code("1", language="cobol")

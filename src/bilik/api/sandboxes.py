@@ -166,10 +166,10 @@ async def _image_of(request: Request, key_id: str, template: str) -> tuple[str, 
         if template not in DEFAULTS:
             raise ApiError(404, f"template {template!r} not found")
         try:
-            await _templates(request).ensure_default(template)
+            image = await _templates(request).ensure_default(template)
         except BuildFailed as e:
             raise ApiError(500, f"the default template {template} did not build: {e}") from None
-        return template, Limits()
+        return image, Limits()
     if row.ready_build_id is None:
         raise ApiError(400, f"template {template!r} has no finished build yet")
     image = row.id
@@ -228,11 +228,15 @@ async def create(request: Request) -> Response:
         access_token=secrets.token_hex(16),
     )
     with limiter.creating(key.id):
-        return await _create(request, key.id, spec, idempotency_key)
+        return await _create(request, key.id, template, spec, idempotency_key)
 
 
 async def _create(
-    request: Request, key_id: str, spec: SandboxSpec, idempotency_key: str | None
+    request: Request,
+    key_id: str,
+    template: str,
+    spec: SandboxSpec,
+    idempotency_key: str | None,
 ) -> Response:
     """Make the sandbox and record who owns it (or make nothing)."""
     store = _store(request)
@@ -242,7 +246,7 @@ async def _create(
     except RuntimeFailure as e:
         raise from_runtime(e) from None
     row = SandboxRow(
-        info.sandbox_id, key_id, spec.template, spec.metadata, spec.access_token, info.created_at
+        info.sandbox_id, key_id, template, spec.metadata, spec.access_token, info.created_at
     )
     try:
         await store.sandboxes.add(row)

@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import secrets
+import shlex
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
@@ -28,7 +30,9 @@ PORT = 49999
 KEEPALIVE_S = 5.0
 DEFAULT_CWD = "/home/user"
 ALIASES = {"js": "javascript", "ts": "typescript"}
-KERNELS = {"python": "python3"}
+# Language → Jupyter kernel name.
+KERNELS = {"python": "python3", "bash": "bash", "r": "ir"}
+VALUES_AS_DISPLAY = {"r"}
 MIME_FIELDS = {
     "text/plain": "text",
     "text/html": "html",
@@ -121,12 +125,12 @@ class Interpreter:
         """Run ``code`` in ``context``, emitting E2B's stream items; ends with end_of_execution."""
         async with context.lock:
             if env:
-                await self._silently(context, _env_code(env, set_them=True))
+                await self._silently(context, _env_code(context.language, env, set_them=True))
             try:
                 await self._run(context, code, emit)
             finally:
                 if env:
-                    await self._silently(context, _env_code(env, set_them=False))
+                    await self._silently(context, _env_code(context.language, env, set_them=False))
         await emit({"type": "end_of_execution"})
 
     async def _silently(self, context: Context, code: str) -> None:
@@ -170,7 +174,9 @@ class Interpreter:
             if kind == "stream":
                 await emit({"type": content["name"], "text": content["text"], "timestamp": stamp})
             elif kind in ("execute_result", "display_data"):
-                await emit(_result(content.get("data", {}), kind == "execute_result"))
+                # IRkernel shows an execution's value as display data, not as its result.
+                main = kind == "execute_result" or context.language in VALUES_AS_DISPLAY
+                await emit(_result(content.get("data", {}), main))
             elif kind == "error":
                 await emit(
                     {
@@ -209,8 +215,18 @@ def _result(data: dict[str, Any], main: bool) -> dict[str, Any]:
     return result
 
 
-def _env_code(env: dict[str, str], *, set_them: bool) -> str:
-    """Python that sets ``env`` for one execution (and then puts back what was there)."""
+def _env_code(language: str, env: dict[str, str], *, set_them: bool) -> str:
+    """Code that sets ``env`` for one execution, in the context's language (and then, for
+    Python, puts back what was there; elsewhere, unsets them)."""
+    if language == "bash":
+        if set_them:
+            return "\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items())
+        return "unset " + " ".join(env)
+    if language == "r":
+        if set_them:
+            pairs = ", ".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in env.items())
+            return f"Sys.setenv({pairs})"
+        return f"Sys.unsetenv(c({', '.join(json.dumps(k) for k in env)}))"
     names = json.dumps(env)
     if set_them:
         return (
@@ -303,7 +319,11 @@ class App:
                 return
         else:
             context = await self.interpreter.default(language_of(language))
-        env = {str(k): str(v) for k, v in (data.get("env_vars") or {}).items()}
+        env = {
+            str(k): str(v)
+            for k, v in (data.get("env_vars") or {}).items()
+            if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(k))
+        }
         await send(
             {
                 "type": "http.response.start",

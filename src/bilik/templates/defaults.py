@@ -12,10 +12,13 @@ CODE_INTERPRETER = "code-interpreter-v1"
 PYTHON_PACKAGES = (
     "ipykernel",
     "jupyter_client",
+    "bash_kernel",
     "numpy",
     "pandas",
     "matplotlib",
 )
+# R and its kernel, from the host's Debian sources.
+DEBIAN_PACKAGES = ("r-base-core", "r-cran-irkernel")
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     CODE_INTERPRETER: {
@@ -26,8 +29,25 @@ DEFAULTS: dict[str, dict[str, Any]] = {
             {
                 "type": "RUN",
                 "args": [
+                    "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "
+                    "--no-install-recommends " + " ".join(DEBIAN_PACKAGES) + " && "
+                    "rm -rf /var/lib/apt/lists/*",
+                    "root",
+                ],
+            },
+            {
+                "type": "RUN",
+                "args": [
                     "python3 -m pip install --break-system-packages --no-cache-dir -q "
                     + " ".join(PYTHON_PACKAGES),
+                    "root",
+                ],
+            },
+            {
+                "type": "RUN",
+                "args": [
+                    "python3 -m bash_kernel.install --sys-prefix && "
+                    "R -q -e 'IRkernel::installspec(user = FALSE)'",
                     "root",
                 ],
             },

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -81,40 +83,39 @@ class TemplateService:
         build_log("Build finished", step="finalize")
         await self.store.templates.set_status(build, "ready")
 
-    async def ensure_default(self, name: str, log: Callable[[str], None] | None = None) -> None:
-        """Build the default template ``name`` unless its image exists (one build at a time;
-        a create that asked for it waits, and so does any other)."""
+    async def ensure_default(self, name: str, log: Callable[[str], None] | None = None) -> str:
+        """The image of the default template ``name`` as defined now (and with this host's
+        settings), built first unless it exists; one build at a time: a create that asked for
+        it waits, and so does any other."""
+        spec, bundles = _with_host_settings(DEFAULTS[name])
+        digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+        image_name = f"{name}:{digest}"
+        for files_hash, bundle in bundles.items():
+            path = self.files.path(image_name, files_hash)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(bundle)
         lock = self._default_locks.setdefault(name, asyncio.Lock())
         async with lock:
             with contextlib.suppress(RuntimeFailure):
-                await asyncio.to_thread(self.runtime.layers.image, name)
-                return
+                await asyncio.to_thread(self.runtime.layers.image, image_name)
+                return image_name
             build_log = self.log_of(f"default-{name}-{int(time.time())}")
             if log is not None:
                 build_log.listeners.append(log)
             build_log(f"building the default template {name} (once)")
-            spec = self._with_host_settings(name, DEFAULTS[name])
             # Shielded: a client that gives up waiting must not cut the build short.
             image = await asyncio.shield(
-                self.builder.build(name, "default", spec, Limits(cpu=2, memory_mb=2048), build_log)
+                self.builder.build(
+                    image_name, "default", spec, Limits(cpu=2, memory_mb=2048), build_log
+                )
             )
             await asyncio.to_thread(self.runtime.layers.save_image, image)
+            # Older definitions' images go (their layers once no sandbox uses them).
+            for old in self.runtime.layers.images():
+                if old.name != image_name and (old.name == name or old.name.startswith(f"{name}:")):
+                    self.runtime.layers.remove_image(old.name)
             build_log(f"default template {name} ready")
-
-    def _with_host_settings(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
-        """``spec`` with its host-settings COPY steps pointing at this host's settings."""
-        steps = []
-        for step in spec["steps"]:
-            if step.get("hostPipSettings"):
-                bundle = host_settings.pip_bundle()
-                files_hash = host_settings.bundle_hash(bundle)
-                path = self.files.path(name, files_hash)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(bundle)
-                step = {k: v for k, v in step.items() if k != "hostPipSettings"}
-                step["filesHash"] = files_hash
-            steps.append(step)
-        return {**spec, "steps": steps}
+            return image_name
 
     def forget(self, template_id: str) -> None:
         """Remove the images of a template that is deleted (its layers go once unused)."""
@@ -130,3 +131,18 @@ class TemplateService:
             # Cancelled mid-build: the next start marks the build failed (abandon_unfinished).
             with contextlib.suppress(BaseException):
                 await task
+
+
+def _with_host_settings(spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """``spec`` with its host-settings COPY steps pointing at this host's settings, and those
+    settings' archives by hash."""
+    steps, bundles = [], {}
+    for step in spec["steps"]:
+        if step.get("hostPipSettings"):
+            bundle = host_settings.pip_bundle()
+            files_hash = host_settings.bundle_hash(bundle)
+            bundles[files_hash] = bundle
+            step = {k: v for k, v in step.items() if k != "hostPipSettings"}
+            step["filesHash"] = files_hash
+        steps.append(step)
+    return {**spec, "steps": steps}, bundles
