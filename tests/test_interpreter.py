@@ -120,3 +120,25 @@ def test_bash_and_r(sbx: Sandbox) -> None:
     assert failed.error is not None and "no good" in failed.error.value
     with pytest.raises(Exception, match="not supported"):
         sbx.run_code("1", language="cobol")
+
+
+def test_the_data_analyst_flow(sbx: Sandbox) -> None:
+    """Upload a CSV, read it with pandas, fit a scikit-learn model, save a chart, download it."""
+    rows = "\n".join(f"{i},{2 * i + 1}" for i in range(100))
+    sbx.files.write("/home/user/data.csv", "x,y\n" + rows)
+    execution = sbx.run_code(
+        "import pandas as pd\n"
+        "from sklearn.linear_model import LinearRegression\n"
+        "import matplotlib.pyplot as plt\n"
+        "df = pd.read_csv('/home/user/data.csv')\n"
+        "model = LinearRegression().fit(df[['x']], df['y'])\n"
+        "print(f\"accuracy {model.score(df[['x']], df['y']):.3f}\")\n"
+        "plt.scatter(df.x, df.y)\n"
+        "plt.savefig('/home/user/chart.png')\n"
+    )
+    assert execution.error is None, execution.error
+    assert "accuracy 1.000" in "".join(execution.logs.stdout)
+    png = sbx.files.read("/home/user/chart.png", format="bytes")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    stack = sbx.run_code("import scipy, seaborn, plotly, requests, bs4, openpyxl; 'ok'")
+    assert stack.text == "ok", stack.error

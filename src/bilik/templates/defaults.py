@@ -16,6 +16,13 @@ PYTHON_PACKAGES = (
     "numpy",
     "pandas",
     "matplotlib",
+    "scipy",
+    "scikit-learn",
+    "seaborn",
+    "plotly",
+    "requests",
+    "beautifulsoup4",
+    "openpyxl",
 )
 # R and its kernel, from the host's Debian sources.
 DEBIAN_PACKAGES = ("r-base-core", "r-cran-irkernel")
