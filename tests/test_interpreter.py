@@ -70,9 +70,15 @@ def test_rich_results(sbx: Sandbox) -> None:
     result = frame.results[0]
     assert result.is_main_result and "<table" in (result.html or "") and "a" in (result.text or "")
     plot = sbx.run_code(
-        "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3], [1, 4, 9])\nplt.show()"
+        "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3], [1, 4, 9])\nplt.title('squares')\n"
+        "plt.show()"
     )
-    assert any(r.png for r in plot.results), plot
+    figure = next(r for r in plot.results if r.png)
+    # The figure's data too, as E2B's interpreter extracts it.
+    assert figure.chart is not None and figure.chart.type.value == "line", figure.chart
+    assert figure.chart.title == "squares"
+    points = figure.chart.elements[0].points
+    assert [tuple(map(float, p)) for p in points] == [(1, 1), (2, 4), (3, 9)]
 
 
 def test_contexts_and_env_vars(sbx: Sandbox) -> None:

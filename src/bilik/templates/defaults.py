@@ -3,6 +3,7 @@ build-default``): ``code-interpreter-v1``, the name E2B's code-interpreter SDK a
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 CODE_INTERPRETER = "code-interpreter-v1"
@@ -23,7 +24,52 @@ PYTHON_PACKAGES = (
     "requests",
     "beautifulsoup4",
     "openpyxl",
+    # chart data from matplotlib figures, as E2B's interpreter returns it (MIT, by E2B)
+    "e2b-charts",
 )
+
+# An IPython startup script: every matplotlib figure displayed also carries its data as an
+# ``e2b/chart`` display (which the interpreter returns as a result's ``chart``).
+CHART_STARTUP = """\
+def _bilik_charts():
+    import json
+
+    from IPython import get_ipython
+    from IPython.core.formatters import JSONFormatter
+    from traitlets import Unicode
+
+    shell = get_ipython()
+    if shell is None:
+        return
+
+    class ChartFormatter(JSONFormatter):  # (returns a dict, as JSON does)
+        format_type = Unicode("e2b/chart")
+        print_method = Unicode("_repr_e2b_chart_")
+
+        def pop(self, typ, default=None):
+            # matplotlib's inline backend pops Figure from every formatter when it sets its
+            # formats up: this one keeps it.
+            return default
+
+    def chart(figure):
+        try:
+            from e2b_charts import chart_figure_to_dict
+            # (enums and tuples in it: plain JSON out)
+            return json.loads(json.dumps(chart_figure_to_dict(figure), default=str))
+        except Exception:
+            return None
+
+    formatter = ChartFormatter(parent=shell.display_formatter)
+    formatter.for_type_by_name("matplotlib.figure", "Figure", chart)
+    shell.display_formatter.formatters["e2b/chart"] = formatter
+    # Only the types listed when the shell started are computed: add ours.
+    if "e2b/chart" not in shell.display_formatter.active_types:
+        shell.display_formatter.active_types.append("e2b/chart")
+
+
+_bilik_charts()
+del _bilik_charts
+"""
 # R and its kernel, from the host's Debian sources.
 DEBIAN_PACKAGES = ("r-base-core", "r-cran-irkernel")
 
@@ -48,6 +94,15 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                     "python3 -m pip install --break-system-packages --no-cache-dir -q "
                     + " ".join(PYTHON_PACKAGES),
                     "root",
+                ],
+            },
+            {
+                "type": "RUN",
+                "args": [
+                    "mkdir -p ~/.ipython/profile_default/startup && echo "
+                    + base64.b64encode(CHART_STARTUP.encode()).decode()
+                    + " | base64 -d > ~/.ipython/profile_default/startup/00-bilik-charts.py",
+                    "user",
                 ],
             },
             {
