@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from e2b_code_interpreter import AsyncSandbox, Sandbox
+from e2b_code_interpreter import AsyncSandbox, Context, Sandbox
 
 from server import BilikServer
 
@@ -148,3 +148,22 @@ def test_the_data_analyst_flow(sbx: Sandbox) -> None:
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     stack = sbx.run_code("import scipy, seaborn, plotly, requests, bs4, openpyxl; 'ok'")
     assert stack.text == "ok", stack.error
+
+
+def test_bad_input(sbx: Sandbox) -> None:
+    syntax = sbx.run_code("def broken(:\n    pass")
+    assert syntax.error is not None and syntax.error.name == "SyntaxError"
+    flood = sbx.run_code("print('x' * 5_000_000)")
+    assert sum(len(chunk) for chunk in flood.logs.stdout) == 5_000_001
+    with pytest.raises(Exception, match="not found"):
+        sbx.run_code("1", context=Context(context_id="no-such-context", language="python", cwd="/"))
+    # A kernel killed from a command: the next execution says so; a restart brings it back.
+    context = sbx.create_code_context()
+    sbx.run_code("import os; kernel_pid = os.getpid()", context=context)
+    pid = sbx.run_code("str(kernel_pid)", context=context).text
+    sbx.commands.run(f"kill -9 {pid}")
+    dead = sbx.run_code("1 + 1", context=context)
+    assert dead.error is not None and dead.error.name == "UnexpectedEndOfExecution"
+    sbx.restart_code_context(context)
+    assert sbx.run_code("1 + 1", context=context).text == "2"
+    assert sbx.run_code("'still here'").text == "still here"

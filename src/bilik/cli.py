@@ -279,10 +279,13 @@ def _bench(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from bench import api as bench_api
     from bench import envd as bench_envd
+    from bench import interpreter as bench_interpreter
     from bench import runtime as bench_runtime
 
     if args.suite == "api":
         return bench_api.main(_settings(args), samples=args.samples, burst=50, held=args.idle)
+    if args.suite == "interpreter":
+        return bench_interpreter.main(_settings(args), samples=args.samples)
     if args.suite == "envd":
         return bench_envd.main(_settings(args), samples=args.samples, idle=args.idle)
     return bench_runtime.main(
@@ -373,9 +376,11 @@ def _parser() -> argparse.ArgumentParser:
     krevoke.set_defaults(func=_keys_revoke)
 
     bench = sub.add_parser("bench", parents=[common], help="measure speed and memory")
-    bench.add_argument("suite", choices=["runtime", "envd", "api"])
+    bench.add_argument("suite", choices=["runtime", "envd", "api", "interpreter"])
     bench.add_argument("--creates", type=int, default=50, help="runtime: creates to time")
-    bench.add_argument("--samples", type=int, default=200, help="envd, api: samples to time")
+    bench.add_argument(
+        "--samples", type=int, default=200, help="envd, api, interpreter: samples to time"
+    )
     bench.add_argument(
         "--idle", type=int, default=500, help="idle (running) sandboxes to hold at once"
     )

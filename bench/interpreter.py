@@ -1,0 +1,92 @@
+"""``bilik bench interpreter``: the code interpreter through a real ``bilik serve``.
+
+Goals (issue: code interpreter): ``run_code("1+1")`` round trip on a warm context median
+≤ 15 ms; a code-interpreter sandbox ready for its first ``run_code`` median ≤ 1 s from create.
+The client speaks what the SDK speaks: ``POST /execute`` on port 49999 through the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+
+import httpx
+
+from bilik.config import Settings
+
+from .client import Server, kill, new_key
+from .runtime import _percentile
+
+TEMPLATE = "code-interpreter-v1"
+
+
+async def _run_code(client: httpx.AsyncClient, sandbox: dict[str, str], code: str) -> str:
+    headers = {
+        "E2b-Sandbox-Id": sandbox["sandboxID"],
+        "E2b-Sandbox-Port": "49999",
+        "X-Access-Token": sandbox["envdAccessToken"],
+    }
+    response = await client.post("/execute", json={"code": code}, headers=headers)
+    lines = [json.loads(line) for line in response.text.splitlines() if line]
+    main = [i.get("text") for i in lines if i.get("type") == "result" and i.get("is_main_result")]
+    if response.status_code != 200 or not main:
+        raise SystemExit(f"run_code failed: {response.status_code} {response.text[:300]}")
+    return str(main[0])
+
+
+async def _create(client: httpx.AsyncClient, key: str) -> dict[str, str]:
+    response = await client.post(
+        "/sandboxes", json={"templateID": TEMPLATE, "timeout": 600}, headers={"X-API-Key": key}
+    )
+    if response.status_code != 201:
+        raise SystemExit(f"create failed: {response.status_code} {response.text}")
+    created: dict[str, str] = response.json()
+    return created
+
+
+async def _run(settings: Settings, samples: int) -> int:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    server = Server(settings)
+    try:
+        await server.ready()
+        key = await new_key(settings)
+        print(f"bilik bench interpreter: {samples} round trips, {max(5, samples // 20)} creates")
+        async with httpx.AsyncClient(base_url=server.url, timeout=900) as client:
+            print("  (the first create builds the template unless it is built)")
+            first = await _create(client, key)
+            await kill(client, key, first["sandboxID"])
+            ready = []
+            for _ in range(max(5, samples // 20)):
+                start = time.perf_counter()
+                sandbox = await _create(client, key)
+                await _run_code(client, sandbox, "1+1")
+                ready.append((time.perf_counter() - start) * 1000)
+                await kill(client, key, sandbox["sandboxID"])
+            sandbox = await _create(client, key)
+            try:
+                await _run_code(client, sandbox, "1+1")  # warm
+                trips = []
+                for _ in range(samples):
+                    start = time.perf_counter()
+                    assert await _run_code(client, sandbox, "1+1") == "2"
+                    trips.append((time.perf_counter() - start) * 1000)
+            finally:
+                await kill(client, key, sandbox["sandboxID"])
+        for label, ms, goal in (
+            ('run_code("1+1"), warm context', trips, 15.0),
+            ("create → first run_code done", ready, 1000.0),
+        ):
+            median = statistics.median(ms)
+            print(
+                f"  {label:32} median {median:7.1f} ms   p95 {_percentile(ms, 0.95):7.1f} ms"
+                f"   (n={len(ms)}, goal ≤ {goal:.0f} ms: {'ok' if median <= goal else 'MISSED'})"
+            )
+    finally:
+        server.stop()
+    return 0
+
+
+def main(settings: Settings, *, samples: int) -> int:
+    return asyncio.run(_run(settings, samples))
