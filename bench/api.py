@@ -16,7 +16,7 @@ import httpx
 
 from bilik.config import Settings
 
-from .client import Server, create, kill, new_key
+from .client import create, kill, serving
 from .runtime import _percentile
 
 
@@ -96,19 +96,13 @@ async def _held(client: httpx.AsyncClient, key: str, count: int, samples: int) -
 
 
 async def _run(settings: Settings, samples: int, burst: int, held: int) -> int:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    server = Server(settings)
-    try:
-        await server.ready()
-        key = await new_key(settings)
+    async with serving(settings) as (url, key):
         print(f"bilik bench api: {samples} samples, {burst} at once, {held} held")
-        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
             await _time_to_interactive(client, key, samples)
-            await _burst(server.url, key, burst)
+            await _burst(url, key, burst)
             if held:
                 await _held(client, key, held, samples)
-    finally:
-        server.stop()
     return 0
 
 

@@ -5,6 +5,7 @@ the wire protocol the SDKs speak (REST for the control plane, Connect JSON envel
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -65,6 +66,18 @@ class Server:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(60)
+
+
+@contextlib.asynccontextmanager
+async def serving(settings: Settings) -> AsyncIterator[tuple[str, str]]:
+    """A ready server of the bench's own, and a new key: ``(url, key)``; stopped afterwards."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    server = Server(settings)
+    try:
+        await server.ready()
+        yield server.url, await new_key(settings)
+    finally:
+        server.stop()
 
 
 async def new_key(settings: Settings) -> str:

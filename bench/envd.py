@@ -21,7 +21,7 @@ import httpx
 from bilik.config import Settings
 from bilik.runtime import cgroups
 
-from .client import Server, create, kill, new_key
+from .client import create, kill, serving
 from .runtime import _percentile, _pss_kib
 
 UPLOAD_MB = 200
@@ -117,20 +117,14 @@ async def _idle(client: httpx.AsyncClient, key: str, settings: Settings, count: 
 
 
 async def _run(settings: Settings, samples: int, idle: int) -> int:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    server = Server(settings)
-    try:
-        await server.ready()
-        key = await new_key(settings)
+    async with serving(settings) as (url, key):
         print(f"bilik bench envd: {samples} samples each, {idle} idle sandboxes")
         limits = httpx.Limits(max_connections=50, max_keepalive_connections=50)
         timeout = httpx.Timeout(120.0)
-        async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=timeout) as c:
+        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout) as c:
             await _latency(c, key, samples)
             if idle:
                 await _idle(c, key, settings, idle)
-    finally:
-        server.stop()
     return 0
 
 

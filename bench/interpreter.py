@@ -16,7 +16,7 @@ import httpx
 
 from bilik.config import Settings
 
-from .client import Server, kill, new_key
+from .client import kill, serving
 from .runtime import _percentile
 
 TEMPLATE = "code-interpreter-v1"
@@ -47,18 +47,15 @@ async def _create(client: httpx.AsyncClient, key: str) -> dict[str, str]:
 
 
 async def _run(settings: Settings, samples: int) -> int:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    server = Server(settings)
-    try:
-        await server.ready()
-        key = await new_key(settings)
-        print(f"bilik bench interpreter: {samples} round trips, {max(5, samples // 20)} creates")
-        async with httpx.AsyncClient(base_url=server.url, timeout=900) as client:
+    creates = max(5, samples // 20)
+    async with serving(settings) as (url, key):
+        print(f"bilik bench interpreter: {samples} round trips, {creates} creates")
+        async with httpx.AsyncClient(base_url=url, timeout=900) as client:
             print("  (the first create builds the template unless it is built)")
             first = await _create(client, key)
             await kill(client, key, first["sandboxID"])
             ready = []
-            for _ in range(max(5, samples // 20)):
+            for _ in range(creates):
                 start = time.perf_counter()
                 sandbox = await _create(client, key)
                 await _run_code(client, sandbox, "1+1")
@@ -74,17 +71,15 @@ async def _run(settings: Settings, samples: int) -> int:
                     trips.append((time.perf_counter() - start) * 1000)
             finally:
                 await kill(client, key, sandbox["sandboxID"])
-        for label, ms, goal in (
-            ('run_code("1+1"), warm context', trips, 15.0),
-            ("create → first run_code done", ready, 1000.0),
-        ):
-            median = statistics.median(ms)
-            print(
-                f"  {label:32} median {median:7.1f} ms   p95 {_percentile(ms, 0.95):7.1f} ms"
-                f"   (n={len(ms)}, goal ≤ {goal:.0f} ms: {'ok' if median <= goal else 'MISSED'})"
-            )
-    finally:
-        server.stop()
+    for label, ms, goal in (
+        ('run_code("1+1"), warm context', trips, 15.0),
+        ("create → first run_code done", ready, 1000.0),
+    ):
+        median = statistics.median(ms)
+        print(
+            f"  {label:32} median {median:7.1f} ms   p95 {_percentile(ms, 0.95):7.1f} ms"
+            f"   (n={len(ms)}, goal ≤ {goal:.0f} ms: {'ok' if median <= goal else 'MISSED'})"
+        )
     return 0
 
 

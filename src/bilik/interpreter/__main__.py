@@ -12,7 +12,7 @@ def main() -> None:
         App(),
         host="0.0.0.0",
         port=PORT,
-        lifespan="off",
+        lifespan="on",
         log_level="warning",
         http="h11",
         ws="none",

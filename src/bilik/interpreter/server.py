@@ -75,6 +75,7 @@ class Interpreter:
     def __init__(self) -> None:
         self.contexts: dict[str, Context] = {}
         self.defaults: dict[str, str] = {}
+        self._starting: dict[str, asyncio.Lock] = {}
 
     async def create(self, language: str, cwd: str) -> Context:
         kernel = KERNELS.get(language)
@@ -92,12 +93,14 @@ class Interpreter:
         return context
 
     async def default(self, language: str) -> Context:
-        context_id = self.defaults.get(language)
-        if context_id in self.contexts:
-            return self.contexts[context_id]
-        context = await self.create(language, DEFAULT_CWD)
-        self.defaults[language] = context.id
-        return context
+        """The language's default context, started on first use (one, however many ask)."""
+        async with self._starting.setdefault(language, asyncio.Lock()):
+            context_id = self.defaults.get(language)
+            if context_id in self.contexts:
+                return self.contexts[context_id]
+            context = await self.create(language, DEFAULT_CWD)
+            self.defaults[language] = context.id
+            return context
 
     async def remove(self, context_id: str) -> bool:
         context = self.contexts.pop(context_id, None)
@@ -273,6 +276,9 @@ class App:
         self.interpreter = Interpreter()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         method, path = scope["method"], scope["path"].rstrip("/") or "/"
@@ -301,6 +307,17 @@ class App:
             await _reply(send, 400, str(e))
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
             await _reply(send, 400, f"malformed request: {e}")
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                # The default Python kernel starts with the server, not at the first run_code.
+                self._warm = asyncio.create_task(self.interpreter.default("python"))
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
 
     async def _execute(self, receive: Receive, send: Send) -> None:
         data = json.loads(await _body(receive) or b"{}")

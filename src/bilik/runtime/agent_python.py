@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import StepFailed
+from .fsutil import replace_dir
 
 # Where the copy appears inside sandboxes; baked into the patched binaries.
 MOUNTED_AT = "/.bilik/python"
@@ -81,13 +82,8 @@ def ensure(runtime_dir: Path, log: Callable[[str], None]) -> Path:
     shutil.rmtree(scratch, ignore_errors=True)
     try:
         _build(scratch)
-        stamp_file = scratch / ".fingerprint"
-        stamp_file.write_text(want)
-        old = runtime_dir / f".python.old.{os.getpid()}"
-        if target.exists():
-            target.rename(old)
-        scratch.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
+        (scratch / ".fingerprint").write_text(want)
+        replace_dir(scratch, target)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return target

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import agent_python
+from .fsutil import replace_dir
 
 MOUNTED_AT = "/.bilik/agents"
 # bilik's own packages that run inside sandboxes (never the server's). The interpreter runs
@@ -99,11 +100,7 @@ def ensure(runtime_dir: Path, log: Callable[[str], None]) -> Path:
         for path in scratch.rglob("*"):
             os.chmod(path, 0o755 if path.is_dir() or os.access(path, os.X_OK) else 0o644)
         (scratch / ".fingerprint").write_text(want)
-        old = runtime_dir / f".agents.old.{os.getpid()}"
-        if target.exists():
-            target.rename(old)
-        scratch.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(scratch, target)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return target

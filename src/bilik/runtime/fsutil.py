@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,16 @@ def write_text(path: Path, text: str, mode: int = 0o644) -> None:
     with open(path, "w") as f:
         f.write(text)
     os.chmod(path, mode)
+
+
+def replace_dir(built: Path, target: Path) -> None:
+    """Put the finished directory ``built`` at ``target``, replacing what was there, by renames:
+    ``target`` is never half-built, only missing for an instant."""
+    old = target.with_name(f".{target.name}.old.{os.getpid()}")
+    if target.exists():
+        target.rename(old)
+    built.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def lock_fd(path: Path) -> int:
