@@ -212,3 +212,20 @@ def test_from_debian_without_a_registry(built_server: BilikServer) -> None:
     with Sandbox.create("plain-debian", **_params(server)) as sbx:
         assert sbx.files.read("/tmp/v").split(".")[0] == "12"
         assert sbx.commands.run("whoami; command -v sudo python3 || true").stdout == "user\n"
+
+
+def test_background_builds_and_exists(built_server: BilikServer) -> None:
+    server = built_server
+    params = _params(server)
+    assert not Template.exists("later", **params)
+    template = Template().from_base_image().run_cmd(f"echo {uuid.uuid4().hex} > /tmp/id")
+    info = Template.build_in_background(template, alias="later", **params)
+    deadline = time.monotonic() + 120
+    while True:
+        status = Template.get_build_status(info, logs_offset=0, **params)
+        if status.status.value in ("ready", "error") or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert status.status.value == "ready", status
+    assert any("RUN echo" in entry.message for entry in status.log_entries)
+    assert Template.exists("later", **params)
