@@ -12,6 +12,7 @@ import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -29,18 +30,6 @@ class Finished:
 def _envelope(message: dict[str, object]) -> bytes:
     payload = json.dumps(message).encode()
     return b"\0" + len(payload).to_bytes(4, "big") + payload
-
-
-def _frames(body: bytes) -> list[dict[str, object]]:
-    """The complete Connect envelopes at the start of ``body``."""
-    frames = []
-    while len(body) >= 5:
-        size = int.from_bytes(body[1:5], "big")
-        if len(body) < 5 + size:
-            break
-        frames.append(json.loads(body[5 : 5 + size] or b"{}"))
-        body = body[5 + size :]
-    return frames
 
 
 class EnvdClient:
@@ -89,36 +78,20 @@ class EnvdClient:
     ) -> Finished:
         """Run ``cmd`` with ``/bin/sh -c`` to its end; ``on_output`` gets its output (stdout
         and stderr) as it comes."""
-        body = _envelope({"process": self._process(cmd, cwd, env)})
         output: list[str] = []
         code = None
-        async with self._client.stream(
-            "POST",
-            "/process.Process/Start",
-            content=body,
-            headers=self._headers(user, timeout_s),
-        ) as response:
-            if response.status_code != 200:
-                raise StepFailed("envd", (await response.aread()).decode(errors="replace"))
-            buffer = b""
-            async for chunk in response.aiter_raw():
-                buffer += chunk
-                while len(buffer) >= 5 and len(buffer) >= 5 + int.from_bytes(buffer[1:5], "big"):
-                    size = int.from_bytes(buffer[1:5], "big")
-                    frame = json.loads(buffer[5 : 5 + size] or b"{}")
-                    buffer = buffer[5 + size :]
-                    event = frame.get("event") or {}
-                    data = event.get("data") or {}
-                    for stream in ("stdout", "stderr"):
-                        if stream in data:
-                            text = base64.b64decode(data[stream]).decode(errors="replace")
-                            output.append(text)
-                            if on_output is not None:
-                                on_output(text)
-                    if "end" in event:
-                        code = int(event["end"].get("exitCode", 0))
-                    if "error" in frame:
-                        raise StepFailed("envd", str(frame["error"].get("message", frame)))
+        message: dict[str, object] = {"process": self._process(cmd, cwd, env)}
+        async for frame in self._start_stream(message, self._headers(user, timeout_s)):
+            event = frame.get("event") or {}
+            data = event.get("data") or {}
+            for stream in ("stdout", "stderr"):
+                if stream in data:
+                    text = base64.b64decode(data[stream]).decode(errors="replace")
+                    output.append(text)
+                    if on_output is not None:
+                        on_output(text)
+            if "end" in event:
+                code = int(event["end"].get("exitCode", 0))
         if code is None:
             raise StepFailed("envd", f"'{cmd}' ended without an exit status")
         return Finished(code, "".join(output))
@@ -136,22 +109,34 @@ class EnvdClient:
         message: dict[str, object] = {"process": self._process(cmd, cwd, env)}
         if tag:
             message["tag"] = tag
+        async for frame in self._start_stream(message, self._headers(user, None)):
+            start = (frame.get("event") or {}).get("start")
+            if isinstance(start, dict):
+                return int(start.get("pid", 0))
+        raise StepFailed("envd", f"'{cmd}' did not start")
+
+    async def _start_stream(
+        self, message: dict[str, object], headers: dict[str, str]
+    ) -> AsyncIterator[dict[str, Any]]:
+        """``process.Process/Start``'s envelopes, each as it arrives; StepFailed on an error
+        (the response's or the stream's)."""
         async with self._client.stream(
-            "POST",
-            "/process.Process/Start",
-            content=_envelope(message),
-            headers=self._headers(user, None),
+            "POST", "/process.Process/Start", content=_envelope(message), headers=headers
         ) as response:
+            if response.status_code != 200:
+                raise StepFailed("envd", (await response.aread()).decode(errors="replace"))
             buffer = b""
             async for chunk in response.aiter_raw():
                 buffer += chunk
-                for frame in _frames(buffer):
-                    event = frame.get("event") or {}
-                    if isinstance(event, dict) and isinstance(event.get("start"), dict):
-                        return int(event["start"].get("pid", 0))
-                    if "error" in frame:
-                        raise StepFailed("envd", str(frame["error"]))
-        raise StepFailed("envd", f"'{cmd}' did not start")
+                while len(buffer) >= 5:
+                    size = int.from_bytes(buffer[1:5], "big")
+                    if len(buffer) < 5 + size:
+                        break
+                    frame = json.loads(buffer[5 : 5 + size] or b"{}")
+                    buffer = buffer[5 + size :]
+                    if isinstance(frame.get("error"), dict):
+                        raise StepFailed("envd", str(frame["error"].get("message", frame)))
+                    yield frame
 
     async def write(self, path: str, source: Path) -> None:
         """Write the file ``source`` (on the host) to ``path`` in the sandbox, as root."""
