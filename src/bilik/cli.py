@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from . import cli_spawn, cli_template
 from .config import InvalidSettings, Settings
 from .runtime import Limits, LocalRuntime, RuntimeFailure, SandboxInfo, SandboxSpec
 from .runtime.ocicli import RUNTIMES
@@ -168,6 +169,34 @@ async def _sandbox_inspect(args: argparse.Namespace) -> int:
 
 async def _sandbox_kill(args: argparse.Namespace) -> int:
     await _runtime(args).kill(args.sandbox_id)
+    return 0
+
+
+async def _sandbox_logs(args: argparse.Namespace) -> int:
+    lines = await _runtime(args).console(args.sandbox_id)
+    if args.json:
+        print(json.dumps(lines, indent=1))
+    else:
+        print("\n".join(lines))
+    return 0
+
+
+async def _sandbox_metrics(args: argparse.Namespace) -> int:
+    usage = await _runtime(args).usage(args.sandbox_id)
+    mib = 1024 * 1024
+    row: dict[str, object] = {
+        "sandboxId": args.sandbox_id,
+        "cpuCount": usage.cpu_count,
+        "cpuUsedPct": usage.cpu_used_pct,
+        "memUsedMiB": round(usage.mem_used / mib, 1),
+        "memTotalMiB": round(usage.mem_total / mib, 1),
+        "diskUsedMiB": round(usage.disk_used / mib, 1),
+        "diskTotalMiB": round(usage.disk_total / mib, 1),
+    }
+    if args.json:
+        print(json.dumps(row, indent=1))
+    else:
+        _print_rows([row], list(row), as_json=False)
     return 0
 
 
@@ -346,6 +375,15 @@ def _parser() -> argparse.ArgumentParser:
     kill = sb.add_parser("kill", parents=[common], help="kill a sandbox")
     kill.add_argument("sandbox_id")
     kill.set_defaults(func=_sandbox_kill)
+    logs = sb.add_parser("logs", parents=[common], help="what a sandbox's start command wrote")
+    logs.add_argument("sandbox_id")
+    logs.add_argument("--json", action="store_true")
+    logs.set_defaults(func=_sandbox_logs)
+    metrics = sb.add_parser("metrics", parents=[common], help="a sandbox's CPU, memory and disk")
+    metrics.add_argument("sandbox_id")
+    metrics.add_argument("--json", action="store_true")
+    metrics.set_defaults(func=_sandbox_metrics)
+    cli_spawn.add_command(sb)
 
     template = sub.add_parser("template", help="templates")
     tp = template.add_subparsers(dest="action", required=True)
@@ -357,6 +395,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     default.add_argument("names", nargs="*", help="which (default: all)")
     default.set_defaults(func=_template_build_default)
+    cli_template.add_commands(tp)
 
     keys = sub.add_parser("keys", help="API keys (stored only as hashes)")
     kp = keys.add_subparsers(dest="action", required=True)

@@ -253,29 +253,50 @@ class SandboxPlane:
                 },
             )
             return
+        # A client that hangs up ends the request upstream too (the code interpreter stops
+        # the code then): the server drops writes to a gone client without a word, so watch.
+        relay = asyncio.ensure_future(_relay(response, send))
+        gone = asyncio.ensure_future(_disconnect(receive))
         try:
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": response.status_code,
-                    "headers": [
-                        (k, v)
-                        for k, v in response.headers.raw
-                        if k.decode("latin-1").lower() not in HOP_BY_HOP
-                    ],
-                }
-            )
-            # Once the headers are out, a failure can only cut the stream, not send an error.
-            async for chunk in response.aiter_raw():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await asyncio.wait([relay, gone], return_when=asyncio.FIRST_COMPLETED)
         finally:
+            for task in (relay, gone):
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await gone
             await response.aclose()
+        if not relay.cancelled():
+            with contextlib.suppress(asyncio.CancelledError):
+                await relay
 
     async def aclose(self) -> None:
         await self.client.aclose()
         for sandbox_id in list(self._envd):
             await self._drop_envd(sandbox_id)
+
+
+async def _relay(response: httpx.Response, send: Send) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": response.status_code,
+            "headers": [
+                (k, v)
+                for k, v in response.headers.raw
+                if k.decode("latin-1").lower() not in HOP_BY_HOP
+            ],
+        }
+    )
+    # Once the headers are out, a failure can only cut the stream, not send an error.
+    async for chunk in response.aiter_raw():
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _disconnect(receive: Receive) -> None:
+    """Return once the client has gone (the request's body was read before)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _body(receive: Receive) -> AsyncIterator[bytes]:
