@@ -418,6 +418,7 @@ def _answers(client: httpx.Client) -> bool:
 def test_spawn_a_terminal(sdk_server: BilikServer) -> None:
     """``bilik sandbox spawn`` in a real terminal: type, see, resize, exit (and the sandbox
     goes with it)."""
+    before = {s.sandbox_id for s in Sandbox.list(**_opts(sdk_server))}
     pid, fd = pty.fork()
     if pid == 0:  # the child: the CLI on the terminal's other end, 30x100 to start with
         fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
@@ -437,7 +438,8 @@ def test_spawn_a_terminal(sdk_server: BilikServer) -> None:
         os.write(fd, b"echo spawned-$((40+2)); stty size\r")
         expect(b"spawned-42")
         expect(b"30 100")
-        assert len(list(Sandbox.list(**_opts(sdk_server)))) == 1
+        spawned = {s.sandbox_id for s in Sandbox.list(**_opts(sdk_server))} - before
+        assert len(spawned) == 1
         # Resizing the terminal reaches the sandbox's.
         fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 132, 0, 0))
         time.sleep(0.3)
@@ -452,7 +454,7 @@ def test_spawn_a_terminal(sdk_server: BilikServer) -> None:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
         os.close(fd)
-    assert not list(Sandbox.list(**_opts(sdk_server)))
+    assert not spawned & {s.sandbox_id for s in Sandbox.list(**_opts(sdk_server))}
 
 
 def test_logs_and_metrics_commands(sdk_server: BilikServer, sbx: Sandbox) -> None:

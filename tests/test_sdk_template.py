@@ -50,7 +50,7 @@ http.server.HTTPServer(("0.0.0.0", 8000), Hello).serve_forever()
 # Stands in for npm (the registry is not for tests): says how it was called, and as whom.
 NPM_STUB = '#!/bin/sh\necho "npm $* as $(whoami)" > /opt/npm-called\n'
 # Steps that make layers in EVERY_STEP (COPY, RUN and WORKDIR), and its COPY steps.
-LAYER_STEPS, COPY_STEPS = 18, 7
+LAYER_STEPS, COPY_STEPS = 19, 8
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +160,7 @@ def every_step(cls: type[TemplateBase], context: Path) -> TemplateFinal:
         .copy("app.py", "/app/")
         .copy("data", "/app/data", user="user", mode=0o640)
         .copy("conf/*.cfg", "/etc/demo/")
+        .copy("conf", "/tmp/")  # into a directory that exists: it keeps its owner and mode
         .copy(["tools/npm"], "/usr/local/bin/", mode=0o755)
         .copy("apt", "/srv/apt")
         .copy("wheels", "/srv/wheels")
@@ -194,6 +195,8 @@ def _check_sandbox(server: BilikServer, name: str) -> None:
         # Files: a file into a directory, a directory (owner, mode, .dockerignore), a glob.
         assert sbx.files.read("/app/data/a.txt") == "world"
         assert sh("stat -c '%U %a' /app/data/a.txt /app/data/b.txt") == "user 640\nuser 640\n"
+        assert sh("stat -c %U /app/data") == "user\n"  # the directory the copy made, too
+        assert sh("stat -c '%U %a' /tmp") == "root 1777\n" and sbx.files.exists("/tmp/one.cfg")
         assert not sbx.files.exists("/app/data/secret.key")
         assert sh("ls /etc/demo") == "one.cfg\ntwo.cfg\n"
         # Packages: apt, pip, npm (as root, globally).
@@ -237,7 +240,7 @@ def test_every_step_builds_and_rebuilds_from_cache(srv: BilikServer, context: Pa
     assert messages[0] == "Build started" and messages[-1] == "Build finished"
     assert sum(m.startswith("Uploaded '") for m in messages) == COPY_STEPS, messages
     # Step logs carry their step: the server's "[n/20] KIND ..." lines.
-    assert any(e.step == "10" and "pip install" in e.message for e in logs), messages
+    assert any(e.step == "11" and "pip install" in e.message for e in logs), messages
     _check_sandbox(srv, "every-step")
 
     # Unchanged: no upload, and every layer reused (no step runs again).

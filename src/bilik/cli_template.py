@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
+from .sdk.config import ApiParams
 from .sdk.exceptions import (
     AuthenticationException,
     BuildException,
@@ -29,7 +30,6 @@ from .sdk.exceptions import (
 )
 from .sdk.template import AsyncTemplate, LogEntry, LogEntryEnd, LogEntryStart
 from .sdk.template.builder import TemplateBase, TemplateBuilder, TemplateFinal, definition
-from .sdk.template.types import ApiParams
 
 SDK_ERRORS = (SandboxException, AuthenticationException, ServiceBusyException, BuildException)
 _SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"

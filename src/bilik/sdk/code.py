@@ -162,6 +162,8 @@ class Result:
 
 @dataclass
 class Logs:
+    """What the code printed: stdout and stderr, a piece each."""
+
     stdout: list[str] = field(default_factory=list)
     stderr: list[str] = field(default_factory=list)
 
@@ -244,7 +246,7 @@ def _error(response: httpx.Response) -> Exception:
 
 
 class AsyncCodeInterpreter:
-    """The code interpreter of one sandbox (port 49999)."""
+    """The code interpreter of a sandbox (port 49999): what ``AsyncSandbox`` adds for it."""
 
     def __init__(self, envd: Envd) -> None:
         self._envd = envd

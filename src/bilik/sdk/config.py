@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, TypedDict
 
 from bilik.sdk.exceptions import AuthenticationException
 
@@ -19,6 +21,18 @@ INTERPRETER_PORT = 49999
 
 def _env(*names: str) -> str | None:
     return next((os.environ[n] for n in names if os.environ.get(n)), None)
+
+
+class ApiParams(TypedDict, total=False):
+    """Where the server is and how to call it, per call (each falls back as
+    :class:`ConnectionConfig` says)."""
+
+    api_key: str | None
+    api_url: str | None
+    sandbox_url: str | None
+    request_timeout: float | None
+    retries: int | None
+    headers: dict[str, str] | None
 
 
 @dataclass(frozen=True)
@@ -73,6 +87,22 @@ class ConnectionConfig:
             retries=RETRIES if retries is None else retries,
             headers=dict(headers or {}),
         )
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> ConnectionConfig:
+        """The configuration from :class:`ApiParams` among other keyword arguments."""
+        return cls.resolve(**{k: v for k, v in params.items() if k in ApiParams.__annotations__})
+
+    def params(self) -> ApiParams:
+        """This configuration as :class:`ApiParams` (for the calls of a sandbox made with it)."""
+        return {
+            "api_key": self.api_key,
+            "api_url": self.api_url,
+            "sandbox_url": self.sandbox_url,
+            "request_timeout": self.request_timeout,
+            "retries": self.retries,
+            "headers": self.headers,
+        }
 
     def timeout(self, request_timeout: float | None = None) -> float | None:
         """A call's timeout in seconds: its own, else the configured one; ``None`` for none."""

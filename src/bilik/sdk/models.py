@@ -93,6 +93,8 @@ class ResourceUsage:
 
 
 class FileType(Enum):
+    """What a filesystem entry is."""
+
     FILE = "file"
     DIR = "dir"
     SYMLINK = "symlink"
@@ -125,6 +127,8 @@ class EntryInfo:
 
 
 class FilesystemEventType(Enum):
+    """What happened to a watched entry."""
+
     CHMOD = "chmod"
     CREATE = "create"
     REMOVE = "remove"
@@ -154,6 +158,8 @@ class ProcessInfo:
 
 @dataclass
 class PtySize:
+    """A terminal's size in character cells."""
+
     rows: int
     cols: int
 

@@ -25,27 +25,11 @@ DEFAULT_TIMEOUT = 300
 MIB = 1024 * 1024
 
 
-class ConnectionOpts(TypedDict, total=False):
-    """Where the server is and how to call it (each falls back to the environment)."""
-
-    api_key: str | None
-    api_url: str | None
-    sandbox_url: str | None
-    request_timeout: float | None
-    retries: int | None
-    headers: dict[str, str] | None
-
-
 class NetworkOpts(TypedDict, total=False):
     """Egress rules: addresses, CIDRs or domain names allowed or denied."""
 
     allow_out: list[str]
     deny_out: list[str]
-
-
-def _config(opts: dict[str, Any]) -> ConnectionConfig:
-    known = ConnectionOpts.__annotations__
-    return ConnectionConfig.resolve(**{k: v for k, v in opts.items() if k in known})
 
 
 class AsyncSandboxPaginator:
@@ -54,7 +38,7 @@ class AsyncSandboxPaginator:
     def __init__(
         self, query: SandboxQuery | None, limit: int | None, next_token: str | None, **opts: Any
     ) -> None:
-        self._api = ApiClient(_config(opts))
+        self._api = ApiClient(ConnectionConfig.from_params(opts))
         self._query = query
         self._limit = limit
         self.next_token = next_token
@@ -84,7 +68,7 @@ class AsyncSandboxPaginator:
                 yield info
 
 
-class AsyncSandbox:
+class AsyncSandbox(AsyncCodeInterpreter):
     """A sandbox: an isolated Linux machine with files, processes, terminals and, in
     code-interpreter templates, stateful code contexts. Make one with :meth:`create`."""
 
@@ -100,24 +84,11 @@ class AsyncSandbox:
         self.envd_version = envd_version
         self.template_id = template_id
         self.connection_config = config
-        self._opts: dict[str, Any] = {
-            "api_key": config.api_key,
-            "api_url": config.api_url,
-            "sandbox_url": config.sandbox_url,
-            "request_timeout": config.request_timeout,
-            "retries": config.retries,
-            "headers": config.headers,
-        }
-        self._envd = Envd(config, sandbox_id, access_token)
+        self._opts = config.params()
+        super().__init__(Envd(config, sandbox_id, access_token))
         self.files = AsyncFilesystem(self._envd)
         self.commands = AsyncCommands(self._envd)
         self.pty = AsyncPty(self._envd, self.commands)
-        self._code = AsyncCodeInterpreter(self._envd)
-        self.run_code = self._code.run_code
-        self.create_code_context = self._code.create_code_context
-        self.list_code_contexts = self._code.list_code_contexts
-        self.remove_code_context = self._code.remove_code_context
-        self.restart_code_context = self._code.restart_code_context
 
     @property
     def envd_access_token(self) -> str | None:
@@ -145,7 +116,7 @@ class AsyncSandbox:
         ``envs`` are set for everything it runs; ``allow_internet_access`` and ``network``
         (``allow_out``/``deny_out``) set its egress; ``cpu_count`` and ``memory_mb`` its size.
         Connection options: ``api_key``, ``api_url``, ``request_timeout``, ``retries``."""
-        config = _config(opts)
+        config = ConnectionConfig.from_params(opts)
         body: dict[str, Any] = {
             "templateID": template or DEFAULT_TEMPLATE,
             "timeout": DEFAULT_TIMEOUT if timeout is None else timeout,
@@ -184,7 +155,7 @@ class AsyncSandbox:
         cls, sandbox_id: str, timeout: int | None = None, **opts: Any
     ) -> AsyncSandbox:
         """Connect to a running sandbox by id (and set its remaining lifetime, when given)."""
-        config = _config(opts)
+        config = ConnectionConfig.from_params(opts)
         body = {"timeout": timeout} if timeout is not None else {}
         response = await ApiClient(config).request(
             "POST",
@@ -209,7 +180,7 @@ class AsyncSandbox:
         """Kill the sandbox: ``sandbox.kill()`` or ``AsyncSandbox.kill(sandbox_id)``;
         ``False`` if it did not exist."""
         try:
-            await ApiClient(_config(opts)).request(
+            await ApiClient(ConnectionConfig.from_params(opts)).request(
                 "DELETE", f"/sandboxes/{sandbox_id}", not_found=SandboxNotFoundException
             )
         except SandboxNotFoundException:
@@ -219,7 +190,7 @@ class AsyncSandbox:
     @dual
     async def set_timeout(cls, sandbox_id: str, timeout: int, **opts: Any) -> None:
         """Set how many seconds from now the sandbox lives (it is killed then)."""
-        await ApiClient(_config(opts)).request(
+        await ApiClient(ConnectionConfig.from_params(opts)).request(
             "POST",
             f"/sandboxes/{sandbox_id}/timeout",
             json={"timeout": timeout},
@@ -229,7 +200,7 @@ class AsyncSandbox:
     @dual
     async def get_info(cls, sandbox_id: str, **opts: Any) -> SandboxInfo:
         """The sandbox as the server describes it: template, metadata, times, size, state."""
-        response = await ApiClient(_config(opts)).request(
+        response = await ApiClient(ConnectionConfig.from_params(opts)).request(
             "GET", f"/sandboxes/{sandbox_id}", not_found=SandboxNotFoundException
         )
         return SandboxInfo.from_json(response.json())
@@ -248,7 +219,7 @@ class AsyncSandbox:
             for name, when in (("start", start), ("end", end))
             if when is not None
         }
-        response = await ApiClient(_config(opts)).request(
+        response = await ApiClient(ConnectionConfig.from_params(opts)).request(
             "GET",
             f"/sandboxes/{sandbox_id}/metrics",
             params=params,
@@ -259,7 +230,7 @@ class AsyncSandbox:
     @dual
     async def get_logs(cls, sandbox_id: str, **opts: Any) -> builtins.list[str]:
         """What the sandbox's start command (its PID 1) wrote, a line each."""
-        response = await ApiClient(_config(opts)).request(
+        response = await ApiClient(ConnectionConfig.from_params(opts)).request(
             "GET", f"/sandboxes/{sandbox_id}/logs", not_found=SandboxNotFoundException
         )
         return [entry["line"] for entry in response.json().get("logs", [])]

@@ -36,6 +36,8 @@ BASE_IMAGES = {"e2bdev/base", "e2bdev/base:latest"}
 DEBIAN_TAGS = {"debian", "debian:stable", "debian:latest", "debian:stable-slim"}
 STEP_TIMEOUT_S = 3600
 BUILD_DISK_MB = 8192
+# Raised when what a COPY step makes changes (so copies cached the old way are not reused).
+COPY_VERSION = 3
 
 
 class BuildFailed(Exception):
@@ -139,6 +141,8 @@ class Builder:
                             raise BuildFailed("WORKDIR takes a path", tag)
                         settings.workdir = posixpath.join(settings.workdir, args[0])
                     key = layer_key(below, kind, args, step.get("filesHash"), settings.identity())
+                    if kind == "COPY":  # (cached copies made the old way are not reused)
+                        key = layer_key(key, COPY_VERSION)
                     if self.runtime.layers.has(key) and not force:
                         log("CACHED", step=tag)
                     else:
@@ -288,8 +292,14 @@ class Builder:
             quoted = shlex.quote(target)
             script.append(f"mkdir -p {shlex.quote(posixpath.dirname(target) or '/')}")
             if whole_dir:
-                # Owner and mode go to what was copied, never to what was already there.
+                # Owner and mode go to what was copied, never to what was already there: a
+                # destination directory keeps its own (cp -a would give it the upload's), one
+                # the copy makes is new, so the user's, as in Docker.
+                script.append(
+                    f"was=$(stat -c '%u:%g %a' {quoted} 2>/dev/null || echo {owner}: 755)"
+                )
                 script.append(f"mkdir -p {quoted} && cp -a {source}/. {quoted}/")
+                script.append(f'chown "${{was% *}}" {quoted} && chmod "${{was#* }}" {quoted}')
                 script.append(
                     f"(cd {source} && find . -mindepth 1) | while IFS= read -r p; do "
                     f'chown -h {owner}: {quoted}/"$p"'

@@ -5,11 +5,11 @@ from __future__ import annotations
 import builtins
 from typing import Unpack
 
+from bilik.sdk.config import ApiParams
 from bilik.sdk.template import operations
 from bilik.sdk.template.builder import TemplateBase, TemplateBuilder, TemplateFinal
 from bilik.sdk.template.operations import OnLogs
 from bilik.sdk.template.types import (
-    ApiParams,
     BuildInfo,
     TemplateBuildStatusResponse,
     TemplateInfo,

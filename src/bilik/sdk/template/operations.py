@@ -19,7 +19,7 @@ from urllib.parse import quote
 import httpx
 
 from bilik.sdk.api import ApiClient
-from bilik.sdk.config import ConnectionConfig
+from bilik.sdk.config import ApiParams, ConnectionConfig
 from bilik.sdk.exceptions import (
     AuthenticationException,
     BuildException,
@@ -33,7 +33,6 @@ from bilik.sdk.template import files
 from bilik.sdk.template.builder import GZIP, RESOLVE_SYMLINKS, TemplateBase, definition
 from bilik.sdk.template.origin import Origin
 from bilik.sdk.template.types import (
-    ApiParams,
     BuildInfo,
     BuildStatusReason,
     InstructionType,

@@ -10,12 +10,12 @@ import builtins
 from typing import Unpack
 
 from bilik.sdk._portal import run
+from bilik.sdk.config import ApiParams
 from bilik.sdk.template import operations
 from bilik.sdk.template.async_template import TemplateClass
 from bilik.sdk.template.builder import TemplateBase
 from bilik.sdk.template.operations import OnLogs
 from bilik.sdk.template.types import (
-    ApiParams,
     BuildInfo,
     TemplateBuildStatusResponse,
     TemplateInfo,

@@ -5,20 +5,9 @@ from __future__ import annotations
 import datetime
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal
 
 LogEntryLevel = Literal["debug", "info", "warn", "error"]
-
-
-class ApiParams(TypedDict, total=False):
-    """Where the server is (else ``BILIK_*``, then ``E2B_*`` variables; see ConnectionConfig)."""
-
-    api_key: str | None
-    api_url: str | None
-    sandbox_url: str | None
-    request_timeout: float | None
-    retries: int | None
-    headers: dict[str, str] | None
 
 
 class InstructionType(enum.StrEnum):
