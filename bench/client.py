@@ -34,7 +34,7 @@ def envelope(message: dict[str, object]) -> bytes:
 class Server:
     """``bilik serve`` on the bench's instance, in a process of its own."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, warm_pool: str = "") -> None:
         self.settings = settings
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -44,6 +44,9 @@ class Server:
             "BILIK_INSTANCE": settings.instance,
             "BILIK_SUBNET": settings.subnet,
             "BILIK_PORT": str(self.port),
+            # No warm pool unless the bench asks: pooled sandboxes starting in the background
+            # would time themselves into every other figure.
+            "BILIK_WARM_POOL": warm_pool,
         }
         log = open(settings.data_dir / "bench-server.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
@@ -69,10 +72,11 @@ class Server:
 
 
 @contextlib.asynccontextmanager
-async def serving(settings: Settings) -> AsyncIterator[tuple[str, str]]:
-    """A ready server of the bench's own, and a new key: ``(url, key)``; stopped afterwards."""
+async def serving(settings: Settings, warm_pool: str = "") -> AsyncIterator[tuple[str, str]]:
+    """A ready server of the bench's own (with the warm pools ``warm_pool`` names, none by
+    default), and a new key: ``(url, key)``; stopped afterwards."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    server = Server(settings)
+    server = Server(settings, warm_pool)
     try:
         await server.ready()
         yield server.url, await new_key(settings)

@@ -38,8 +38,10 @@ async def _empty_database(url: str) -> None:
 class BilikServer:
     """Start (and restart) the server; every run begins as a first start, with no key."""
 
-    def __init__(self, database_url: str = "") -> None:
+    def __init__(self, database_url: str = "", warm_pool: str = "") -> None:
         self.database_url = database_url
+        # Off unless a test asks: pooled sandboxes would change what other tests count and time.
+        self.warm_pool = warm_pool
         data = SERVER_SETTINGS.data_dir
         data.mkdir(parents=True, exist_ok=True)
         for shared in ("layers", "images"):
@@ -91,6 +93,7 @@ class BilikServer:
         return {
             **settings_env(SERVER_SETTINGS),
             "BILIK_DATABASE_URL": self.database_url,
+            "BILIK_WARM_POOL": self.warm_pool,
             # Templates whose ready check never passes fail in seconds, not a minute.
             "BILIK_READY_TIMEOUT_S": "5",
         }

@@ -30,6 +30,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         port=getattr(args, "port", None),
         database_url=getattr(args, "database_url", None),
         domain=getattr(args, "domain", None),
+        warm_pool=getattr(args, "warm_pool", None),
         **{name: getattr(args, name, None) for name in _CAP_FLAGS},
     )
 
@@ -69,6 +70,7 @@ def _row(info: SandboxInfo) -> dict[str, object]:
         "internet": info.internet,
         "address": info.address,
         "runtime": info.oci_runtime,
+        "warmPool": info.pooled,  # waiting in the server's warm pool, no one's yet
         "endAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(info.end_at)),
     }
 
@@ -341,6 +343,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (BILIK_HOST)")
     serve.add_argument("--port", type=int, help="port to listen on (BILIK_PORT)")
     serve.add_argument("--domain", help="sandbox ports as {port}-{id}.DOMAIN (BILIK_DOMAIN)")
+    serve.add_argument(
+        "--warm-pool",
+        metavar="TEMPLATE=N,...",
+        help="sandboxes kept ready per template, e.g. code-interpreter-v1=2,base=1; '' for "
+        "none (BILIK_WARM_POOL, default code-interpreter-v1=1)",
+    )
     for name, help_text in _CAP_FLAGS.items():
         flag = "--" + name.replace("_", "-")
         serve.add_argument(flag, type=int, help=f"{help_text} (BILIK_{name.upper()})")

@@ -43,6 +43,13 @@ class Settings:
     port: int = 3000
     # How long a template's ready check may take to pass when a sandbox starts.
     ready_timeout_s: int = 60
+    # ECR's API for templates from AWS registries (GetAuthorizationToken); empty: AWS's own,
+    # https://api.ecr.{region}.amazonaws.com/. For ECR-compatible endpoints and tests.
+    ecr_endpoint: str = ""
+    # Sandboxes kept made and ready per template, handed over whole to a create that asks for
+    # exactly what they were made with: ``name=count,...`` (default templates only; "": none).
+    # A pool fills only once its template is built: a pool never starts a build.
+    warm_pool: str = "code-interpreter-v1=1"
     caps: Caps = dataclasses.field(default_factory=Caps)
 
     @classmethod
@@ -83,6 +90,29 @@ class Settings:
                 f"instance {self.instance!r}: use 1-10 lowercase letters and digits, "
                 "starting with a letter"
             )
+        self.warm_pool_sizes()  # (raises on a malformed value)
+
+    def warm_pool_sizes(self) -> dict[str, int]:
+        """``warm_pool`` as template name → how many to keep ready (0s left out)."""
+        sizes: dict[str, int] = {}
+        for entry in self.warm_pool.replace(" ", "").split(","):
+            if not entry:
+                continue
+            name, sep, count = entry.partition("=")
+            if not sep or not name or not count.isdigit() or int(count) > MAX_WARM_POOL:
+                raise InvalidSettings(
+                    f"warm pool {entry!r}: use TEMPLATE=COUNT (0 to {MAX_WARM_POOL}), "
+                    "comma-separated"
+                )
+            if int(count):
+                sizes[name] = int(count)
+            else:
+                sizes.pop(name, None)
+        return sizes
+
+
+# Each pooled sandbox holds memory and an address while it waits: a typo must not take them all.
+MAX_WARM_POOL = 64
 
 
 def _int(name: str, raw: str) -> int:

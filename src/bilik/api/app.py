@@ -23,6 +23,7 @@ from ..templates import TemplateService
 from . import openapi, sandboxes, templates
 from .errors import ApiError, handle_api_error, handle_http_error, handle_unexpected
 from .limits import CreateLimiter
+from .pool import pool_sizes, warm_pool
 
 log = logging.getLogger("bilik")
 
@@ -48,6 +49,7 @@ async def ensure_first_key(store: Store, data_dir: Path) -> None:
 
 def create_app(settings: Settings) -> SandboxPlane:
     """The server: the sandbox plane in front of the control plane, on one port."""
+    pool_sizes(settings)  # a bad setting stops the server before it starts
     runtime = LocalRuntime(settings, log=log.info)
 
     async def reaper() -> None:
@@ -73,12 +75,17 @@ def create_app(settings: Settings) -> SandboxPlane:
         live = {info.sandbox_id for info in await runtime.list()}
         await store.sandboxes.remove(*(await store.sandboxes.ids() - live))
         dns = await runtime.serve_dns()
+        # (After the DNS forwarder: a pooled sandbox's start command may resolve names.)
+        pool = warm_pool(runtime, app.state.templates, pool_sizes(settings), log.info)
+        await pool.start()
+        app.state.pool = pool
         task = asyncio.create_task(reaper())
         app.state.ready = True
         try:
             yield
         finally:
             task.cancel()
+            await pool.close()
             await app.state.templates.close()
             await dns.close()
             await runtime.close()
@@ -88,7 +95,9 @@ def create_app(settings: Settings) -> SandboxPlane:
     async def health(request: Request) -> JSONResponse:
         if not getattr(request.app.state, "ready", False):
             return JSONResponse({"code": 503, "message": "starting"}, status_code=503)
-        return JSONResponse({"status": "ok"})
+        # (How many pooled sandboxes wait ready: counts only, no ids, for operators and benches.)
+        pool = request.app.state.pool
+        return JSONResponse({"status": "ok", "warmPool": pool.ready() if pool else {}})
 
     app = Starlette(
         routes=[
@@ -106,6 +115,7 @@ def create_app(settings: Settings) -> SandboxPlane:
     )
     app.state.runtime = runtime
     app.state.limiter = CreateLimiter()
+    app.state.pool = None  # (until the server has started)
 
     async def tokens() -> dict[str, str]:
         return await app.state.store.sandboxes.access_tokens()  # type: ignore[no-any-return]

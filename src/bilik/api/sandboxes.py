@@ -23,6 +23,7 @@ from ..runtime import (
     SandboxNotFound,
     SandboxSpec,
 )
+from ..runtime.pool import WarmPool
 from ..store import Store
 from ..store.sandboxes import SandboxRow
 from ..templates import BuildFailed, TemplateService, build_image
@@ -241,13 +242,19 @@ async def _create(
     """Make the sandbox and record who owns it (or make nothing)."""
     store = _store(request)
     runtime = _runtime(request)
+    pool: WarmPool | None = request.app.state.pool
+    token = spec.access_token
     try:
-        info = await runtime.create(spec)
+        # A sandbox made ahead for the warm pool, if one was made as this create asks (its
+        # envd knows the token it was made with), else a new one.
+        claimed = await pool.claim(spec) if pool is not None else None
+        if claimed is not None:
+            info, token = claimed.info, claimed.access_token
+        else:
+            info = await runtime.create(spec)
     except RuntimeFailure as e:
         raise from_runtime(e) from None
-    row = SandboxRow(
-        info.sandbox_id, key_id, template, spec.metadata, spec.access_token, info.created_at
-    )
+    row = SandboxRow(info.sandbox_id, key_id, template, spec.metadata, token, info.created_at)
     try:
         await store.sandboxes.add(row)
         if idempotency_key:

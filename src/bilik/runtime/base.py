@@ -28,6 +28,7 @@ class SandboxInfo:
     end_at: float
     metadata: dict[str, str]
     env: dict[str, str]
+    pooled: bool = False  # waiting in the warm pool, no one's yet
 
 
 @dataclasses.dataclass(frozen=True)

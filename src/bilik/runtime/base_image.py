@@ -110,11 +110,8 @@ def ensure_base_image(
     recipe = base_layer_key(uid_base, release, recipe_name)
     name = recipe_name if uid_base else f"{recipe_name}@unshifted"
     with store.lock(recipe):
-        if not rebuild:
-            with contextlib.suppress(TemplateNotFound):
-                current = store.image(name)
-                if current.layers[0].startswith(recipe):
-                    return current
+        if not rebuild and (current := built_base_image(store, uid_base, recipe_name)):
+            return current
         key = f"{recipe}-{time.time_ns()}" if rebuild else recipe
         if not store.has(key):
             _build(store, key, release, uid_base, log, *RECIPES[recipe_name])
@@ -123,6 +120,18 @@ def ensure_base_image(
         )
         store.save_image(image)
     return image
+
+
+def built_base_image(store: LayerStore, uid_base: int, recipe_name: str = "base") -> Image | None:
+    """The ``base`` (or ``debian``) image if it is built from the recipe as it is now; builds
+    nothing."""
+    recipe = base_layer_key(uid_base, host_release(), recipe_name)
+    name = recipe_name if uid_base else f"{recipe_name}@unshifted"
+    with contextlib.suppress(TemplateNotFound):
+        current = store.image(name)
+        if current.layers[0].startswith(recipe):
+            return current
+    return None
 
 
 def _build(

@@ -24,7 +24,7 @@ from .base import ExecResult, Process, SandboxInfo, Usage
 from .dns import DnsForwarder, DnsPolicy, host_resolvers
 from .envd_client import EnvdClient
 from .envd_zygote import EnvdZygote
-from .errors import InvalidSpec, SandboxExists, SandboxNotFound, StepFailed
+from .errors import InvalidSpec, SandboxExists, SandboxNotFound, StepFailed, TemplateNotFound
 from .fsutil import file_lock, lock_fd, write_text
 from .layers import Image, LayerStore
 from .network import HostNetwork
@@ -164,6 +164,18 @@ class LocalRuntime:
             self.collect_layers(grace_s=0)
         return image
 
+    def image_built(self, template: str) -> bool:
+        """Whether ``template``'s image is there to start sandboxes from, with nothing to build
+        first (:meth:`image` builds ``base`` on first use)."""
+        if template in base_image.RECIPES:
+            uid_base = self.uid_base(self.settings.oci_runtime)
+            return base_image.built_base_image(self.layers, uid_base, template) is not None
+        try:
+            self.layers.image(template)
+        except TemplateNotFound:
+            return False
+        return True
+
     def pull_image(
         self,
         ref: str,
@@ -206,7 +218,8 @@ class LocalRuntime:
 
     # -- sandboxes ----------------------------------------------------------------------------
 
-    async def create(self, spec: SandboxSpec, *, oci_runtime: str | None = None) -> SandboxInfo:
+    def check(self, spec: SandboxSpec) -> None:
+        """Raise InvalidSpec if a create of ``spec`` would be refused (the operator's caps)."""
         caps = self.settings.caps
         spec.validate(
             max_cpu=caps.cpu,
@@ -215,6 +228,9 @@ class LocalRuntime:
             max_pids=caps.pids,
             max_lifetime_s=caps.lifetime_s,
         )
+
+    async def create(self, spec: SandboxSpec, *, oci_runtime: str | None = None) -> SandboxInfo:
+        self.check(spec)
         image, runtime_name = await asyncio.to_thread(self._choose, spec.template, oci_runtime)
         oci_cli = self.oci(runtime_name)
         sandbox_id = spec.sandbox_id or new_sandbox_id()
@@ -255,8 +271,38 @@ class LocalRuntime:
         return self._info(record, "running")
 
     def address(self, sandbox_id: str) -> str:
-        """The sandbox's address on the instance's bridge (from its record: no runtime call)."""
-        return self._record(sandbox_id).address
+        """The sandbox's address on the instance's bridge (from its record: no runtime call),
+        for traffic to it; a warm-pool sandbox no one owns yet takes none (SandboxNotFound)."""
+        record = self._record(sandbox_id)
+        if record.pooled:
+            raise SandboxNotFound(sandbox_id)
+        return record.address
+
+    async def hand_over(
+        self, sandbox_id: str, timeout_s: float, metadata: dict[str, str]
+    ) -> SandboxInfo:
+        """Make a warm-pool sandbox an ordinary one, for the create it is given to: it ends
+        ``timeout_s`` from now and carries the create's metadata. Its lifetime (and E2B's
+        ``startedAt``) counts from now, as its owner sees it made now, however long it waited.
+        SandboxNotFound if it is gone, no longer runs, or was handed over already."""
+        async with self._locked(sandbox_id):
+            record = self.records.load(sandbox_id)
+            if record is None or not record.pooled or await self._state(record) != "running":
+                raise SandboxNotFound(sandbox_id)
+
+            def adopt() -> SandboxRecord:
+                # The records lock, as set_timeout takes it: no end time is lost between them.
+                with file_lock(self.settings.data_dir / "locks" / "sandboxes"):
+                    record = self._record(sandbox_id)
+                    now = time.time()
+                    record.pooled = False
+                    record.created_at, record.end_at = now, now + timeout_s
+                    record.metadata = dict(metadata)
+                    self.records.save(record)
+                    return record
+
+            record = await asyncio.to_thread(adopt)
+        return self._info(record, "running")
 
     async def is_running(self, sandbox_id: str) -> bool:
         try:
@@ -383,6 +429,7 @@ class LocalRuntime:
                 metadata=dict(spec.metadata),
                 allow_out=list(spec.allow_out),
                 deny_out=list(spec.deny_out),
+                pooled=spec.pooled,
             )
             self.records.save(record)
             return record
@@ -551,6 +598,7 @@ class LocalRuntime:
             end_at=record.end_at,
             metadata=dict(record.metadata),
             env=dict(record.env),
+            pooled=record.pooled,
         )
 
     async def _states(self) -> dict[str, str]:

@@ -39,6 +39,9 @@ class SandboxRecord:
     init_start: int = 0
     allow_out: list[str] = dataclasses.field(default_factory=list)
     deny_out: list[str] = dataclasses.field(default_factory=list)
+    # A warm-pool sandbox not handed over yet (see ``SandboxSpec.pooled``): after a restart,
+    # nothing remembers its access token, so it is of no use to anyone and is released.
+    pooled: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

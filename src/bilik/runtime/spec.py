@@ -61,6 +61,9 @@ class SandboxSpec:
     # this sandbox may or may not reach. An allow wins over a deny and over internet off.
     allow_out: tuple[str, ...] = ()
     deny_out: tuple[str, ...] = ()
+    # Made ahead for the warm pool: no one's until ``LocalRuntime.hand_over`` gives it to a
+    # create, and unreachable through the sandbox plane until then.
+    pooled: bool = False
 
     def validate(
         self,

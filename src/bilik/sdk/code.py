@@ -4,13 +4,14 @@ results as data (E2B's names and fields, ``_repr_*_`` for Jupyter)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
 import httpx
 
+from bilik.sdk._handlers import call
 from bilik.sdk.api import error_message, http_client
 from bilik.sdk.config import INTERPRETER_PORT
 from bilik.sdk.envd import Envd
@@ -199,13 +200,6 @@ class Context:
 Handler = Callable[[Any], Any]
 
 
-async def _call(handler: Handler | None, value: Any) -> None:
-    if handler is not None:
-        result = handler(value)
-        if isinstance(result, Awaitable):
-            await result
-
-
 async def _apply(
     execution: Execution,
     line: str,
@@ -219,14 +213,14 @@ async def _apply(
     if kind == "result":
         result = Result(**data)
         execution.results.append(result)
-        await _call(on_result, result)
+        await call(on_result, result)
     elif kind in ("stdout", "stderr"):
         (execution.logs.stdout if kind == "stdout" else execution.logs.stderr).append(data["text"])
         message = OutputMessage(data["text"], data.get("timestamp", 0), kind == "stderr")
-        await _call(on_stdout if kind == "stdout" else on_stderr, message)
+        await call(on_stdout if kind == "stdout" else on_stderr, message)
     elif kind == "error":
         execution.error = ExecutionError(data["name"], data["value"], data["traceback"])
-        await _call(on_error, execution.error)
+        await call(on_error, execution.error)
     elif kind == "number_of_executions":
         execution.execution_count = data["execution_count"]
 

@@ -13,7 +13,8 @@ from connectrpc.errors import ConnectError
 from protobuf import Oneof
 
 from bilik.proto import process_pb as pb
-from bilik.sdk.envd import DEFAULT_USER, Envd, rpc_error, timeout_ms
+from bilik.sdk._handlers import call
+from bilik.sdk.envd import DEFAULT_USER, Envd, rpc, rpc_error, timeout_ms
 from bilik.sdk.exceptions import NotFoundException, SandboxException, TimeoutException
 from bilik.sdk.models import CommandExitException, CommandResult, ProcessInfo, PtySize
 
@@ -31,13 +32,6 @@ def _input(data: str | bytes, *, pty: bool) -> pb.ProcessInput:
     if pty:
         return pb.ProcessInput(input=Oneof[Literal["pty"], bytes]("pty", payload))
     return pb.ProcessInput(input=Oneof[Literal["stdin"], bytes]("stdin", payload))
-
-
-async def _call(callback: Callable[[Any], Any] | None, value: Any) -> None:
-    if callback is not None:
-        result = callback(value)
-        if isinstance(result, Awaitable):
-            await result
 
 
 class AsyncCommandHandle:
@@ -70,6 +64,9 @@ class AsyncCommandHandle:
         self._on_pty = [on_pty] if on_pty else []
         self._result: CommandResult | None = None
         self._task = asyncio.create_task(self._pump())
+        # A handle no one waits for (a background command whose sandbox went away) fails
+        # quietly: its error is for wait() to raise, not for the event loop to log.
+        self._task.add_done_callback(lambda task: task.cancelled() or task.exception())
 
     @property
     def stdout(self) -> str:
@@ -95,7 +92,7 @@ class AsyncCommandHandle:
             return
         (self._stdout if kind == "stdout" else self._stderr).append(text)
         for callback in self._on_stdout if kind == "stdout" else self._on_stderr:
-            await _call(callback, text)
+            await call(callback, text)
 
     async def _pump(self) -> CommandResult:
         end = None
@@ -110,7 +107,7 @@ class AsyncCommandHandle:
                                 await self._emit("stderr", self._err.decode(chunk))
                             case Oneof(field="pty", value=chunk):
                                 for callback in self._on_pty:
-                                    await _call(callback, chunk)
+                                    await call(callback, chunk)
                     case Oneof(field="end", value=event):
                         end = event
         except ConnectError as e:
@@ -137,7 +134,7 @@ class AsyncCommandHandle:
         for callback, kind in ((on_stdout, "stdout"), (on_stderr, "stderr")):
             if callback is not None:
                 for text in list(self._stdout if kind == "stdout" else self._stderr):
-                    await _call(callback, text)
+                    await call(callback, text)
                 (self._on_stdout if kind == "stdout" else self._on_stderr).append(callback)
         if on_pty is not None:
             self._on_pty.append(on_pty)
@@ -192,12 +189,6 @@ class AsyncCommands:
     def _ms(self, request_timeout: float | None) -> int | None:
         return timeout_ms(self._envd.config.timeout(request_timeout))
 
-    async def _rpc(self, call: Awaitable[Any]) -> Any:
-        try:
-            return await call
-        except ConnectError as e:
-            raise rpc_error(e) from None
-
     async def _open(
         self,
         stream: AsyncIterator[Any],
@@ -233,7 +224,7 @@ class AsyncCommands:
     async def _send_input(
         self, pid: int, data: str | bytes, request_timeout: float | None = None, *, pty: bool
     ) -> None:
-        await self._rpc(
+        await rpc(
             self._envd.process.send_input(
                 pb.SendInputRequest(process=_selector(pid), input=_input(data, pty=pty)),
                 headers=self._envd.rpc_headers(),
@@ -243,7 +234,7 @@ class AsyncCommands:
 
     async def list(self, request_timeout: float | None = None) -> list[ProcessInfo]:
         """The processes envd started that still run."""
-        response = await self._rpc(
+        response = await rpc(
             self._envd.process.list(
                 pb.ListRequest(),
                 headers=self._envd.rpc_headers(),
@@ -260,12 +251,13 @@ class AsyncCommands:
                 cwd=p.config.cwd,
             )
             for p in response.processes
+            if p.config is not None
         ]
 
     async def kill(self, pid: int, request_timeout: float | None = None) -> bool:
         """Kill a process with SIGKILL; ``False`` if there was none."""
         try:
-            await self._rpc(
+            await rpc(
                 self._envd.process.send_signal(
                     pb.SendSignalRequest(process=_selector(pid), signal=pb.Signal.SIGKILL),
                     headers=self._envd.rpc_headers(),
@@ -284,7 +276,7 @@ class AsyncCommands:
 
     async def close_stdin(self, pid: int, request_timeout: float | None = None) -> None:
         """Close a process's standard input (it reads end of file)."""
-        await self._rpc(
+        await rpc(
             self._envd.process.close_stdin(
                 pb.CloseStdinRequest(process=_selector(pid)),
                 headers=self._envd.rpc_headers(),
@@ -440,7 +432,7 @@ class AsyncPty:
 
     async def resize(self, pid: int, size: PtySize, request_timeout: float | None = None) -> None:
         """Tell a terminal its new size (its programs get SIGWINCH)."""
-        await self._commands._rpc(
+        await rpc(
             self._envd.process.update(
                 pb.UpdateRequest(
                     process=_selector(pid),

@@ -4,7 +4,8 @@ the sandbox's headers and access token, Connect RPC for processes and the filesy
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
@@ -51,9 +52,8 @@ class Envd:
         self.sandbox_id = sandbox_id
         self.access_token = access_token
         self.url = config.sandbox_url
-        address = self.url
-        self.process = ProcessClient(address, http_client=_http(), send_compression=None)
-        self.filesystem = FilesystemClient(address, http_client=_http(), send_compression=None)
+        self.process = ProcessClient(self.url, http_client=_http(), send_compression=None)
+        self.filesystem = FilesystemClient(self.url, http_client=_http(), send_compression=None)
 
     def headers(self, port: int = ENVD_PORT, user: str | None = None) -> dict[str, str]:
         """What routes a request to a port of this sandbox (and, for envd, as which user)."""
@@ -102,3 +102,14 @@ def rpc_error(error: ConnectError, not_found: type[Exception] = NotFoundExceptio
         return not_found(message)
     make = _BY_CODE.get(error.code)
     return make(message) if make else SandboxException(f"{error.code.name.lower()}: {message}")
+
+
+T = TypeVar("T")
+
+
+async def rpc(call: Awaitable[T], not_found: type[Exception] = NotFoundException) -> T:
+    """The answer of an RPC; its failure as the SDK's exception."""
+    try:
+        return await call
+    except ConnectError as e:
+        raise rpc_error(e, not_found) from None

@@ -10,17 +10,19 @@ import hashlib
 import time
 import urllib.parse
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import UTC, datetime
 from typing import IO, Any, Literal, TypedDict, overload
 
 import httpx
+from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from protobuf import Oneof
 
 from bilik.proto import filesystem_pb as pb
+from bilik.sdk._handlers import call
 from bilik.sdk.api import error_message, http_client
-from bilik.sdk.envd import Envd, rpc_error, timeout_ms
+from bilik.sdk.envd import Envd, rpc, rpc_error, timeout_ms
 from bilik.sdk.exceptions import (
     AuthenticationException,
     FileNotFoundException,
@@ -56,7 +58,9 @@ class WriteEntry(TypedDict):
     data: Data
 
 
-def entry_info(entry: pb.EntryInfo) -> EntryInfo:
+def entry_info(entry: pb.EntryInfo | None) -> EntryInfo:
+    if entry is None:
+        raise SandboxException("envd answered without the entry")
     stamp = entry.modified_time
     return EntryInfo(
         name=entry.name,
@@ -149,12 +153,6 @@ class AsyncFilesystem:
 
     def _timeout(self, request_timeout: float | None) -> float | None:
         return self._envd.config.timeout(request_timeout)
-
-    async def _rpc(self, call: Awaitable[Any]) -> Any:
-        try:
-            return await call
-        except ConnectError as e:
-            raise rpc_error(e, FileNotFoundException) from None
 
     # -- contents, over envd's /files --------------------------------------------------------
 
@@ -299,12 +297,13 @@ class AsyncFilesystem:
         """The entries of a directory, ``depth`` levels down (1: its children)."""
         if depth is not None and depth < 1:
             raise InvalidArgumentException("depth should be at least 1")
-        response = await self._rpc(
+        response = await rpc(
             self._envd.filesystem.list_dir(
                 pb.ListDirRequest(path=path, depth=depth or 1),
                 headers=self._envd.rpc_headers(user or "user"),
                 timeout_ms=timeout_ms(self._timeout(request_timeout)),
-            )
+            ),
+            FileNotFoundException,
         )
         return [entry_info(e) for e in response.entries]
 
@@ -322,12 +321,13 @@ class AsyncFilesystem:
         self, path: str, user: str | None = None, request_timeout: float | None = None
     ) -> EntryInfo:
         """What a path is: type, size, mode, owner, modification time, metadata."""
-        response = await self._rpc(
+        response = await rpc(
             self._envd.filesystem.stat(
                 pb.StatRequest(path=path),
                 headers=self._envd.rpc_headers(user or "user"),
                 timeout_ms=timeout_ms(self._timeout(request_timeout)),
-            )
+            ),
+            FileNotFoundException,
         )
         return entry_info(response.entry)
 
@@ -336,17 +336,15 @@ class AsyncFilesystem:
     ) -> bool:
         """Make a directory and its parents; ``False`` if it was already there."""
         try:
-            await self._rpc(
-                self._envd.filesystem.make_dir(
-                    pb.MakeDirRequest(path=path),
-                    headers=self._envd.rpc_headers(user or "user"),
-                    timeout_ms=timeout_ms(self._timeout(request_timeout)),
-                )
+            await self._envd.filesystem.make_dir(
+                pb.MakeDirRequest(path=path),
+                headers=self._envd.rpc_headers(user or "user"),
+                timeout_ms=timeout_ms(self._timeout(request_timeout)),
             )
-        except SandboxException as e:
-            if "exists" in str(e):
+        except ConnectError as e:
+            if e.code is Code.ALREADY_EXISTS:
                 return False
-            raise
+            raise rpc_error(e, FileNotFoundException) from None
         return True
 
     async def rename(
@@ -357,12 +355,13 @@ class AsyncFilesystem:
         request_timeout: float | None = None,
     ) -> EntryInfo:
         """Move a file or directory."""
-        response = await self._rpc(
+        response = await rpc(
             self._envd.filesystem.move(
                 pb.MoveRequest(source=old_path, destination=new_path),
                 headers=self._envd.rpc_headers(user or "user"),
                 timeout_ms=timeout_ms(self._timeout(request_timeout)),
-            )
+            ),
+            FileNotFoundException,
         )
         return entry_info(response.entry)
 
@@ -370,12 +369,13 @@ class AsyncFilesystem:
         self, path: str, user: str | None = None, request_timeout: float | None = None
     ) -> None:
         """Remove a file or a directory with everything in it."""
-        await self._rpc(
+        await rpc(
             self._envd.filesystem.remove(
                 pb.RemoveRequest(path=path),
                 headers=self._envd.rpc_headers(user or "user"),
                 timeout_ms=timeout_ms(self._timeout(request_timeout)),
-            )
+            ),
+            FileNotFoundException,
         )
 
     async def watch_dir(
@@ -414,14 +414,14 @@ class AsyncFilesystem:
                     event = response.event.value if response.event else None
                     if isinstance(event, pb.FilesystemEvent) and event.type in _EVENT_TYPES:
                         change = FilesystemEvent(event.name, _EVENT_TYPES[event.type])
-                        await _maybe_await(on_event(change))
+                        await call(on_event, change)
             except ConnectError as e:
                 error = None if handle.stopped else rpc_error(e)
             except Exception as e:
                 error = e
             finally:
                 if on_exit is not None:
-                    await _maybe_await(on_exit(error))
+                    await call(on_exit, error)
 
         handle._task = asyncio.create_task(pump())
         return handle
@@ -475,8 +475,3 @@ def _write_infos(response: httpx.Response) -> list[WriteInfo]:
         )
         for item in response.json()
     ]
-
-
-async def _maybe_await(value: Any) -> None:
-    if asyncio.iscoroutine(value) or isinstance(value, asyncio.Future):
-        await value

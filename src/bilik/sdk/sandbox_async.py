@@ -11,7 +11,7 @@ from typing import Any, TypedDict
 import httpx
 
 from bilik.sdk._dual import dual
-from bilik.sdk.api import ApiClient
+from bilik.sdk.api import ApiClient, http_client
 from bilik.sdk.code import AsyncCodeInterpreter
 from bilik.sdk.commands import AsyncCommands, AsyncPty
 from bilik.sdk.config import ConnectionConfig
@@ -259,8 +259,6 @@ class AsyncSandbox(AsyncCodeInterpreter):
     async def _envd_http(
         self, method: str, path: str, request_timeout: float | None
     ) -> httpx.Response:
-        from bilik.sdk.api import http_client
-
         return await http_client().request(
             method,
             self._envd.url + path,

@@ -40,6 +40,10 @@ class TemplateService:
         self._logs: dict[str, BuildLog] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._default_locks: dict[str, asyncio.Lock] = {}
+        # The default templates' image names, worked out once per process: that reads the
+        # host's pip settings (a pip run of a third of a second), which every create of a
+        # default template would otherwise wait for. A change of them takes a restart.
+        self._default_names: dict[str, str] = {}
 
     def log_of(self, build_id: str) -> BuildLog:
         if build_id not in self._logs:
@@ -87,15 +91,16 @@ class TemplateService:
         """The image of the default template ``name`` as defined now (and with this host's
         settings), built first unless it exists; one build at a time: a create that asked for
         it waits, and so does any other."""
-        spec, bundles = _with_host_settings(DEFAULTS[name])
-        digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-        image_name = f"{name}:{digest}"
-        for files_hash, bundle in bundles.items():
-            path = self.files.path(image_name, files_hash)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(bundle)
+        if (image_name := await self.built_default(name)) is not None:
+            return image_name
         lock = self._default_locks.setdefault(name, asyncio.Lock())
         async with lock:
+            spec, bundles = await asyncio.to_thread(_with_host_settings, DEFAULTS[name])
+            image_name = self._default_names[name] = _default_image_name(name, spec)
+            for files_hash, bundle in bundles.items():
+                path = self.files.path(image_name, files_hash)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(bundle)
             with contextlib.suppress(RuntimeFailure):
                 await asyncio.to_thread(self.runtime.layers.image, image_name)
                 return image_name
@@ -117,6 +122,19 @@ class TemplateService:
             build_log(f"default template {name} ready")
             return image_name
 
+    async def built_default(self, name: str) -> str | None:
+        """The image of the default template ``name`` as defined now, if it is built; builds
+        nothing."""
+        image_name = self._default_names.get(name)
+        if image_name is None:
+            spec, _ = await asyncio.to_thread(_with_host_settings, DEFAULTS[name])
+            image_name = self._default_names[name] = _default_image_name(name, spec)
+        try:
+            await asyncio.to_thread(self.runtime.layers.image, image_name)
+        except RuntimeFailure:
+            return None
+        return image_name
+
     def forget(self, template_id: str) -> None:
         """Remove the images of a template that is deleted (its layers go once unused)."""
         layers = self.runtime.layers
@@ -131,6 +149,12 @@ class TemplateService:
             # Cancelled mid-build: the next start marks the build failed (abandon_unfinished).
             with contextlib.suppress(BaseException):
                 await task
+
+
+def _default_image_name(name: str, spec: dict[str, Any]) -> str:
+    """A default template's image is named by its definition: a new one is a new image."""
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{name}:{digest}"
 
 
 def _with_host_settings(spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, bytes]]:
