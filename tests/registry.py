@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import crypt  # bcrypt for the registry's htpasswd (glibc's libxcrypt has it)
+import json
 import shutil
 import socket
 import subprocess
@@ -14,6 +15,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 USER, PASSWORD = "robot", "s3cret-pass"
+# What GCR and Artifact Registry take (user ``_json_key``, a service account key as the password),
+# and what ECR's pull tokens stand for (user ``AWS``). The registry's htpasswd is bcrypt, which
+# reads 72 bytes of a password: the test key is shorter, so every byte of it counts.
+GCP_USER, GCP_SECRET = "_json_key", "pk-8c2b77a1"
+# (Spaced as json.dumps spaces it: E2B's SDK sends a key given as a dict that way.)
+GCP_KEY = json.dumps({"type": "service_account", "private_key": GCP_SECRET})
+ECR_USER, ECR_PASSWORD = "AWS", "ecr-pull-token-0f3a9c"
+assert len(GCP_KEY.encode()) <= 72
 
 
 def _free_port() -> int:
@@ -48,7 +57,8 @@ def _image_layout(root: Path) -> Path:
 
 @contextlib.contextmanager
 def registry(*, auth: bool) -> Iterator[str]:
-    """Start a registry, push the test image as ``test/tiny:v1``; yields ``127.0.0.1:PORT``."""
+    """Start a registry, push the test image as ``test/tiny:v1``; yields ``127.0.0.1:PORT``.
+    With ``auth``, it lets in :data:`USER`, :data:`GCP_USER` and :data:`ECR_USER`."""
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         port = _free_port()
@@ -63,8 +73,13 @@ def registry(*, auth: bool) -> Iterator[str]:
             f"  addr: 127.0.0.1:{port}",
         ]
         if auth:
-            hashed = crypt.crypt(PASSWORD, crypt.mksalt(crypt.METHOD_BLOWFISH))
-            (root / "htpasswd").write_text(f"{USER}:{hashed}\n")
+            users = {USER: PASSWORD, GCP_USER: GCP_KEY, ECR_USER: ECR_PASSWORD}
+            (root / "htpasswd").write_text(
+                "".join(
+                    f"{user}:{crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH))}\n"
+                    for user, password in users.items()
+                )
+            )
             config += ["auth:", "  htpasswd:", "    realm: tests", f"    path: {root / 'htpasswd'}"]
         (root / "config.yml").write_text("\n".join(config) + "\n")
         proc = subprocess.Popen(

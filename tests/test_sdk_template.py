@@ -19,8 +19,9 @@ import httpx
 import pytest
 from e2b import AsyncSandbox, Sandbox
 
+import fake_ecr
 import registry
-from bilik.sdk.exceptions import BuildException, TemplateException
+from bilik.sdk.exceptions import BuildException, InvalidArgumentException, TemplateException
 from bilik.sdk.template import (
     AsyncTemplate,
     LogEntry,
@@ -54,9 +55,18 @@ LAYER_STEPS, COPY_STEPS = 19, 8
 
 
 @pytest.fixture(scope="module")
-def srv() -> Iterator[BilikServer]:
+def ecr() -> Iterator[fake_ecr.FakeEcr]:
+    with fake_ecr.fake_ecr() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def srv(ecr: fake_ecr.FakeEcr) -> Iterator[BilikServer]:
     server = BilikServer()
-    server.start()
+    # AWS registries' pull tokens come from the fake ECR (the server reads this at start).
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("BILIK_ECR_ENDPOINT", fake_ecr.url(ecr))
+        server.start()
     yield server
     headers = {"X-API-Key": server.key}
     for template in httpx.get(f"{server.url}/templates", headers=headers).json():
@@ -354,6 +364,60 @@ def test_from_a_private_registry(srv: BilikServer) -> None:
     with Sandbox.create("tiny-private", **_params(srv)) as sbx:
         assert sbx.files.read("/srv/out") == "hi-from-registry\n"
         assert sbx.files.read("/srv/data.txt") == "from the registry\n"
+
+
+def test_from_aws_and_gcp_registries(
+    srv: BilikServer, ecr: fake_ecr.FakeEcr, tmp_path: Path
+) -> None:
+    (tmp_path / "key.json").write_text(registry.GCP_KEY)
+    with registry.registry(auth=True) as address:
+        ref = f"{address}/test/tiny:v1"
+        aws = (
+            Template()
+            .from_aws_registry(ref, fake_ecr.KEY_ID, fake_ecr.SECRET, fake_ecr.REGION)
+            .run_cmd("echo aws $GREETING > /srv/via", user="root")
+        )
+        # The key as a file of the context (as E2B's SDK takes it).
+        gcp = (
+            Template(file_context_path=tmp_path)
+            .from_gcp_registry(ref, "key.json")
+            .run_cmd("echo gcp $GREETING > /srv/via", user="root")
+        )
+        # As a Dockerfile: the image, never the credentials (as E2B's).
+        assert aws.to_dockerfile() == f"FROM {ref}\nRUN echo aws $GREETING > /srv/via\n"
+        assert gcp.to_dockerfile() == f"FROM {ref}\nRUN echo gcp $GREETING > /srv/via\n"
+        Template.build(aws, "sdk-aws", **_params(srv))
+        assert ecr.calls[-1] == "ok", ecr.calls
+        Template.build(gcp, "sdk-gcp", **_params(srv))
+        for name in ("aws", "gcp"):
+            with Sandbox.create(f"sdk-{name}", **_params(srv)) as sbx:
+                assert sbx.files.read("/srv/via") == f"{name} hi-from-registry\n"
+
+        # Refused credentials point at the from_ line.
+        wrong = Template()
+        line = sys._getframe().f_lineno + 1
+        wrong.from_aws_registry(ref, fake_ecr.KEY_ID, "not-the-secret", fake_ecr.REGION)
+        with pytest.raises(
+            BuildException, match=rf"secret access key does not match(.|\n)*:{line}"
+        ):
+            Template.build(wrong, "sdk-aws-wrong", **_params(srv))
+        assert ecr.calls[-1].startswith("InvalidSignatureException"), ecr.calls
+        other_key = {"type": "service_account", "private_key": "pk-not-this-one"}
+        wrong_key = Template().from_gcp_registry(ref, other_key)
+        with pytest.raises(BuildException, match=r"(?i)service account key.*unauthorized"):
+            Template.build(wrong_key, "sdk-gcp-wrong", **_params(srv))
+
+    # The key's JSON text works too; a key file that is not there fails at its line.
+    spec = json.loads(Template().from_gcp_registry(ref, registry.GCP_KEY).to_json())
+    assert spec["fromImageRegistry"] == {"type": "gcp", "serviceAccountJson": registry.GCP_KEY}
+    missing = Template(file_context_path=tmp_path)
+    with pytest.raises(InvalidArgumentException, match=r"no-such-key\.json") as caught:
+        line = sys._getframe().f_lineno + 1
+        missing.from_gcp_registry(ref, "no-such-key.json")
+    innermost = caught.value.__traceback__
+    while innermost is not None and innermost.tb_next is not None:
+        innermost = innermost.tb_next
+    assert innermost is not None and innermost.tb_lineno == line
 
 
 def test_to_dockerfile_and_ready_checks(tmp_path: Path) -> None:

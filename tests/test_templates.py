@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
+import json
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -12,8 +15,10 @@ import httpx
 import pytest
 from e2b import BuildException, Sandbox, Template, wait_for_port
 
+import fake_ecr
 import registry
-from server import BilikServer
+from bilik.templates.registries import sign_v4
+from server import SERVER_SETTINGS, BilikServer
 
 APP = """
 import http.server, os
@@ -28,9 +33,18 @@ http.server.HTTPServer(("0.0.0.0", 8000), Hello).serve_forever()
 
 
 @pytest.fixture(scope="module")
-def built_server() -> Iterator[BilikServer]:
+def ecr() -> Iterator[fake_ecr.FakeEcr]:
+    with fake_ecr.fake_ecr() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def built_server(ecr: fake_ecr.FakeEcr) -> Iterator[BilikServer]:
     srv = BilikServer()
-    srv.start()
+    # AWS registries' pull tokens come from the fake ECR (the server reads this at start).
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("BILIK_ECR_ENDPOINT", fake_ecr.url(ecr))
+        srv.start()
     yield srv
     # Templates share the test layer store: drop them, so their layers can be collected.
     headers = {"X-API-Key": srv.key}
@@ -201,6 +215,98 @@ def test_from_an_oci_registry(built_server: BilikServer, auth: bool) -> None:
     # A registry that is not there: a clear error, quickly.
     with pytest.raises(BuildException, match="base"):
         _build(server, Template().from_image(f"{address}/test/tiny:v1"), "tiny-gone")
+
+
+def test_from_aws_and_gcp_registries(built_server: BilikServer, ecr: fake_ecr.FakeEcr) -> None:
+    """ECR: the access key buys a pull token from (fake) ECR's API; GCP: the service account key
+    is the password of ``_json_key``. Both against a real registry on loopback."""
+    server = built_server
+    with registry.registry(auth=True) as address:
+        ref = f"{address}/test/tiny:v1"
+        aws = Template().from_aws_registry(
+            ref,
+            access_key_id=fake_ecr.KEY_ID,
+            secret_access_key=fake_ecr.SECRET,
+            region=fake_ecr.REGION,
+        )
+        logs, _ = _build(
+            server, aws.run_cmd("echo aws $GREETING > /srv/via", user="root"), "tiny-aws"
+        )
+        assert ecr.calls[-1] == "ok", ecr.calls
+        assert any("pull token from ECR" in line for line in logs), logs
+        gcp = Template().from_gcp_registry(ref, service_account_json=json.loads(registry.GCP_KEY))
+        _build(server, gcp.run_cmd("echo gcp $GREETING > /srv/via", user="root"), "tiny-gcp")
+        for name in ("aws", "gcp"):
+            with Sandbox.create(f"tiny-{name}", **_params(server)) as sbx:
+                assert sbx.files.read("/srv/via") == f"{name} hi-from-registry\n"
+                assert sbx.files.read("/srv/data.txt") == "from the registry\n"
+
+        # A wrong secret: the signature does not match, ECR says so, and so does the build.
+        wrong_secret = Template().from_aws_registry(
+            ref, fake_ecr.KEY_ID, fake_ecr.SECRET[:-1] + "X", fake_ecr.REGION
+        )
+        with pytest.raises(BuildException, match="secret access key does not match"):
+            _build(server, wrong_secret, "tiny-aws-wrong")
+        assert ecr.calls[-1].startswith("InvalidSignatureException"), ecr.calls
+        unknown = Template().from_aws_registry(ref, "AKIDNOSUCHKEY", fake_ecr.SECRET, "eu-west-1")
+        with pytest.raises(BuildException, match="does not know the access key ID"):
+            _build(server, unknown, "tiny-aws-wrong")
+        bad_region = Template().from_aws_registry(ref, fake_ecr.KEY_ID, fake_ecr.SECRET, "mars")
+        with pytest.raises(BuildException, match="'mars' is not an AWS region"):
+            _build(server, bad_region, "tiny-aws-wrong")
+        # A wrong JSON key: the registry refuses it.
+        other_key = {**json.loads(registry.GCP_KEY), "private_key": "pk-other"}
+        wrong_key = Template().from_gcp_registry(ref, service_account_json=other_key)
+        with pytest.raises(BuildException, match=r"service account key(.|\n)*(?i:unauthorized)"):
+            _build(server, wrong_key, "tiny-gcp-wrong")
+    with pytest.raises(BuildException, match="not a JSON service account key"):
+        _build(
+            server,
+            Template().from_gcp_registry(ref, service_account_json=[]),  # type: ignore[arg-type]
+            "tiny-gcp-wrong",
+        )
+    # The credentials were used, never kept: not in the database, the build logs, the images.
+    _nowhere_on_disk(
+        server,
+        ["tiny-aws", "tiny-gcp"],
+        [fake_ecr.SECRET, registry.ECR_PASSWORD, registry.GCP_SECRET],
+    )
+
+
+def _nowhere_on_disk(server: BilikServer, names: list[str], secrets: list[str]) -> None:
+    data = SERVER_SETTINGS.data_dir
+    files = [Path(d, f) for d, _, fs in os.walk(data) for f in fs]  # (layers are links)
+    for name in names:
+        image = json.loads((data / "images" / f"{_id(server, name)}.json").read_text())
+        files.append(data / "images" / f"{_id(server, name)}.json")
+        for layer in image["layers"]:
+            files += [Path(d, f) for d, _, fs in os.walk(data / "layers" / layer) for f in fs]
+    for path in files:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > 64 << 20:
+            continue
+        content = path.read_bytes()
+        for secret in secrets:
+            assert secret.encode() not in content, f"{secret!r} is in {path}"
+
+
+def test_sigv4_is_aws_own_example() -> None:
+    """The signing code gives the signature of AWS's worked example (IAM ListUsers)."""
+    headers = sign_v4(
+        "GET",
+        "https://iam.amazonaws.com/?Action=ListUsers&Version=2010-05-08",
+        {"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"},
+        b"",
+        "AKIDEXAMPLE",
+        "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
+        "us-east-1",
+        "iam",
+        datetime.datetime(2015, 8, 30, 12, 36, tzinfo=datetime.UTC),
+    )
+    assert headers["Authorization"] == (
+        "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20150830/us-east-1/iam/aws4_request, "
+        "SignedHeaders=content-type;host;x-amz-date, "
+        "Signature=5d672d79c15b13162d9279b0855cfba6789a8edb4c82c400e06b5924a6f2b5d7"
+    )
 
 
 def test_from_debian_without_a_registry(built_server: BilikServer) -> None:

@@ -27,6 +27,7 @@ from typing import Any
 from ..runtime import LocalRuntime, RuntimeFailure, SandboxSpec, base_image
 from ..runtime.layers import Image, layer_key
 from ..runtime.spec import Limits
+from . import registries
 from .files import FileStore
 
 # Registry names the SDKs use for E2B's own base image; bilik's base is built from Debian.
@@ -174,6 +175,7 @@ class Builder:
         if not isinstance(source, str):
             raise BuildFailed("fromImage and fromTemplate must be names", "base")
         log(f"FROM {source}", step="base")
+        how = ""
         try:
             if spec.get("fromTemplate") or source in BASE_IMAGES or source == "base":
                 name = "base" if source in BASE_IMAGES else source
@@ -182,24 +184,25 @@ class Builder:
                 log("Debian from this host's apt sources", step="base")
                 image = await asyncio.to_thread(self.runtime.image, "debian")
             else:
-                registry = spec.get("fromImageRegistry") or {}
-                if not isinstance(registry, dict) or registry.get("type", "registry") != (
-                    "registry"
-                ):
-                    raise BuildFailed(
-                        "only registries with a username and password are supported "
-                        "(not AWS or GCP ones)",
-                        "base",
-                    )
+                # The login lives for this pull only: nothing keeps the spec or the login.
+                login = await registries.login(
+                    spec.get("fromImageRegistry"),
+                    source,
+                    lambda line: log(line, step="base"),
+                    ecr_endpoint=self.runtime.settings.ecr_endpoint,
+                )
+                how = f" (pulled with {login.source})" if login and login.source else ""
                 image = await asyncio.to_thread(
                     self.runtime.pull_image,
                     source,
                     lambda line: log(line, step="base"),
-                    username=registry.get("username"),
-                    password=registry.get("password"),
+                    username=login.username if login else None,
+                    password=login.password if login else None,
                 )
-        except RuntimeFailure as e:
+        except registries.LoginFailed as e:
             raise BuildFailed(f"base {source!r}: {e}", "base") from None
+        except RuntimeFailure as e:
+            raise BuildFailed(f"base {source!r}{how}: {e}", "base") from None
         return list(image.layers), Settings(dict(image.env), image.user, image.workdir)
 
     async def _make_layer(

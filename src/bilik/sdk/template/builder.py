@@ -2,9 +2,10 @@
 
 Names and behaviour follow E2B's ``Template``: ``Template().from_python_image("3.11")
 .copy("requirements.txt", "/app/").pip_install().set_start_cmd("python app.py",
-wait_for_port(8000))``. A definition does no I/O; building it is the business of
-``Template.build`` (sync) and ``AsyncTemplate.build`` (async). Every step remembers the
-line of user code that added it, so a step that fails at build time points there.
+wait_for_port(8000))``. A definition does no I/O (but for reading a GCP key file it is
+given, as E2B's); building it is the business of ``Template.build`` (sync) and
+``AsyncTemplate.build`` (async). Every step remembers the line of user code that added it, so
+a step that fails at build time points there.
 """
 
 from __future__ import annotations
@@ -441,6 +442,44 @@ class TemplateBase:
             self._registry = {"type": "registry", "username": username, "password": password}
         else:
             self._registry = None
+        return self._from(image, None)
+
+    def from_aws_registry(
+        self, image: str, access_key_id: str, secret_access_key: str, region: str
+    ) -> TemplateBuilder:
+        """Start from an image in AWS ECR, like
+        ``123456789012.dkr.ecr.us-west-2.amazonaws.com/app:v1``. The server trades the access
+        key for an ECR pull token (``GetAuthorizationToken``) at build time; neither is stored."""
+        self._registry = {
+            "type": "aws",
+            "awsAccessKeyId": access_key_id,
+            "awsSecretAccessKey": secret_access_key,
+            "awsRegion": region,
+        }
+        return self._from(image, None)
+
+    def from_gcp_registry(
+        self, image: str, service_account_json: str | dict[str, Any]
+    ) -> TemplateBuilder:
+        """Start from an image in GCP Artifact Registry or Container Registry
+        (``us-docker.pkg.dev/project/repo/app:v1``, ``gcr.io/project/app:v1``), pulled with a
+        service account key: a dict, the key's JSON text, or the path of its file (relative to
+        the context directory). Used for the pull only, never stored."""
+        if isinstance(service_account_json, dict):
+            key = json.dumps(service_account_json)
+        elif service_account_json.lstrip().startswith("{"):
+            key = service_account_json
+        else:
+            # (As E2B: the file is read here, so a wrong path fails at this line.)
+            path = Path(self._file_context_path) / service_account_json
+            try:
+                key = path.read_text()
+            except OSError as e:
+                origin = caller()
+                raise InvalidArgumentException(
+                    f"cannot read the service account key {str(path)!r}: {e.strerror}"
+                ).with_traceback(origin.traceback if origin else None) from None
+        self._registry = {"type": "gcp", "serviceAccountJson": key}
         return self._from(image, None)
 
     def from_template(self, template: str) -> TemplateBuilder:
