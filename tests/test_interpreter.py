@@ -167,3 +167,88 @@ def test_bad_input(sbx: Sandbox) -> None:
     sbx.restart_code_context(context)
     assert sbx.run_code("1 + 1", context=context).text == "2"
     assert sbx.run_code("'still here'").text == "still here"
+
+
+def test_javascript_and_typescript(interpreter_server: BilikServer) -> None:
+    # A sandbox of their own: Deno's kernels take about 200 MB each.
+    with Sandbox.create(timeout=300, **_params(interpreter_server)) as sbx:
+        sbx.run_code("let x = 1", language="js")
+        execution = sbx.run_code("x += 1; x", language="js")
+        assert execution.text == "2" and execution.execution_count is not None
+        assert sbx.run_code("'a string'", language="javascript").text == "a string"
+        seen: list[tuple[float, str]] = []
+        printed = sbx.run_code(
+            "for (let i = 0; i < 3; i++) {\n  console.log(i)\n  await new Promise((r) => "
+            "setTimeout(r, 300))\n}\nconsole.error('oops')",
+            language="js",
+            on_stdout=lambda out: seen.append((time.monotonic(), str(out.line))),
+        )
+        assert "".join(line for _, line in seen) == "0\n1\n2\n" and seen[-1][0] - seen[0][0] > 0.4
+        assert printed.logs.stderr == ["oops\n"]
+        failed = sbx.run_code(
+            "function f() {\n  throw new TypeError('bad value')\n}\nf()", language="js"
+        )
+        assert failed.error is not None
+        assert failed.error.name == "TypeError" and failed.error.value == "bad value"
+        assert "at f" in failed.error.traceback
+        assert sbx.run_code("x * 10", language="js").text == "20"  # the context goes on
+        scoped = sbx.run_code("Deno.env.get('ONLY_NOW')", language="js", envs={"ONLY_NOW": "yes"})
+        assert scoped.text == "yes"
+        assert sbx.run_code("String(Deno.env.get('ONLY_NOW'))", language="js").text == "undefined"
+        # TypeScript: a context of its own, with types.
+        sbx.run_code(
+            "interface Point { x: number; y: number }\nconst p: Point = { x: 3, y: 4 }",
+            language="ts",
+        )
+        typed = sbx.run_code(
+            "function norm(q: Point): number {\n  return Math.hypot(q.x, q.y)\n}\nnorm(p)",
+            language="typescript",
+        )
+        assert typed.text == "5", typed
+        assert sbx.run_code("typeof x", language="ts").text == "undefined"  # the js context's own
+        failed = sbx.run_code("const n: number = undefinedThing", language="ts")
+        assert failed.error is not None and failed.error.name == "ReferenceError"
+        assert sbx.run_code("p.x + p.y", language="ts").text == "7"
+        # A timeout interrupts the code, not the context.
+        busy = "const end = Date.now() + 5000\nwhile (Date.now() < end) {}"
+        with pytest.raises(Exception):  # noqa: B017 (the SDK's timeout error)
+            sbx.run_code(busy, language="ts", timeout=2)
+        time.sleep(0.5)
+        assert sbx.run_code("p.x", language="ts").text == "3"
+        # Interrupted while it awaits, Deno's kernel would never finish: it starts afresh.
+        with pytest.raises(Exception):  # noqa: B017 (the SDK's timeout error)
+            sbx.run_code("await new Promise((r) => setTimeout(r, 60e3))", language="js", timeout=2)
+        assert sbx.run_code("typeof x", language="js").text == "undefined"
+
+
+def test_java(interpreter_server: BilikServer) -> None:
+    with Sandbox.create(timeout=300, **_params(interpreter_server)) as sbx:
+        sbx.run_code("int x = 1;", language="java")
+        execution = sbx.run_code("x += 1; x", language="java")
+        assert execution.text == "2" and execution.execution_count is not None
+        assert sbx.run_code('"a " + "string"', language="java").text == "a string"
+        summed = sbx.run_code("List.of(1, 2, 3).stream().mapToInt(i -> i).sum()", language="java")
+        assert summed.text == "6"  # (jshell's default imports)
+        seen: list[tuple[float, str]] = []
+        printed = sbx.run_code(
+            "for (int i = 0; i < 3; i++) {\n  System.out.println(i);\n  Thread.sleep(300);\n}\n"
+            'System.err.println("oops");',
+            language="java",
+            on_stdout=lambda out: seen.append((time.monotonic(), str(out.line))),
+        )
+        assert "".join(line for _, line in seen) == "0\n1\n2\n" and seen[-1][0] - seen[0][0] > 0.4
+        assert printed.logs.stderr == ["oops\n"] and printed.text is None
+        failed = sbx.run_code("int half(int n) {\n  return n / 0;\n}\nhalf(4)", language="java")
+        assert failed.error is not None
+        assert failed.error.name == "java.lang.ArithmeticException"
+        assert failed.error.value == "/ by zero" and "half" in failed.error.traceback
+        wrong = sbx.run_code('int y = "text";', language="java")
+        assert wrong.error is not None and wrong.error.name == "CompilationException"
+        assert "incompatible types" in wrong.error.value
+        assert sbx.run_code("x * 10", language="java").text == "20"  # the context goes on
+        scoped = sbx.run_code('System.getProperty("ONLY")', language="java", envs={"ONLY": "yes"})
+        assert scoped.text == "yes"  # (a system property: a JVM's environment is fixed)
+        with pytest.raises(Exception):  # noqa: B017 (the SDK's timeout error)
+            sbx.run_code("Thread.sleep(5000);", language="java", timeout=2)
+        time.sleep(0.5)
+        assert sbx.run_code("x", language="java").text == "2"

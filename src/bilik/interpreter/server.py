@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import re
 import secrets
@@ -30,9 +31,24 @@ PORT = 49999
 KEEPALIVE_S = 5.0
 DEFAULT_CWD = "/home/user"
 ALIASES = {"js": "javascript", "ts": "typescript"}
-# Language → Jupyter kernel name.
-KERNELS = {"python": "python3", "bash": "bash", "r": "ir"}
+# Language → Jupyter kernel name. Deno's kernel runs both JavaScript and TypeScript (a context
+# each); Java's is bilik's own (``java_kernel``).
+KERNELS = {
+    "python": "python3",
+    "bash": "bash",
+    "r": "ir",
+    "javascript": "deno",
+    "typescript": "deno",
+    "java": "java",
+}
 VALUES_AS_DISPLAY = {"r"}
+# Languages that Deno's kernel runs. It may publish an execution's last output just after
+# saying it is idle (its result and console output reach iopub by other tasks than its
+# status); and interrupted while awaiting a promise, it never finishes that execution (the
+# callback that would settle the promise is stopped too), so such a context is restarted.
+DENO = {"javascript", "typescript"}
+INTERRUPT_GRACE_S = 3.0
+MARKER_WAIT_S = 2.0
 MIME_FIELDS = {
     "text/plain": "text",
     "text/html": "html",
@@ -61,6 +77,8 @@ class Context:
     manager: AsyncKernelManager
     client: Any
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    running: str = ""  # the execution under way (its message id)
+    abandoned: str = ""  # an execution given up on: its kernel is to be restarted
 
     def to_json(self) -> dict[str, str]:
         return {"id": self.id, "language": self.language, "cwd": self.cwd}
@@ -154,28 +172,62 @@ class Interpreter:
         self, context: Context, code: str, emit: Callable[[dict[str, Any]], Awaitable[None]]
     ) -> None:
         client = context.client
-        msg_id = client.execute(code, allow_stdin=False)
+        msg_id = context.running = client.execute(code, allow_stdin=False)
+        try:
+            await self._follow(context, msg_id, emit)
+        finally:
+            context.running = ""
+
+    async def _follow(
+        self,
+        context: Context,
+        msg_id: str,
+        emit: Callable[[dict[str, Any]], Awaitable[None]],
+    ) -> None:
+        client = context.client
+        # The executions whose output is this one's. Deno's is followed by one that prints a
+        # marker: its idle comes after the first's result, and the marker after the first's
+        # console output (one queue in the kernel carries all of it).
+        ours, marker, marked = {msg_id}, "", False
+        deadline = math.inf  # for the marker, in case the code took console.log away
         while True:
+            if context.abandoned == msg_id:
+                # (here, where the context is still locked, so nothing runs on it meanwhile)
+                await self.restart(context.id)
+                await emit(
+                    _error(
+                        "UnexpectedEndOfExecution",
+                        "the code did not stop when interrupted: the kernel was restarted",
+                    )
+                )
+                return
+            if time.monotonic() > deadline:
+                return
             try:
                 message = await client.get_iopub_msg(timeout=1)
             except Exception:  # queue.Empty: the kernel is silent; is it still there?
                 if not await context.manager.is_alive():
                     await emit(
-                        {
-                            "type": "error",
-                            "name": "UnexpectedEndOfExecution",
-                            "value": "the kernel died while running the code; restart the context",
-                            "traceback": "",
-                        }
+                        _error(
+                            "UnexpectedEndOfExecution",
+                            "the kernel died while running the code; restart the context",
+                        )
                     )
                     return
                 continue
-            if message["parent_header"].get("msg_id") != msg_id:
+            parent = message["parent_header"].get("msg_id")
+            if parent not in ours:
                 continue
             kind, content = message["msg_type"], message["content"]
             stamp = str(message["header"].get("date", ""))
             if kind == "stream":
-                await emit({"type": content["name"], "text": content["text"], "timestamp": stamp})
+                text = content["text"]
+                if marker and marker in text:
+                    text, marked = text.replace(marker + "\n", "").replace(marker, ""), True
+                if text:
+                    await emit({"type": content["name"], "text": text, "timestamp": stamp})
+                if marked and deadline < math.inf:
+                    return
             elif kind in ("execute_result", "display_data"):
                 # IRkernel shows an execution's value as display data, not as its result.
                 main = kind == "execute_result" or context.language in VALUES_AS_DISPLAY
@@ -189,16 +241,35 @@ class Interpreter:
                         "traceback": "\n".join(content.get("traceback", [])),
                     }
                 )
-            elif kind == "execute_input":
+            elif kind == "execute_input" and parent == msg_id:
                 await emit(
                     {"type": "number_of_executions", "execution_count": content["execution_count"]}
                 )
             elif kind == "status" and content["execution_state"] == "idle":
-                return
+                if parent == msg_id and context.language in DENO:
+                    marker = f"bilik-done-{msg_id}"
+                    ours.add(
+                        client.execute(
+                            f"console.log({json.dumps(marker)})", silent=True, store_history=False
+                        )
+                    )
+                elif parent != msg_id and not marked:
+                    deadline = time.monotonic() + MARKER_WAIT_S
+                else:
+                    return
 
     async def interrupt(self, context: Context) -> None:
+        running = context.running
         with contextlib.suppress(Exception):
             await context.manager.interrupt_kernel()
+        if context.language in DENO and running:
+            await asyncio.sleep(INTERRUPT_GRACE_S)
+            if context.running == running:  # stuck: the execution restarts the kernel
+                context.abandoned = running
+
+
+def _error(name: str, value: str) -> dict[str, Any]:
+    return {"type": "error", "name": name, "value": value, "traceback": ""}
 
 
 def _result(data: dict[str, Any], main: bool) -> dict[str, Any]:
@@ -230,6 +301,25 @@ def _env_code(language: str, env: dict[str, str], *, set_them: bool) -> str:
             pairs = ", ".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in env.items())
             return f"Sys.setenv({pairs})"
         return f"Sys.unsetenv(c({', '.join(json.dumps(k) for k in env)}))"
+    if language in DENO:
+        if set_them:
+            return (
+                f"globalThis.__bilik_saved_env = Object.fromEntries({json.dumps(list(env))}"
+                ".map((k) => [k, Deno.env.get(k)]));\n"
+                f"for (const [k, v] of Object.entries({json.dumps(env)})) Deno.env.set(k, v);"
+            )
+        return (
+            "for (const [k, v] of Object.entries(globalThis.__bilik_saved_env)) "
+            "v === undefined ? Deno.env.delete(k) : Deno.env.set(k, v);\n"
+            "delete globalThis.__bilik_saved_env;"
+        )
+    if language == "java":
+        # A running JVM's environment cannot change: they come as system properties.
+        if set_them:
+            return "".join(
+                f"System.setProperty({json.dumps(k)}, {json.dumps(v)});" for k, v in env.items()
+            )
+        return "".join(f"System.clearProperty({json.dumps(k)});" for k in env)
     names = json.dumps(env)
     if set_them:
         return (

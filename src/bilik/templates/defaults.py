@@ -4,6 +4,7 @@ build-default``): ``code-interpreter-v1``, the name E2B's code-interpreter SDK a
 from __future__ import annotations
 
 import base64
+import json
 from typing import Any
 
 CODE_INTERPRETER = "code-interpreter-v1"
@@ -72,6 +73,37 @@ del _bilik_charts
 """
 # R and its kernel, from the host's Debian sources.
 DEBIAN_PACKAGES = ("r-base-core", "r-cran-irkernel")
+# Java: JShell comes with the JDK; the kernel around it is bilik's (``interpreter.java_kernel``).
+JAVA_PACKAGES = ("openjdk-17-jdk-headless",)
+# JavaScript and TypeScript: Deno and its built-in Jupyter kernel, from the Deno authors'
+# build on PyPI (through the same pip settings as the rest).
+DENO_PACKAGES = ("deno",)
+KERNELS_DIR = "/usr/local/share/jupyter/kernels"
+KERNEL_SPECS: dict[str, dict[str, Any]] = {
+    "deno": {
+        "argv": ["/usr/local/bin/deno", "jupyter", "--kernel", "--conn", "{connection_file}"],
+        "display_name": "Deno",
+        "language": "typescript",
+        # An interrupt_request stops the running code; a SIGINT would not.
+        "interrupt_mode": "message",
+        # Plain text results and errors (no colour codes), and no update check on the network.
+        "env": {"NO_COLOR": "1", "DENO_NO_UPDATE_CHECK": "1"},
+    },
+    "java": {
+        "argv": ["python3", "-m", "bilik.interpreter.java_kernel", "-f", "{connection_file}"],
+        "display_name": "Java",
+        "language": "java",
+        "interrupt_mode": "message",
+        # The kernel's Python side comes with the interpreter's server.
+        "env": {"PYTHONPATH": "/.bilik/agents"},
+    },
+}
+
+
+def _write_file(path: str, text: str) -> str:
+    """A shell command that writes ``text`` to ``path`` (base64, so no quoting to get wrong)."""
+    return f"echo {base64.b64encode(text.encode()).decode()} | base64 -d > {path}"
+
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     CODE_INTERPRETER: {
@@ -111,6 +143,45 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                     "python3 -m bash_kernel.install --sys-prefix && "
                     "R -q -e 'IRkernel::installspec(user = FALSE)'",
                     "root",
+                ],
+            },
+            {
+                "type": "RUN",
+                "args": [
+                    "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "
+                    "--no-install-recommends " + " ".join(JAVA_PACKAGES) + " && "
+                    "rm -rf /var/lib/apt/lists/*",
+                    "root",
+                ],
+            },
+            {
+                "type": "RUN",
+                "args": [
+                    "python3 -m pip install --break-system-packages --no-cache-dir -q "
+                    + " ".join(DENO_PACKAGES),
+                    "root",
+                ],
+            },
+            {
+                "type": "RUN",
+                "args": [
+                    " && ".join(
+                        f"mkdir -p {KERNELS_DIR}/{name} && "
+                        + _write_file(f"{KERNELS_DIR}/{name}/kernel.json", json.dumps(spec))
+                        for name, spec in KERNEL_SPECS.items()
+                    )
+                    # (the paths the specs name are there)
+                    + " && /usr/local/bin/deno --version && javac -version",
+                    "root",
+                ],
+            },
+            {
+                "type": "RUN",
+                "args": [
+                    # The Java kernel's helper, compiled ahead for the first Java context (one
+                    # of a newer version is compiled when first needed).
+                    "PYTHONPATH=/.bilik/agents python3 -m bilik.interpreter.java_kernel --compile",
+                    "user",
                 ],
             },
         ],
