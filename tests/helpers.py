@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import ipaddress
 import os
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -130,3 +133,26 @@ async def wait_for(predicate: Callable[[], Awaitable[bool]], timeout: float = 10
 
 # An older official SDK (2.20), in a virtualenv of its own (made by scripts/install.sh --test).
 OLD_SDK_PYTHON = Path(__file__).resolve().parents[1] / ".venv-e2b-2.20" / "bin" / "python"
+
+
+def make_wheel(directory: Path) -> None:
+    """A pure-Python wheel, made by hand: pip installs it with no index."""
+    files = {
+        "bilikdemo/__init__.py": b'WORD = "from-a-wheel"\n',
+        "bilikdemo-1.0.dist-info/METADATA": (
+            b"Metadata-Version: 2.1\nName: bilikdemo\nVersion: 1.0\n"
+        ),
+        "bilikdemo-1.0.dist-info/WHEEL": (
+            b"Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        ),
+    }
+    record = []
+    for name, data in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record.append(f"{name},sha256={digest},{len(data)}")
+    record.append("bilikdemo-1.0.dist-info/RECORD,,")
+    directory.mkdir()
+    with zipfile.ZipFile(directory / "bilikdemo-1.0-py3-none-any.whl", "w") as wheel:
+        for name, data in files.items():
+            wheel.writestr(name, data)
+        wheel.writestr("bilikdemo-1.0.dist-info/RECORD", "\n".join(record) + "\n")

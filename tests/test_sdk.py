@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -39,6 +40,7 @@ from bilik.sdk import (
 )
 from bilik.sdk.api import ApiClient
 from bilik.sdk.config import ConnectionConfig
+from helpers import make_wheel
 from server import BilikServer
 
 
@@ -301,6 +303,17 @@ def test_files_urls(sbx: Sandbox) -> None:
     assert sbx.files.read("/tmp/uploaded.txt") == "up"
     tampered = url.replace("shared.txt", "other.txt")
     assert httpx.get(tampered).status_code in (401, 404)  # no sandbox signed it
+
+
+def test_pip_installs_into_the_base_python(sbx: Sandbox, tmp_path: Path) -> None:
+    """As on E2B's base: no venv needed (Debian's own Python refuses otherwise)."""
+    make_wheel(tmp_path / "wheels")
+    wheel = tmp_path / "wheels" / "bilikdemo-1.0-py3-none-any.whl"
+    sbx.files.write(f"/tmp/{wheel.name}", wheel.read_bytes())
+    sbx.commands.run(f"pip install --no-index /tmp/{wheel.name}")
+    assert sbx.commands.run("python3 -c 'import bilikdemo; print(bilikdemo.WORD)'").stdout == (
+        "from-a-wheel\n"
+    )
 
 
 # -- commands and terminals ---------------------------------------------------------------------

@@ -3,14 +3,12 @@ the sandboxes from them are checked with the official ``e2b`` SDK."""
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
 import subprocess
 import sys
 import uuid
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ from bilik.sdk.template import (
     wait_for_timeout,
     wait_for_url,
 )
+from helpers import make_wheel
 from server import BilikServer
 
 APP = """
@@ -76,29 +75,6 @@ def srv(ecr: fake_ecr.FakeEcr) -> Iterator[BilikServer]:
 
 def _params(server: BilikServer) -> dict[str, Any]:
     return {"api_key": server.key, "api_url": server.url, "sandbox_url": server.url}
-
-
-def _wheel(directory: Path) -> None:
-    """A pure-Python wheel, made by hand: pip installs it with no index."""
-    files = {
-        "bilikdemo/__init__.py": b'WORD = "from-a-wheel"\n',
-        "bilikdemo-1.0.dist-info/METADATA": (
-            b"Metadata-Version: 2.1\nName: bilikdemo\nVersion: 1.0\n"
-        ),
-        "bilikdemo-1.0.dist-info/WHEEL": (
-            b"Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
-        ),
-    }
-    record = []
-    for name, data in files.items():
-        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-        record.append(f"{name},sha256={digest},{len(data)}")
-    record.append("bilikdemo-1.0.dist-info/RECORD,,")
-    directory.mkdir()
-    with zipfile.ZipFile(directory / "bilikdemo-1.0-py3-none-any.whl", "w") as wheel:
-        for name, data in files.items():
-            wheel.writestr(name, data)
-        wheel.writestr("bilikdemo-1.0.dist-info/RECORD", "\n".join(record) + "\n")
 
 
 def _apt_repository(directory: Path) -> None:
@@ -155,7 +131,7 @@ def context(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "tools").mkdir()
     (root / "tools" / "npm").write_text(NPM_STUB)
     (root / ".dockerignore").write_text("# secrets stay home\n*.key\n**/*.key\n")
-    _wheel(root / "wheels")
+    make_wheel(root / "wheels")
     _apt_repository(root / "apt")
     (root / "git").mkdir()
     _git_repository(root / "git" / "repo.git")

@@ -15,7 +15,7 @@ from ..runtime import Limits, LocalRuntime, SandboxInfo, StepFailed
 from ..runtime.local import Log
 from ..runtime.pool import WarmPool, WarmUp
 from ..templates import TemplateService
-from ..templates.defaults import CODE_INTERPRETER, DEFAULTS
+from ..templates.defaults import CODE_INTERPRETER, DEFAULTS, default_limits
 
 INTERPRETER_PORT = 49999
 
@@ -42,7 +42,7 @@ def warm_pool(
             built = await asyncio.to_thread(runtime.image_built, "base")
             return ("base", Limits()) if built else None
         image = await templates.built_default(template)
-        return (image, Limits()) if image is not None else None
+        return (image, default_limits(template)) if image is not None else None
 
     timeout_s = runtime.settings.ready_timeout_s
 

@@ -27,7 +27,7 @@ from ..runtime.pool import WarmPool
 from ..store import Store
 from ..store.sandboxes import SandboxRow
 from ..templates import BuildFailed, TemplateService, build_image
-from ..templates.defaults import DEFAULTS
+from ..templates.defaults import DEFAULTS, default_limits
 from .auth import authenticate
 from .errors import ApiError, from_runtime
 from .limits import CreateLimiter
@@ -170,7 +170,7 @@ async def _image_of(request: Request, key_id: str, template: str) -> tuple[str, 
             image = await _templates(request).ensure_default(template)
         except BuildFailed as e:
             raise ApiError(500, f"the default template {template} did not build: {e}") from None
-        return image, Limits()
+        return image, default_limits(template)
     if row.ready_build_id is None:
         raise ApiError(400, f"template {template!r} has no finished build yet")
     image = row.id

@@ -45,6 +45,9 @@ BASE_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "LANG": "C.UTF-8",
 }
+# ``base`` is for agents: ``pip install`` works in it as on E2B's, not only in a venv (Debian
+# refuses installs into its own Python otherwise).
+RECIPE_ENV = {"base": {**BASE_ENV, "PIP_BREAK_SYSTEM_PACKAGES": "1"}, "debian": BASE_ENV}
 
 # Run inside the new rootfs (mmdebstrap passes it as $1).
 _ADD_USER = 'chroot "$1" useradd --create-home --uid 1000 --user-group --shell /bin/bash user'
@@ -116,7 +119,11 @@ def ensure_base_image(
         if not store.has(key):
             _build(store, key, release, uid_base, log, *RECIPES[recipe_name])
         image = Image(
-            name=name, layers=(key,), env=dict(BASE_ENV), user="user", workdir="/home/user"
+            name=name,
+            layers=(key,),
+            env=dict(RECIPE_ENV[recipe_name]),
+            user="user",
+            workdir="/home/user",
         )
         store.save_image(image)
     return image
@@ -129,7 +136,7 @@ def built_base_image(store: LayerStore, uid_base: int, recipe_name: str = "base"
     name = recipe_name if uid_base else f"{recipe_name}@unshifted"
     with contextlib.suppress(TemplateNotFound):
         current = store.image(name)
-        if current.layers[0].startswith(recipe):
+        if current.layers[0].startswith(recipe) and current.env == RECIPE_ENV[recipe_name]:
             return current
     return None
 

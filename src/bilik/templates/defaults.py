@@ -4,8 +4,11 @@ build-default``): ``code-interpreter-v1``, the name E2B's code-interpreter SDK a
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 from typing import Any
+
+from ..runtime import Limits
 
 CODE_INTERPRETER = "code-interpreter-v1"
 
@@ -188,5 +191,18 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         # The server comes with envd (/.bilik/agents); the kernels use the image's Python.
         "startCmd": "cd /home/user && PYTHONPATH=/.bilik/agents exec python3 -m bilik.interpreter",
         "readyCmd": '[ -n "$(ss -Htuln sport = :49999)" ]',
+        # As E2B's: a kernel per language (Deno's take about 200 MB each) fits.
+        "memoryMB": 1024,
     },
 }
+
+
+def default_limits(name: str) -> Limits:
+    """What sandboxes of the default template ``name`` get unless a create asks otherwise."""
+    spec = DEFAULTS[name]
+    default = Limits()
+    return dataclasses.replace(
+        default,
+        cpu=spec.get("cpuCount", default.cpu),
+        memory_mb=spec.get("memoryMB", default.memory_mb),
+    )
