@@ -480,3 +480,31 @@ def test_logs_and_metrics_commands(sdk_server: BilikServer, sbx: Sandbox) -> Non
     )
     missing = sdk_server.cli("sandbox", "logs", "nosuchsandbox1", check=False)
     assert missing.returncode == 1 and "nosuchsandbox1" in missing.stderr
+
+
+def test_a_reused_address_reaches_the_new_sandbox(sdk_server: BilikServer) -> None:
+    """Addresses pass from killed sandboxes to new ones: the new one's port answers at once."""
+
+    def serve_and_fetch(sandbox: Sandbox) -> str:
+        sandbox.files.write("/tmp/site/who", sandbox.sandbox_id)
+        # (HTTP/1.1: the connection stays open for more requests)
+        server = (
+            "import functools, http.server as h; h.test(functools.partial("
+            "h.SimpleHTTPRequestHandler, directory='/tmp/site'), h.ThreadingHTTPServer, "
+            "'HTTP/1.1', 8002)"
+        )
+        sandbox.commands.run(f'python3 -c "{server}"', background=True)
+        with sandbox.http_client(8002) as client:
+            _wait_for(lambda: _answers(client))
+            return client.get("/who").text
+
+    def address(sandbox: Sandbox) -> str:
+        shown = sdk_server.cli("sandbox", "inspect", sandbox.sandbox_id).stdout
+        return str(json.loads(shown)["address"])
+
+    with Sandbox.create("base", **_opts(sdk_server)) as first:
+        assert serve_and_fetch(first) == first.sandbox_id
+        was = address(first)
+    with Sandbox.create("base", **_opts(sdk_server)) as second:
+        assert address(second) == was  # (else this test shows nothing)
+        assert serve_and_fetch(second) == second.sandbox_id
