@@ -482,8 +482,9 @@ def test_logs_and_metrics_commands(sdk_server: BilikServer, sbx: Sandbox) -> Non
     assert missing.returncode == 1 and "nosuchsandbox1" in missing.stderr
 
 
-def test_a_reused_address_reaches_the_new_sandbox(sdk_server: BilikServer) -> None:
-    """Addresses pass from killed sandboxes to new ones: the new one's port answers at once."""
+def test_a_reused_address_reaches_the_new_sandbox(sdk_server: BilikServer, sbx: Sandbox) -> None:
+    """Addresses pass from killed sandboxes to new ones: the new one's port answers at once
+    (``sbx`` keeps the bridge up meanwhile, so the host's neighbour entries live on)."""
 
     def serve_and_fetch(sandbox: Sandbox) -> str:
         sandbox.files.write("/tmp/site/who", sandbox.sandbox_id)

@@ -255,7 +255,8 @@ class SandboxPlane:
                 {
                     "sandboxId": sandbox_id,
                     "code": 502,
-                    "message": f"The sandbox is running but port is not open: {e}",
+                    "message": "The sandbox is running but port is not open: "
+                    + f"{type(e).__name__} {e}".strip(),
                     "port": port,
                 },
             )

@@ -218,6 +218,7 @@ table inet {self.table} {{
                     ipr.link("set", index=idx, master=bridge)
                     ipr.brport("set", index=idx, isolated=1)
                     ipr.link("set", index=idx, state="up")
+                    _forget_neighbour(ipr, address, bridge)
                 lo = inner.link_lookup(ifname="lo")[0]
                 eth0 = inner.link_lookup(ifname="eth0")[0]
                 inner.link("set", index=lo, state="up")
@@ -287,6 +288,9 @@ table inet {self.table} {{
             for idx in ipr.link_lookup(ifname=veth_name(sandbox_id)):
                 with contextlib.suppress(Exception):
                     ipr.link("del", index=idx)
+            if address:
+                for bridge in ipr.link_lookup(ifname=self.bridge):
+                    _forget_neighbour(ipr, address, bridge)
         syscalls.umount(str(path))
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
@@ -296,6 +300,13 @@ table inet {self.table} {{
         if not self.netns_dir.is_dir():
             return []
         return sorted(p.name for p in self.netns_dir.iterdir())
+
+
+def _forget_neighbour(ipr: IPRoute, address: str, bridge: int) -> None:
+    """Drop the host's ARP entry for ``address``: addresses pass from killed sandboxes to new
+    ones, and until a stale entry (the old sandbox's MAC) expires, nothing reaches the new one."""
+    with contextlib.suppress(Exception):  # (none is the usual case)
+        ipr.neigh("del", dst=address, ifindex=bridge)
 
 
 def _new_netns(path: Path) -> IPRoute:
