@@ -527,3 +527,14 @@ def test_cli_build_list_delete(srv: BilikServer, tmp_path: Path) -> None:
     assert "web_app" not in _cli(srv, "list").stdout
     again = _cli(srv, "delete", "web_app")
     assert again.returncode == 1 and "not found" in again.stderr
+
+
+def test_the_default_template_is_defined_with_the_builder() -> None:
+    """``code-interpreter-v1`` is written with this builder; the server builds its request."""
+    from bilik.templates.defaults import CODE_INTERPRETER_TEMPLATE, DEFAULTS
+
+    dockerfile = CODE_INTERPRETER_TEMPLATE.to_dockerfile()
+    assert dockerfile.startswith("FROM e2bdev/base\n") and "ipykernel" in dockerfile
+    spec = DEFAULTS["code-interpreter-v1"]
+    assert spec["steps"][0]["hostPipSettings"] and spec["memoryMB"] == 1024
+    assert spec["startCmd"].endswith("python3 -m bilik.interpreter")

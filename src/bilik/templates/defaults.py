@@ -9,6 +9,7 @@ import json
 from typing import Any
 
 from ..runtime import Limits
+from ..sdk.template import Template, TemplateFinal
 
 CODE_INTERPRETER = "code-interpreter-v1"
 
@@ -108,92 +109,80 @@ def _write_file(path: str, text: str) -> str:
     return f"echo {base64.b64encode(text.encode()).decode()} | base64 -d > {path}"
 
 
+# Where the host's pip settings (index, trusted CA) go: a COPY whose files the server puts in
+# itself (their hash is filled in at build time), not uploaded from a context directory.
+HOST_PIP_SETTINGS = "pip-settings"
+
+
+def _apt(packages: tuple[str, ...]) -> str:
+    return (
+        "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "
+        "--no-install-recommends " + " ".join(packages) + " && rm -rf /var/lib/apt/lists/*"
+    )
+
+
+def _pip(packages: tuple[str, ...]) -> str:
+    return "python3 -m pip install --break-system-packages --no-cache-dir -q " + " ".join(packages)
+
+
+# ``code-interpreter-v1``, with bilik's own template builder (the SDK's).
+CODE_INTERPRETER_TEMPLATE = (
+    Template()
+    .from_base_image()
+    .copy(HOST_PIP_SETTINGS, "/", user="root")
+    # R with its kernel; the data stack; charts' data for every figure shown.
+    .run_cmd(_apt(DEBIAN_PACKAGES), user="root")
+    .run_cmd(_pip(PYTHON_PACKAGES), user="root")
+    .run_cmd(
+        "mkdir -p ~/.ipython/profile_default/startup && "
+        + _write_file("~/.ipython/profile_default/startup/00-bilik-charts.py", CHART_STARTUP),
+        user="user",
+    )
+    .run_cmd(
+        "python3 -m bash_kernel.install --sys-prefix && "
+        "R -q -e 'IRkernel::installspec(user = FALSE)'",
+        user="root",
+    )
+    # Java (JShell) and Deno (JavaScript and TypeScript), and their kernels' specs (the paths
+    # the specs name are checked to be there).
+    .run_cmd(_apt(JAVA_PACKAGES), user="root")
+    .run_cmd(_pip(DENO_PACKAGES), user="root")
+    .run_cmd(
+        " && ".join(
+            f"mkdir -p {KERNELS_DIR}/{name} && "
+            + _write_file(f"{KERNELS_DIR}/{name}/kernel.json", json.dumps(spec))
+            for name, spec in KERNEL_SPECS.items()
+        )
+        + " && /usr/local/bin/deno --version && javac -version",
+        user="root",
+    )
+    # The Java kernel's helper, compiled ahead for the first Java context (one of a newer
+    # version is compiled when first needed).
+    .run_cmd(
+        "PYTHONPATH=/.bilik/agents python3 -m bilik.interpreter.java_kernel --compile",
+        user="user",
+    )
+    # The server comes with envd (/.bilik/agents); the kernels use the image's Python.
+    .set_start_cmd(
+        "cd /home/user && PYTHONPATH=/.bilik/agents exec python3 -m bilik.interpreter",
+        '[ -n "$(ss -Htuln sport = :49999)" ]',
+    )
+)
+
+
+def _spec(template: TemplateFinal, **limits: int) -> dict[str, Any]:
+    """A default template as the server builds it: the builder's request, its host-settings
+    COPY marked, and the limits its sandboxes get."""
+    spec: dict[str, Any] = json.loads(template.to_json())
+    for step in spec["steps"]:
+        if step["type"] == "COPY" and step["args"][0] == HOST_PIP_SETTINGS:
+            step["hostPipSettings"] = True
+    return {**spec, **limits}
+
+
 DEFAULTS: dict[str, dict[str, Any]] = {
-    CODE_INTERPRETER: {
-        "fromImage": "e2bdev/base",
-        "steps": [
-            # The host's pip settings (index, trusted CA): filesHash filled in at build time.
-            {"type": "COPY", "args": ["pip-settings", "/", "root", ""], "hostPipSettings": True},
-            {
-                "type": "RUN",
-                "args": [
-                    "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "
-                    "--no-install-recommends " + " ".join(DEBIAN_PACKAGES) + " && "
-                    "rm -rf /var/lib/apt/lists/*",
-                    "root",
-                ],
-            },
-            {
-                "type": "RUN",
-                "args": [
-                    "python3 -m pip install --break-system-packages --no-cache-dir -q "
-                    + " ".join(PYTHON_PACKAGES),
-                    "root",
-                ],
-            },
-            {
-                "type": "RUN",
-                "args": [
-                    "mkdir -p ~/.ipython/profile_default/startup && echo "
-                    + base64.b64encode(CHART_STARTUP.encode()).decode()
-                    + " | base64 -d > ~/.ipython/profile_default/startup/00-bilik-charts.py",
-                    "user",
-                ],
-            },
-            {
-                "type": "RUN",
-                "args": [
-                    "python3 -m bash_kernel.install --sys-prefix && "
-                    "R -q -e 'IRkernel::installspec(user = FALSE)'",
-                    "root",
-                ],
-            },
-            {
-                "type": "RUN",
-                "args": [
-                    "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "
-                    "--no-install-recommends " + " ".join(JAVA_PACKAGES) + " && "
-                    "rm -rf /var/lib/apt/lists/*",
-                    "root",
-                ],
-            },
-            {
-                "type": "RUN",
-                "args": [
-                    "python3 -m pip install --break-system-packages --no-cache-dir -q "
-                    + " ".join(DENO_PACKAGES),
-                    "root",
-                ],
-            },
-            {
-                "type": "RUN",
-                "args": [
-                    " && ".join(
-                        f"mkdir -p {KERNELS_DIR}/{name} && "
-                        + _write_file(f"{KERNELS_DIR}/{name}/kernel.json", json.dumps(spec))
-                        for name, spec in KERNEL_SPECS.items()
-                    )
-                    # (the paths the specs name are there)
-                    + " && /usr/local/bin/deno --version && javac -version",
-                    "root",
-                ],
-            },
-            {
-                "type": "RUN",
-                "args": [
-                    # The Java kernel's helper, compiled ahead for the first Java context (one
-                    # of a newer version is compiled when first needed).
-                    "PYTHONPATH=/.bilik/agents python3 -m bilik.interpreter.java_kernel --compile",
-                    "user",
-                ],
-            },
-        ],
-        # The server comes with envd (/.bilik/agents); the kernels use the image's Python.
-        "startCmd": "cd /home/user && PYTHONPATH=/.bilik/agents exec python3 -m bilik.interpreter",
-        "readyCmd": '[ -n "$(ss -Htuln sport = :49999)" ]',
-        # As E2B's: a kernel per language (Deno's take about 200 MB each) fits.
-        "memoryMB": 1024,
-    },
+    # As E2B's: 1 GiB, so a kernel per language fits (Deno's take about 200 MB each).
+    CODE_INTERPRETER: _spec(CODE_INTERPRETER_TEMPLATE, memoryMB=1024),
 }
 
 
