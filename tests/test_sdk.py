@@ -34,6 +34,7 @@ from bilik.sdk import (
     NotFoundException,
     PtySize,
     RateLimitException,
+    SandboxException,
     SandboxNotFoundException,
     SandboxQuery,
     TimeoutException,
@@ -252,6 +253,8 @@ def test_files_read_write(sbx: Sandbox) -> None:
     assert sbx.files.get_info("/opt/root-only.txt").owner == "root"
     with pytest.raises(FileNotFoundException):
         sbx.files.read("/no/such/file")
+    sbx.files.write("/tmp/latin1.txt", "café".encode("latin-1"))
+    assert sbx.files.read("/tmp/latin1.txt") == "caf\ufffd"  # (as E2B's: no error)
 
 
 def test_files_tree(sbx: Sandbox) -> None:
@@ -316,6 +319,28 @@ def test_pip_installs_into_the_base_python(sbx: Sandbox, tmp_path: Path) -> None
     )
 
 
+def test_a_forked_child_gets_a_clear_error(sbx: Sandbox) -> None:
+    """The SDK's connections do not survive a fork: a child that uses them is told so."""
+    sbx.commands.run("true")
+    pid = os.fork()
+    if pid == 0:
+        code = 2
+        try:
+            sbx.commands.run("true")
+        except SandboxException as e:
+            code = 0 if "forked" in str(e) else 3
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 30
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError("the forked child hung")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(done[1]) == 0
+
+
 # -- commands and terminals ---------------------------------------------------------------------
 
 
@@ -329,6 +354,7 @@ def test_commands_run(sbx: Sandbox) -> None:
     with pytest.raises(CommandExitException) as failed:
         sbx.commands.run("echo bad >&2; exit 3")
     assert failed.value.exit_code == 3 and failed.value.stderr == "bad\n"
+    assert isinstance(failed.value, SandboxException)  # (as E2B's)
     with pytest.raises(TimeoutException):
         sbx.commands.run("sleep 10", timeout=1)
 

@@ -538,3 +538,11 @@ def test_the_default_template_is_defined_with_the_builder() -> None:
     spec = DEFAULTS["code-interpreter-v1"]
     assert spec["steps"][0]["hostPipSettings"] and spec["memoryMB"] == 1024
     assert spec["startCmd"].endswith("python3 -m bilik.interpreter")
+
+
+def test_package_names_are_quoted() -> None:
+    """``numpy>=2`` is one argument to pip, not a redirect."""
+    dockerfile = (
+        Template().from_base_image().pip_install(["numpy>=2", "flask"]).apt_install("jq")
+    ).to_dockerfile()
+    assert "pip install 'numpy>=2' flask" in dockerfile and "install -y jq" in dockerfile

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import signal
 import sys
 import termios
 import tty
+from datetime import UTC, datetime
 from typing import Any
 
-from bilik.sdk import AsyncSandbox, CommandExitException, PtySize, SandboxException
+from bilik.sdk import (
+    AsyncSandbox,
+    AuthenticationException,
+    CommandExitException,
+    PtySize,
+    SandboxException,
+    ServiceBusyException,
+)
 
 # While someone is attached, the sandbox's lifetime is renewed; it ends this long after the
 # terminal goes away (a lost connection, a killed CLI).
@@ -31,11 +38,11 @@ async def spawn(args: argparse.Namespace) -> int:
     """Open a login shell in a new sandbox (or ``--connect`` to one) and hand it the terminal."""
     opts: dict[str, Any] = {"api_url": args.url, "api_key": args.api_key}
     try:
-        if args.connect:
-            sandbox = await AsyncSandbox.connect(args.connect, timeout=LEASE_S, **opts)
+        if args.connect:  # (its lifetime as it is: renewed only if it would end sooner)
+            sandbox = await AsyncSandbox.connect(args.connect, **opts)
         else:
             sandbox = await AsyncSandbox.create(args.template, timeout=LEASE_S, **opts)
-    except (SandboxException, OSError) as e:
+    except (SandboxException, AuthenticationException, ServiceBusyException, OSError) as e:
         print(f"bilik: {e}", file=sys.stderr)
         return 1
     keep = args.keep if args.keep is not None else bool(args.connect)
@@ -72,9 +79,12 @@ async def _attach(sandbox: AsyncSandbox) -> int:
         await terminal.send_stdin(b"\x04")  # end of piped input: end of the shell's input
 
     async def renew() -> None:
+        # Never shortens a lifetime: only one ending within the lease is pushed out.
         while True:
             await asyncio.sleep(LEASE_S / 5)
-            await sandbox.set_timeout(LEASE_S)
+            left = (await sandbox.get_info()).end_at - datetime.now(UTC)
+            if left.total_seconds() < LEASE_S:
+                await sandbox.set_timeout(LEASE_S)
 
     resizes: set[asyncio.Task[None]] = set()
 
@@ -94,14 +104,14 @@ async def _attach(sandbox: AsyncSandbox) -> int:
     except CommandExitException as e:
         return e.exit_code
     finally:
+        # The terminal first: whatever happens next, the user gets theirs back.
+        if saved is not None:
+            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
         loop.remove_signal_handler(signal.SIGWINCH)
         loop.remove_reader(stdin)
         for helper in helpers:
             helper.cancel()
-            with contextlib.suppress(asyncio.CancelledError, SandboxException):
-                await helper
-        if saved is not None:
-            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
+        await asyncio.gather(*helpers, return_exceptions=True)
 
 
 def add_command(sandboxes: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

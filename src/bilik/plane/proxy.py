@@ -270,12 +270,13 @@ class SandboxPlane:
         finally:
             for task in (relay, gone):
                 task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await gone
-            await response.aclose()
-        if not relay.cancelled():
-            with contextlib.suppress(asyncio.CancelledError):
-                await relay
+            try:
+                # (their ends, not this request's own cancellation, which goes on up)
+                await asyncio.gather(relay, gone, return_exceptions=True)
+            finally:
+                await response.aclose()
+        if relay.done() and not relay.cancelled() and (error := relay.exception()) is not None:
+            raise error
 
     async def aclose(self) -> None:
         await self.client.aclose()

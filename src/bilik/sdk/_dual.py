@@ -27,7 +27,9 @@ class dual(Generic[R]):
             return functools.partial(self.fn, owner)
 
         def bound(*args: Any, **kwargs: Any) -> R:
-            options = {**obj._opts, **kwargs}  # type: ignore[attr-defined]
+            # (an argument left as None keeps the sandbox's own setting)
+            given = {k: v for k, v in kwargs.items() if v is not None}
+            options = {**obj._opts, **given}  # type: ignore[attr-defined]
             return self.fn(owner, obj.sandbox_id, *args, **options)  # type: ignore[attr-defined]
 
         functools.update_wrapper(bound, self.fn)

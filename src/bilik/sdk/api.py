@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import weakref
 from typing import Any
 
 import httpx
@@ -25,21 +24,21 @@ RETRYABLE = frozenset({429, 502, 503, 504})
 BACKOFF_BASE_S = 0.1
 BACKOFF_MAX_S = 10.0
 
-# One connection pool per event loop (an httpx client is bound to the loop it first ran on).
-_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
-    weakref.WeakKeyDictionary()
-)
+# One connection pool per event loop (an httpx client is bound to the loop it first ran on),
+# kept on the loop itself: the two go together once the loop is dropped (``asyncio.run`` per
+# task must not pile up clients with open sockets).
+_CLIENT_ATTR = "_bilik_sdk_http"
 
 
 def http_client() -> httpx.AsyncClient:
     """The running loop's HTTP client (timeouts are given per request)."""
     loop = asyncio.get_running_loop()
-    client = _clients.get(loop)
+    client: httpx.AsyncClient | None = getattr(loop, _CLIENT_ATTR, None)
     if client is None:
         client = httpx.AsyncClient(
             timeout=None, limits=httpx.Limits(max_connections=None, max_keepalive_connections=50)
         )
-        _clients[loop] = client
+        setattr(loop, _CLIENT_ATTR, client)
     return client
 
 

@@ -3,6 +3,7 @@ results as data (E2B's names and fields, ``_repr_*_`` for Jupyter)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,10 +20,12 @@ from bilik.sdk.exceptions import (
     InvalidArgumentException,
     NotFoundException,
     SandboxException,
-    SandboxNotFoundException,
+    SandboxNotRunningException,
     TimeoutException,
 )
 
+# How long run_code may take unless told (E2B's default).
+DEFAULT_RUN_TIMEOUT = 300.0
 RESULT_FORMATS = (
     "text",
     "html",
@@ -232,7 +235,7 @@ def _error(response: httpx.Response) -> Exception:
     if status == 400:
         return InvalidArgumentException(message, status_code=status)
     if status == 502:
-        return SandboxNotFoundException(
+        return SandboxNotRunningException(
             f"{message} (is this a code-interpreter sandbox? its interpreter did not answer)",
             status_code=status,
         )
@@ -272,12 +275,12 @@ class AsyncCodeInterpreter:
         on_result: Handler | None = None,
         on_error: Handler | None = None,
         envs: dict[str, str] | None = None,
-        timeout: float | None = None,
+        timeout: float | None = DEFAULT_RUN_TIMEOUT,
         request_timeout: float | None = None,
     ) -> Execution:
         """Run code in a context (the language's default one unless given) and return what
-        it produced; the callbacks get each output as it comes. ``timeout`` (seconds, ``None``
-        for none) interrupts the code, not the context."""
+        it produced; the callbacks get each output as it comes. ``timeout`` (seconds, 300 by
+        default as on E2B; ``0`` or ``None`` for none) interrupts the code, not the context."""
         if language and context:
             raise InvalidArgumentException("give a language or a context, not both")
         body = {
@@ -289,25 +292,32 @@ class AsyncCodeInterpreter:
         connect = self._envd.config.timeout(request_timeout)
         execution = Execution()
         try:
-            async with http_client().stream(
-                "POST",
-                self._envd.url + "/execute",
-                json=body,
-                headers=self._envd.headers(INTERPRETER_PORT),
-                timeout=httpx.Timeout(timeout, connect=connect),
-            ) as response:
-                if not response.is_success:
-                    await response.aread()
-                    raise _error(response)
-                async for line in response.aiter_lines():
-                    if line.strip():
-                        await _apply(execution, line, on_stdout, on_stderr, on_result, on_error)
-        except httpx.ReadTimeout as e:
+            # The whole run, keepalive lines and all, within ``timeout``: hanging up interrupts
+            # the code (the interpreter stops it when its client goes).
+            async with asyncio.timeout(timeout or None):
+                async with http_client().stream(
+                    "POST",
+                    self._envd.url + "/execute",
+                    json=body,
+                    headers=self._envd.headers(INTERPRETER_PORT),
+                    timeout=httpx.Timeout(None, connect=connect),
+                ) as response:
+                    if not response.is_success:
+                        await response.aread()
+                        raise _error(response)
+                    async for line in response.aiter_lines():
+                        if line.strip():
+                            await _apply(execution, line, on_stdout, on_stderr, on_result, on_error)
+        except TimeoutError:
             raise TimeoutException(
                 f"the code ran past its timeout of {timeout} s and was interrupted"
-            ) from e
+            ) from None
         except httpx.TimeoutException as e:
             raise TimeoutException("reaching the code interpreter timed out") from e
+        except httpx.HTTPError as e:
+            raise SandboxNotRunningException(
+                f"the code interpreter's answer was cut off ({type(e).__name__} {e})".rstrip()
+            ) from e
         return execution
 
     async def create_code_context(

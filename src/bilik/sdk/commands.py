@@ -158,10 +158,15 @@ class AsyncCommandHandle:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await self._task
-        aclose = getattr(self._events, "aclose", None)
-        if aclose is not None:
-            with contextlib.suppress(Exception):
-                await aclose()
+        await _close(self._events)
+
+
+async def _close(events: AsyncIterator[Any]) -> None:
+    """End a process stream (its connection with it)."""
+    aclose = getattr(events, "aclose", None)
+    if aclose is not None:
+        with contextlib.suppress(Exception):
+            await aclose()
 
 
 async def _started(events: AsyncIterator[Any], open_timeout: float | None) -> int:
@@ -202,7 +207,11 @@ class AsyncCommands:
     ) -> AsyncCommandHandle:
         """The handle of a process stream (Start or Connect), once it says which pid."""
         events = aiter(stream)
-        pid = await _started(events, self._envd.config.timeout(request_timeout))
+        try:
+            pid = await _started(events, self._envd.config.timeout(request_timeout))
+        except BaseException:
+            await _close(events)
+            raise
         return AsyncCommandHandle(
             pid,
             events,
@@ -355,7 +364,16 @@ class AsyncCommands:
         handle = await self._open(
             stream, timeout, request_timeout, pty=False, on_stdout=on_stdout, on_stderr=on_stderr
         )
-        return handle if background else await handle.wait()
+        if background:
+            return handle
+        try:
+            return await handle.wait()
+        except asyncio.CancelledError:
+            # The caller gave up (a Ctrl-C of the sync SDK, a timeout around the call): so does
+            # the stream, and no callback runs after that. The command itself goes on, as on
+            # E2B (kill it, or connect to it again, by its pid).
+            await handle.disconnect()
+            raise
 
     async def connect(
         self,

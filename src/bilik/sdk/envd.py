@@ -4,6 +4,7 @@ the sandbox's headers and access token, Connect RPC for processes and the filesy
 from __future__ import annotations
 
 import base64
+import os
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -21,7 +22,7 @@ from bilik.sdk.exceptions import (
     NotFoundException,
     RateLimitException,
     SandboxException,
-    SandboxNotFoundException,
+    SandboxNotRunningException,
     TimeoutException,
 )
 
@@ -29,15 +30,23 @@ DEFAULT_USER = "user"
 KEEPALIVE_HEADER = "Keepalive-Ping-Interval"
 KEEPALIVE_S = 50
 
-# One HTTP/2-capable pool for every sandbox (pyqwest runs its own I/O, on any loop).
-_rpc_http: Client | None = None
+# One HTTP/2-capable pool for every sandbox (pyqwest runs its own I/O, on any loop), made in
+# this process: pyqwest's I/O threads do not survive a fork.
+_rpc_http: tuple[int, Client] | None = None
 
 
 def _http() -> Client:
     global _rpc_http
     if _rpc_http is None:
-        _rpc_http = Client()
-    return _rpc_http
+        _rpc_http = (os.getpid(), Client())
+    pid, client = _rpc_http
+    if pid != os.getpid():
+        raise SandboxException(
+            "the SDK was used before this process was forked, and its connections do not "
+            "survive a fork: use the 'spawn' start method of multiprocessing, or import and "
+            "use the SDK only in the child"
+        )
+    return client
 
 
 def timeout_ms(seconds: float | None) -> int | None:
@@ -52,8 +61,18 @@ class Envd:
         self.sandbox_id = sandbox_id
         self.access_token = access_token
         self.url = config.sandbox_url
-        self.process = ProcessClient(self.url, http_client=_http(), send_compression=None)
-        self.filesystem = FilesystemClient(self.url, http_client=_http(), send_compression=None)
+        self._process = ProcessClient(self.url, http_client=_http(), send_compression=None)
+        self._filesystem = FilesystemClient(self.url, http_client=_http(), send_compression=None)
+
+    @property
+    def process(self) -> ProcessClient:
+        _http()  # (refuses after a fork)
+        return self._process
+
+    @property
+    def filesystem(self) -> FilesystemClient:
+        _http()
+        return self._filesystem
 
     def headers(self, port: int = ENVD_PORT, user: str | None = None) -> dict[str, str]:
         """What routes a request to a port of this sandbox (and, for envd, as which user)."""
@@ -95,7 +114,7 @@ def rpc_error(error: ConnectError, not_found: type[Exception] = NotFoundExceptio
     if error.code is Code.UNAVAILABLE or (
         error.code is Code.NOT_FOUND and "sandbox" in message.lower() and "not found" in message
     ):
-        return SandboxNotFoundException(f"{message}: the sandbox is not running (any more)")
+        return SandboxNotRunningException(f"{message}: the sandbox is not running (any more)")
     if error.code is Code.RESOURCE_EXHAUSTED and "space" not in message.lower():
         return RateLimitException(message)
     if error.code is Code.NOT_FOUND:

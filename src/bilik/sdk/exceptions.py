@@ -37,6 +37,11 @@ class SandboxNotFoundException(NotFoundException):
     """The sandbox does not exist (or no longer runs)."""
 
 
+class SandboxNotRunningException(TimeoutException):
+    """The sandbox went away while it was being used (killed, or its lifetime over), or its
+    port did not answer: a ``TimeoutException``, as E2B raises for these."""
+
+
 class TemplateException(SandboxException):
     """The template cannot serve this request."""
 

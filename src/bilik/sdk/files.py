@@ -29,7 +29,7 @@ from bilik.sdk.exceptions import (
     InvalidArgumentException,
     NotEnoughSpaceException,
     SandboxException,
-    SandboxNotFoundException,
+    SandboxNotRunningException,
     TimeoutException,
 )
 from bilik.sdk.models import EntryInfo, FilesystemEvent, FilesystemEventType, FileType, WriteInfo
@@ -102,7 +102,7 @@ def files_error(response: httpx.Response) -> Exception:
     if status == 507:
         return NotEnoughSpaceException(message, status_code=status)
     if status == 502:
-        return SandboxNotFoundException(message, status_code=status)
+        return SandboxNotRunningException(message, status_code=status)
     return SandboxException(f"{status}: {message}", status_code=status)
 
 
@@ -210,14 +210,12 @@ class AsyncFilesystem:
             await response.aclose()
             raise files_error(response)
         if format == "stream":
-            return _stream(response)
-        try:
-            body = bytearray()
-            async for chunk in response.aiter_bytes():
-                body += chunk
-        finally:
-            await response.aclose()
-        return body.decode() if format == "text" else body
+            return _stream(response, path)
+        body = bytearray()
+        async for chunk in _stream(response, path):
+            body += chunk
+        # (as E2B's: bytes that are not UTF-8 become U+FFFD, no error)
+        return body.decode(errors="replace") if format == "text" else body
 
     async def write(
         self,
@@ -458,10 +456,15 @@ class AsyncFilesystem:
         return self._url(path, "write", user, use_signature_expiration)
 
 
-async def _stream(response: httpx.Response) -> AsyncIterator[bytes]:
+async def _stream(response: httpx.Response, path: str) -> AsyncIterator[bytes]:
+    """A file's content as it comes; a cut-off transfer as the SDK's exception."""
     try:
         async for chunk in response.aiter_bytes():
             yield chunk
+    except httpx.TimeoutException as e:
+        raise TimeoutException(f"reading {path} stalled") from e
+    except httpx.HTTPError as e:
+        raise SandboxNotRunningException(f"reading {path} was cut off: {e}") from e
     finally:
         await response.aclose()
 

@@ -7,6 +7,8 @@ from datetime import datetime
 from enum import Enum
 from typing import Any
 
+from bilik.sdk.exceptions import SandboxException
+
 
 def parse_time(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
@@ -174,7 +176,7 @@ class CommandResult:
     error: str | None = None
 
 
-class CommandExitException(Exception):
+class CommandExitException(SandboxException):
     """A command ended with a non-zero exit code (its output and code are on the exception)."""
 
     def __init__(self, result: CommandResult) -> None:

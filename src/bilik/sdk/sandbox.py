@@ -13,7 +13,7 @@ import httpx
 
 from bilik.sdk._dual import dual
 from bilik.sdk._portal import portal, run
-from bilik.sdk.code import Context, Execution
+from bilik.sdk.code import DEFAULT_RUN_TIMEOUT, Context, Execution
 from bilik.sdk.commands import AsyncCommandHandle, OnBytes, OnOutput
 from bilik.sdk.files import Data, WriteEntry
 from bilik.sdk.models import (
@@ -535,7 +535,7 @@ class Sandbox:
         on_result: Callable[[Any], Any] | None = None,
         on_error: Callable[[Any], Any] | None = None,
         envs: dict[str, str] | None = None,
-        timeout: float | None = None,
+        timeout: float | None = DEFAULT_RUN_TIMEOUT,
         request_timeout: float | None = None,
     ) -> Execution:
         """Run code in a stateful context and return its results, logs and error."""

@@ -4,6 +4,7 @@ terminals and code interpreter. The one implementation: ``Sandbox`` runs this on
 from __future__ import annotations
 
 import builtins
+import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any, TypedDict
@@ -137,7 +138,9 @@ class AsyncSandbox(AsyncCodeInterpreter):
             body["cpuCount"] = cpu_count
         if memory_mb is not None:
             body["memoryMB"] = memory_mb
-        response = await ApiClient(config).request("POST", "/sandboxes", json=body)
+        # Retried creates (a 502 from a proxy, say) must not make two sandboxes.
+        once = {"Idempotency-Key": uuid.uuid4().hex}
+        response = await ApiClient(config).request("POST", "/sandboxes", json=body, headers=once)
         return cls._from_answer(response.json(), config)
 
     @classmethod

@@ -283,7 +283,7 @@ class Builder:
             raise BuildFailed(f"COPY {src}: nothing in the upload matches it", tag)
         staging = f"/tmp/.bilik-copy-{secrets.token_hex(4)}"
         await envd.write(f"{staging}.tar", archive)
-        zipped = archive.open("rb").read(2) == b"\x1f\x8b"
+        zipped = await asyncio.to_thread(_is_gzip, archive)
         script = [
             "set -e",
             f"mkdir -p {staging}",
@@ -357,6 +357,11 @@ async def _must(run: Any, tag: str) -> None:
     finished = await run
     if finished.exit_code != 0:
         raise BuildFailed(finished.output.strip(), tag)
+
+
+def _is_gzip(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(2) == b"\x1f\x8b"
 
 
 def _copy_plan(archive: Path, src: str, dest: str, workdir: str) -> list[tuple[str, str, bool]]:

@@ -165,6 +165,12 @@ def _to_json(template: object) -> str:
     return json.dumps(definition(template)._spec({}), indent=2)
 
 
+def _quoted(packages: str | Sequence[str] | None) -> list[str]:
+    """Package names for a shell command: ``numpy>=2`` stays one argument, not a redirect."""
+    names = [packages] if isinstance(packages, str) else list(packages or [])
+    return [shlex.quote(name) for name in names]
+
+
 class TemplateBuilder:
     """Adds steps to a template; every method returns the builder, to chain calls."""
 
@@ -283,7 +289,7 @@ class TemplateBuilder:
     ) -> TemplateBuilder:
         """Install Python packages with pip: system-wide as root (``g=True``), else for the
         template's user (``--user``); no packages means ``pip install .`` in the workdir."""
-        names = [packages] if isinstance(packages, str) else list(packages or [])
+        names = _quoted(packages)
         args = ["pip", "install", *([] if g else ["--user"]), *(names or ["."])]
         # Debian's own Python refuses pip installs outside a venv (PEP 668); a template's
         # image is what it is for, so say yes. Pips that predate the setting ignore it.
@@ -296,7 +302,7 @@ class TemplateBuilder:
     ) -> TemplateBuilder:
         """Install Node.js packages with npm (globally as root with ``g=True``); no packages
         means the workdir's ``package.json``."""
-        names = [packages] if isinstance(packages, str) else list(packages or [])
+        names = _quoted(packages)
         args = ["npm", "install", *(["-g"] if g else []), *(["--save-dev"] if dev else [])]
         return self.run_cmd(" ".join(args + names), user="root" if g else None)
 
@@ -307,7 +313,7 @@ class TemplateBuilder:
         fix_missing: bool = False,
     ) -> TemplateBuilder:
         """Install Debian packages with apt-get, as root."""
-        names = [packages] if isinstance(packages, str) else list(packages)
+        names = _quoted(packages)
         flags = ("--no-install-recommends " if no_install_recommends else "") + (
             "--fix-missing " if fix_missing else ""
         )
