@@ -180,7 +180,9 @@ class CommandExitException(SandboxException):
     """A command ended with a non-zero exit code (its output and code are on the exception)."""
 
     def __init__(self, result: CommandResult) -> None:
-        super().__init__(f"Command exited with code {result.exit_code} and error:\n{result.stderr}")
+        # (no standard error: what ended it, e.g. "signal: killed")
+        detail = result.stderr or result.error or ""
+        super().__init__(f"Command exited with code {result.exit_code} and error:\n{detail}")
         self.stdout = result.stdout
         self.stderr = result.stderr
         self.exit_code = result.exit_code
