@@ -46,12 +46,12 @@ class AsyncCommandHandle:
         on_stdout: OnOutput | None = None,
         on_stderr: OnOutput | None = None,
         on_pty: OnBytes | None = None,
-        timeout: float | None = None,
+        deadline: float | None = None,
     ) -> None:
         self.pid = pid
-        loop = asyncio.get_running_loop()
-        # envd kills a process at its timeout: an end after it is a timeout, not an exit.
-        self._deadline = loop.time() + timeout if timeout else None
+        # envd kills a process at its timeout: an end after ``deadline`` (the loop's clock) is
+        # a timeout, not an exit.
+        self._deadline = deadline
         self._events = events
         self._kill = kill
         self._send_stdin = send_stdin
@@ -206,6 +206,8 @@ class AsyncCommands:
         on_pty: OnBytes | None = None,
     ) -> AsyncCommandHandle:
         """The handle of a process stream (Start or Connect), once it says which pid."""
+        # (from before the request goes out: envd's clock for the timeout starts later)
+        sent = asyncio.get_running_loop().time()
         events = aiter(stream)
         try:
             pid = await _started(events, self._envd.config.timeout(request_timeout))
@@ -220,7 +222,7 @@ class AsyncCommands:
             on_stdout=on_stdout,
             on_stderr=on_stderr,
             on_pty=on_pty,
-            timeout=timeout,
+            deadline=sent + timeout if timeout else None,
         )
 
     def _attach(self, pid: int, timeout: float | None) -> AsyncIterator[pb.ConnectResponse]:
