@@ -12,6 +12,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -172,12 +173,26 @@ def test_racing_creates_get_one_pooled_sandbox_between_them(pool_server: BilikSe
             Sandbox.kill(sandbox_id, **_params(server))
 
 
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie has ended)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
+
+
 def test_a_pooled_sandbox_that_died_is_not_handed_over(pool_server: BilikServer) -> None:
     server = pool_server
     pooled = _wait_pooled(server)
     record = RECORDS.load(pooled)
     assert record is not None
     os.kill(record.init_pid, signal.SIGKILL)
+    # (a SIGKILL takes effect a moment later: a create before that could rightly get it)
+    deadline = time.monotonic() + 10
+    while _alive(record.init_pid):
+        assert time.monotonic() < deadline, "the pooled sandbox's init did not die"
+        time.sleep(0.01)
     sbx = Sandbox.create("base", timeout=60, **_params(server))
     try:
         assert sbx.sandbox_id != pooled
