@@ -11,8 +11,8 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 packages=(
-  # OCI runtimes: crun (default), gVisor's runsc
-  crun runsc
+  # OCI runtimes: crun (default), gVisor's runsc (with gcc for its statx shim, gvisor_statx.c)
+  crun runsc gcc
   # images, disks, networking
   mmdebstrap e2fsprogs util-linux nftables iproute2
   # what every sandbox gets from the host, independent of its image: PID 1 and a shell (static

@@ -46,9 +46,16 @@ async def runtime(internet: dict[str, str]) -> AsyncIterator[LocalRuntime]:
     await rt.close()
 
 
+@pytest.fixture
+def oci_runtime() -> str | None:
+    """The OCI runtime of the sandboxes a test makes; None: the server's (crun). The isolation
+    suites run under each runtime (``helpers.EACH_OCI_RUNTIME``)."""
+    return None
+
+
 @pytest_asyncio.fixture
-async def sandbox(runtime: LocalRuntime) -> AsyncIterator[SandboxInfo]:
-    info = await runtime.create(SandboxSpec())
+async def sandbox(runtime: LocalRuntime, oci_runtime: str | None) -> AsyncIterator[SandboxInfo]:
+    info = await runtime.create(SandboxSpec(), oci_runtime=oci_runtime)
     yield info
     await runtime.kill(info.sandbox_id)
 

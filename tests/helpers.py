@@ -15,6 +15,8 @@ import zipfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import pytest
+
 from bilik.config import Settings
 from bilik.runtime import LocalRuntime, cgroups, syscalls
 from bilik.runtime.network import HostNetwork
@@ -53,6 +55,10 @@ def _free_documentation_net() -> ipaddress.IPv4Network:
 INET_NET = _free_documentation_net()
 INET_HOST = str(INET_NET.network_address + 1)
 INET_PEER = str(INET_NET.network_address + 2)
+
+# For a module whose every test is to pass under each OCI runtime: ``pytestmark = EACH_OCI_RUNTIME``
+# (its tests take the sandbox fixture, or ``oci_runtime`` for the sandboxes they make).
+EACH_OCI_RUNTIME = pytest.mark.parametrize("oci_runtime", RUNTIMES)
 
 SETTINGS = Settings(
     data_dir=DATA_DIR / "main", instance=INSTANCE, subnet="10.214.0.0/16", dns_upstream=INET_PEER

@@ -199,7 +199,9 @@ async def test_envd_is_confined_like_the_sandbox_itself(
 ) -> None:
     """envd joins from the host (the zygote), yet ends up exactly where PID 1 is."""
     info, client = envd
-    init = int((runtime.records.dir(info.sandbox_id) / "init.pid").read_text())
+    record = runtime.records.load(info.sandbox_id)
+    assert record is not None
+    init = record.init_pid
     envd_pid = next(
         int(p)
         for p in Path(f"/sys/fs/cgroup/pids/{runtime.settings.instance}/{info.sandbox_id}")

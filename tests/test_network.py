@@ -10,7 +10,9 @@ from collections.abc import Iterator
 import pytest
 
 from bilik.runtime import InvalidSpec, LocalRuntime, SandboxInfo, SandboxSpec
-from helpers import SETTINGS, run_ok, sh, wait_for
+from helpers import EACH_OCI_RUNTIME, SETTINGS, run_ok, sh, wait_for
+
+pytestmark = EACH_OCI_RUNTIME
 
 METADATA = "169.254.169.254"
 
@@ -63,9 +65,9 @@ async def test_internet_is_reachable_when_on(
 
 
 async def test_internet_is_unreachable_when_off(
-    runtime: LocalRuntime, internet: dict[str, str]
+    runtime: LocalRuntime, internet: dict[str, str], oci_runtime: str
 ) -> None:
-    info = await runtime.create(SandboxSpec(internet=False))
+    info = await runtime.create(SandboxSpec(internet=False), oci_runtime=oci_runtime)
     try:
         result = await runtime.run(info.sandbox_id, curl(f"http://{internet['public']}:8080/"))
         assert result.exit_code != 0 and result.stdout != b"200"
@@ -96,8 +98,10 @@ async def test_host_is_unreachable(
     assert result.exit_code != 0, result
 
 
-async def test_other_sandboxes_are_unreachable(runtime: LocalRuntime, sandbox: SandboxInfo) -> None:
-    other = await runtime.create(SandboxSpec())
+async def test_other_sandboxes_are_unreachable(
+    runtime: LocalRuntime, sandbox: SandboxInfo, oci_runtime: str
+) -> None:
+    other = await runtime.create(SandboxSpec(), oci_runtime=oci_runtime)
     server = await runtime.exec(
         other.sandbox_id, ["python3", "-m", "http.server", "--bind", "0.0.0.0", "8000"]
     )
@@ -119,12 +123,14 @@ async def test_other_sandboxes_are_unreachable(runtime: LocalRuntime, sandbox: S
         await runtime.kill(other.sandbox_id)
 
 
-async def test_addresses_and_rules_are_released_on_kill(runtime: LocalRuntime) -> None:
-    info = await runtime.create(SandboxSpec(internet=False))
+async def test_addresses_and_rules_are_released_on_kill(
+    runtime: LocalRuntime, oci_runtime: str
+) -> None:
+    info = await runtime.create(SandboxSpec(internet=False), oci_runtime=oci_runtime)
     assert info.address in runtime.network.offline_addresses()
     await runtime.kill(info.sandbox_id)
     assert info.address not in runtime.network.offline_addresses()
-    again = await runtime.create(SandboxSpec())
+    again = await runtime.create(SandboxSpec(), oci_runtime=oci_runtime)
     try:
         assert again.address == info.address  # the address went back to the pool
         assert await run_ok(runtime, again.sandbox_id, "hostname") == f"{again.sandbox_id}\n"
@@ -156,8 +162,8 @@ async def test_names_resolve_through_the_gateway(
     assert missing.exit_code != 0
 
 
-async def test_no_dns_without_internet(runtime: LocalRuntime) -> None:
-    info = await runtime.create(SandboxSpec(internet=False))
+async def test_no_dns_without_internet(runtime: LocalRuntime, oci_runtime: str) -> None:
+    info = await runtime.create(SandboxSpec(internet=False), oci_runtime=oci_runtime)
     try:
         result = await runtime.run(info.sandbox_id, ["getent", "hosts", "example.test"])
         assert result.exit_code != 0
@@ -175,10 +181,10 @@ def _table_elements(address: str) -> list[str]:
 
 
 async def test_denied_destinations_are_unreachable(
-    runtime: LocalRuntime, internet: dict[str, str]
+    runtime: LocalRuntime, internet: dict[str, str], oci_runtime: str
 ) -> None:
     public = internet["public"]
-    info = await runtime.create(SandboxSpec(deny_out=(f"{public}/32",)))
+    info = await runtime.create(SandboxSpec(deny_out=(f"{public}/32",)), oci_runtime=oci_runtime)
     try:
         denied = await runtime.run(info.sandbox_id, curl(f"http://{public}:8080/"))
         assert denied.stdout != b"200", denied
@@ -187,11 +193,12 @@ async def test_denied_destinations_are_unreachable(
 
 
 async def test_allowed_destinations_with_internet_off(
-    runtime: LocalRuntime, internet: dict[str, str]
+    runtime: LocalRuntime, internet: dict[str, str], oci_runtime: str
 ) -> None:
     public = internet["public"]
     info = await runtime.create(
-        SandboxSpec(internet=False, allow_out=(f"{public}/24",), deny_out=("0.0.0.0/0",))
+        SandboxSpec(internet=False, allow_out=(f"{public}/24",), deny_out=("0.0.0.0/0",)),
+        oci_runtime=oci_runtime,
     )
     try:
         allowed = await runtime.run(info.sandbox_id, curl(f"http://{public}:8080/"))
@@ -207,10 +214,12 @@ async def test_allowed_destinations_with_internet_off(
 
 
 async def test_allowed_domains_with_internet_off(
-    runtime: LocalRuntime, internet: dict[str, str]
+    runtime: LocalRuntime, internet: dict[str, str], oci_runtime: str
 ) -> None:
     public = internet["public"]
-    info = await runtime.create(SandboxSpec(internet=False, allow_out=("web.test", "*.api.test")))
+    info = await runtime.create(
+        SandboxSpec(internet=False, allow_out=("web.test", "*.api.test")), oci_runtime=oci_runtime
+    )
     sandbox_id = info.sandbox_id
     try:
         before = await runtime.run(sandbox_id, curl(f"http://{public}:8080/"))
@@ -231,7 +240,7 @@ async def test_allowed_domains_with_internet_off(
     assert _table_elements(info.address) == []
 
 
-async def test_egress_rules_are_checked(runtime: LocalRuntime) -> None:
+async def test_egress_rules_are_checked(runtime: LocalRuntime, oci_runtime: str) -> None:
     for spec in (
         SandboxSpec(deny_out=("example.com",)),  # deny takes addresses only
         SandboxSpec(allow_out=("not a name!",)),
@@ -239,4 +248,4 @@ async def test_egress_rules_are_checked(runtime: LocalRuntime) -> None:
         SandboxSpec(allow_out=tuple(f"10.0.{i}.0/24" for i in range(101))),
     ):
         with pytest.raises(InvalidSpec):
-            await runtime.create(spec)
+            await runtime.create(spec, oci_runtime=oci_runtime)

@@ -53,12 +53,21 @@ def main() -> None:
 
 
 async def _serve(server: uvicorn.Server, sockets: list[socket.socket]) -> None:
-    if sys.version_info < (3, 12):
+    if sys.version_info < (3, 12) and _has_pidfds():
         # Wait for children with pidfds: the default watcher starts a thread per child.
         watcher = asyncio.PidfdChildWatcher()
         watcher.attach_loop(asyncio.get_running_loop())
         asyncio.set_child_watcher(watcher)
     await server.serve(sockets=sockets)
+
+
+def _has_pidfds() -> bool:
+    """Whether the kernel has pidfd_open (gVisor's of late 2022 has not)."""
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:
+        return False
+    return True
 
 
 if __name__ == "__main__":

@@ -39,9 +39,8 @@ PR_SET_CHILD_SUBREAPER = 36
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
-SCMP_ACT_ALLOW = 0x7FFF0000
-SCMP_ARCHES = {"SCMP_ARCH_X86": 0x40000003, "SCMP_ARCH_X32": 0x4000003E}
-SCMP_CMP = {"SCMP_CMP_NE": 1, "SCMP_CMP_EQ": 4, "SCMP_CMP_MASKED_EQ": 7}
+PR_SET_SECCOMP = 22
+SECCOMP_MODE_FILTER = 2
 
 # capability(7) numbers, in order from 0.
 _CAPS = """CHOWN DAC_OVERRIDE DAC_READ_SEARCH FOWNER FSETID KILL SETGID SETUID SETPCAP
@@ -66,15 +65,6 @@ class _CapData(ctypes.Structure):
     ]
 
 
-class _ArgCmp(ctypes.Structure):
-    _fields_ = [
-        ("arg", ctypes.c_uint),
-        ("op", ctypes.c_int),
-        ("datum_a", ctypes.c_uint64),
-        ("datum_b", ctypes.c_uint64),
-    ]
-
-
 def _check(result: int, what: str) -> int:
     if result < 0:
         errno = ctypes.get_errno()
@@ -86,57 +76,23 @@ def _prctl(option: int, arg: int = 0, arg3: int = 0) -> None:
     _check(_libc.prctl(option, ctypes.c_ulong(arg), ctypes.c_ulong(arg3), 0, 0), "prctl")
 
 
-class SeccompFilter:
-    """An OCI ``linux.seccomp`` profile compiled once with libseccomp, loadable many times."""
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
-    def __init__(self, profile: dict[str, object]) -> None:
-        lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
-        lib.seccomp_init.restype = ctypes.c_void_p
-        lib.seccomp_init.argtypes = [ctypes.c_uint32]
-        lib.seccomp_arch_add.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
-        lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
-        lib.seccomp_rule_add_array.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_uint32,
-            ctypes.c_int,
-            ctypes.c_uint,
-            ctypes.POINTER(_ArgCmp),
-        ]
-        lib.seccomp_load.argtypes = [ctypes.c_void_p]
-        self._lib = lib
-        if profile.get("defaultAction") != "SCMP_ACT_ALLOW":
-            raise ValueError("only allow-by-default profiles are supported")
-        ctx = lib.seccomp_init(SCMP_ACT_ALLOW)
-        if not ctx:
-            raise OSError("seccomp_init failed")
-        self._ctx = ctx
-        for arch in profile.get("architectures", []):  # type: ignore[attr-defined]
-            if arch in SCMP_ARCHES:
-                result = lib.seccomp_arch_add(ctx, SCMP_ARCHES[arch])
-                if result < 0 and -result != 17:  # EEXIST: the native one
-                    raise OSError(-result, f"seccomp_arch_add {arch}")
-        for rule in profile.get("syscalls", []):  # type: ignore[attr-defined]
-            if rule["action"] != "SCMP_ACT_ERRNO":
-                raise ValueError(f"unsupported seccomp action {rule['action']}")
-            action = 0x00050000 | (int(rule.get("errnoRet", 1)) & 0xFFFF)
-            args = rule.get("args", [])
-            cmps = (_ArgCmp * max(len(args), 1))()
-            for i, arg in enumerate(args):
-                cmps[i] = _ArgCmp(
-                    arg["index"], SCMP_CMP[arg["op"]], arg["value"], arg.get("valueTwo", 0)
-                )
-            for name in rule["names"]:
-                number = lib.seccomp_syscall_resolve_name(name.encode())
-                if number < 0:  # not a syscall of this kernel's architecture
-                    continue
-                result = lib.seccomp_rule_add_array(ctx, action, number, len(args), cmps)
-                if result < 0:
-                    raise OSError(-result, f"seccomp rule for {name}")
+
+class SeccompFilter:
+    """A compiled seccomp filter (classic BPF, ``struct sock_filter`` entries: the host's
+    ``runtime.seccomp.compile_bpf``), loadable many times."""
+
+    def __init__(self, program: bytes) -> None:
+        if not program or len(program) % 8:
+            raise ValueError("a seccomp filter is a whole number of 8-byte instructions")
+        self._buffer = ctypes.create_string_buffer(program, len(program))
+        self._fprog = _SockFprog(len(program) // 8, ctypes.addressof(self._buffer))
 
     def load(self) -> None:
-        result = self._lib.seccomp_load(self._ctx)
-        if result < 0:
-            raise OSError(-result, "seccomp_load")
+        """Set the filter on this thread (``no_new_privs`` must be set already)."""
+        _prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(self._fprog))
 
 
 @dataclass

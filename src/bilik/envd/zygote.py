@@ -21,6 +21,7 @@ so an import envd makes later still finds its module.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import gc
 import json
@@ -175,7 +176,7 @@ def _reap(signum: int, frame: object) -> None:
 def main() -> None:
     config = json.loads(sys.stdin.readline())
     capabilities: list[str] = config["capabilities"]
-    seccomp = enter.SeccompFilter(config["seccomp"])
+    seccomp = enter.SeccompFilter(base64.b64decode(config["seccomp_bpf"]))
     _preload()
     # Nothing the zygote imported is ever collected: a collection in an envd would write to
     # every object's header and copy all the shared pages.

@@ -8,7 +8,7 @@ import contextlib
 import dataclasses
 import os
 import signal
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -53,10 +53,20 @@ class ExecResult:
 class Process:
     """A process running inside a sandbox. Read its output with :meth:`output`."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, pid_file: Path, spec_file: Path) -> None:
+    def __init__(
+        self,
+        proc: asyncio.subprocess.Process,
+        pid_file: Path,
+        spec_file: Path,
+        kill_inside: Callable[[int], None] | None = None,
+    ) -> None:
+        """``pid_file`` will hold the process's host pid; with ``kill_inside``, its pid inside
+        the sandbox instead, which ``kill_inside`` kills (gVisor's processes have no host
+        pid)."""
         self._proc = proc
         self._pid_file = pid_file
         self._spec_file = spec_file
+        self._kill_inside = kill_inside
 
     @property
     def stdin(self) -> asyncio.StreamWriter | None:
@@ -99,7 +109,11 @@ class Process:
     def kill(self) -> None:
         """Kill the process inside the sandbox (the runtime's exec helper follows it out)."""
         with contextlib.suppress(OSError, ValueError):
-            os.kill(int(self._pid_file.read_text()), signal.SIGKILL)
+            pid = int(self._pid_file.read_text())
+            if self._kill_inside is not None:
+                self._kill_inside(pid)
+            else:
+                os.kill(pid, signal.SIGKILL)
         if self._proc.returncode is None:
             self._proc.kill()
 

@@ -111,7 +111,6 @@ def ensure_base_image(
     """
     release = host_release()
     recipe = base_layer_key(uid_base, release, recipe_name)
-    name = recipe_name if uid_base else f"{recipe_name}@unshifted"
     with store.lock(recipe):
         if not rebuild and (current := built_base_image(store, uid_base, recipe_name)):
             return current
@@ -119,7 +118,7 @@ def ensure_base_image(
         if not store.has(key):
             _build(store, key, release, uid_base, log, *RECIPES[recipe_name])
         image = Image(
-            name=name,
+            name=recipe_name,
             layers=(key,),
             env=dict(RECIPE_ENV[recipe_name]),
             user="user",
@@ -133,9 +132,8 @@ def built_base_image(store: LayerStore, uid_base: int, recipe_name: str = "base"
     """The ``base`` (or ``debian``) image if it is built from the recipe as it is now; builds
     nothing."""
     recipe = base_layer_key(uid_base, host_release(), recipe_name)
-    name = recipe_name if uid_base else f"{recipe_name}@unshifted"
     with contextlib.suppress(TemplateNotFound):
-        current = store.image(name)
+        current = store.image(recipe_name)
         if current.layers[0].startswith(recipe) and current.env == RECIPE_ENV[recipe_name]:
             return current
     return None

@@ -1,7 +1,8 @@
 """cgroup layout: which hierarchy the host has, the fix crun needs on hybrid hosts, usage.
 
 Sandboxes live in ``<instance>/<sandbox id>`` under every controller (v1) or under the unified
-tree (v2). The OCI runtime creates and removes them; this module finds leftovers and reads usage.
+tree (v2). crun creates them from the bundle; for runsc, which cannot from its user namespace,
+:func:`create` does. This module also removes them, finds leftovers and reads usage.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import contextlib
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "freezer", "blkio", "cpuset", "devices")
@@ -44,6 +46,48 @@ def prepare_host() -> None:
             check=True,
             capture_output=True,
         )
+
+
+# The controllers a runsc sandbox is limited by (v1). Its devices are the Sentry's own.
+_LIMITED = ("memory", "cpu", "cpuacct", "pids")
+_V2_CONTROLLERS = "+memory +cpu +pids"
+
+
+def create(instance: str, sandbox_id: str, resources: dict[str, Any]) -> list[Path]:
+    """Make the sandbox's cgroups with the limits of a bundle's ``linux.resources`` (memory,
+    cpu, pids); returns the ``cgroup.procs`` files a process writes its pid to, to run in
+    them."""
+    memory = resources["memory"]["limit"]
+    swap = resources["memory"]["swap"]
+    quota, period = resources["cpu"]["quota"], resources["cpu"]["period"]
+    pids = resources["pids"]["limit"]
+    if is_v2():
+        path = CGROUP_ROOT / instance / sandbox_id
+        (CGROUP_ROOT / "cgroup.subtree_control").write_text(_V2_CONTROLLERS)
+        path.parent.mkdir(exist_ok=True)
+        (path.parent / "cgroup.subtree_control").write_text(_V2_CONTROLLERS)
+        path.mkdir()
+        for name, value in (
+            ("memory.max", memory),
+            ("memory.swap.max", swap - memory),
+            ("cpu.max", f"{quota} {period}"),
+            ("pids.max", pids),
+        ):
+            (path / name).write_text(str(value))
+        return [path / "cgroup.procs"]
+    paths = []
+    for controller in _LIMITED:
+        path = CGROUP_ROOT / controller / instance / sandbox_id
+        path.mkdir(parents=True, exist_ok=True)  # cpu and cpuacct are often one hierarchy
+        paths.append(path)
+    memory_dir, cpu_dir, _, pids_dir = paths
+    (memory_dir / "memory.limit_in_bytes").write_text(str(memory))
+    if (memory_dir / "memory.memsw.limit_in_bytes").exists():  # swap accounting is on
+        (memory_dir / "memory.memsw.limit_in_bytes").write_text(str(swap))
+    (cpu_dir / "cpu.cfs_period_us").write_text(str(period))
+    (cpu_dir / "cpu.cfs_quota_us").write_text(str(quota))
+    (pids_dir / "pids.max").write_text(str(pids))
+    return sorted({p.resolve() / "cgroup.procs" for p in paths})
 
 
 def sandbox_cgroup_dirs(instance: str, sandbox_id: str) -> list[Path]:

@@ -8,6 +8,7 @@ process closes its end of the socket pair); the envds it started do not.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import ctypes
 import json
@@ -59,7 +60,7 @@ class EnvdZygote:
         config = {
             "fd": fd,
             "capabilities": oci.CAPABILITIES,
-            "seccomp": seccomp.profile(),
+            "seccomp_bpf": base64.b64encode(seccomp.compile_bpf(seccomp.profile())).decode(),
         }
         self._proc.stdin.write(json.dumps(config).encode() + b"\n")
         await self._proc.stdin.drain()

@@ -23,6 +23,14 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` (mode 644) by a rename: a reader sees the old or the new."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
 def write_text(path: Path, text: str, mode: int = 0o644) -> None:
     with open(path, "w") as f:
         f.write(text)

@@ -38,7 +38,6 @@ class Image:
     user: str = "user"
     workdir: str = "/home/user"
     # The OCI runtime its sandboxes run under unless a create names one; None: the server's.
-    # Layers for runsc are stored unshifted (gVisor takes no host user namespace).
     oci_runtime: str | None = None
     # Started in every new sandbox (as ``user``, in ``workdir``); the create returns once
     # ``ready_cmd`` succeeds.

@@ -2,8 +2,9 @@
 
 A sandbox is a directory ``sandboxes/<id>`` holding its record, its disk image (mounted at
 ``disk``), its rootfs (an overlay of the template's layers and the disk's ``upper``) and its OCI
-bundle; plus a network namespace, a veth on the instance's bridge, and cgroups made by the OCI
-runtime. Create undoes its partial work on failure; kill and reconcile release everything.
+bundle; plus a network namespace, a veth on the instance's bridge, and cgroups (made by crun, or
+by bilik for runsc). Create undoes its partial work on failure; kill and reconcile release
+everything.
 """
 
 from __future__ import annotations
@@ -16,16 +17,28 @@ import os
 import shutil
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 from ..config import Settings
-from . import agent_python, agents, base_image, cgroups, disk, oci, registry_image, syscalls
+from . import (
+    agent_python,
+    agents,
+    base_image,
+    cgroups,
+    disk,
+    gvisor_statx,
+    oci,
+    registry_image,
+    seccomp,
+    syscalls,
+)
 from .base import ExecResult, Process, SandboxInfo, Usage
 from .dns import DnsForwarder, DnsPolicy, host_resolvers
 from .envd_client import EnvdClient
 from .envd_zygote import EnvdZygote
 from .errors import InvalidSpec, SandboxExists, SandboxNotFound, StepFailed, TemplateNotFound
-from .fsutil import file_lock, lock_fd, write_text
+from .fsutil import file_lock, lock_fd, write_bytes_atomic, write_text
 from .layers import Image, LayerStore
 from .network import HostNetwork
 from .ocicli import RUNTIMES, OciCli
@@ -58,13 +71,26 @@ _ENVD = (
 )
 
 
+# The sandboxes' seccomp filter, compiled, in the runtime directory. Under gVisor every process
+# sets it itself, through ``bilik.envd.seccomp_exec``: PID 1 (so all that descends from it) and
+# what the runtime execs (runsc applies a bundle's filter to neither as it should: see oci).
+SECCOMP_FILTER = "seccomp.bpf"
+_SECCOMP_EXEC = [
+    f"{agent_python.MOUNTED_AT}/bin/python3",
+    "-I",
+    "-m",
+    "bilik.envd.seccomp_exec",
+    f"{oci.RUNTIME_MOUNT}/{SECCOMP_FILTER}",
+]
+
+
 def _init(oci_runtime: str) -> list[str]:
-    work = (
-        f"{_ENVD}; {_BUSYBOX} sleep 1"
-        if oci_runtime == "runsc"
-        else f"{_BUSYBOX} sleep 2147483647 & wait"
-    )
+    if oci_runtime == "runsc":
+        work = f"{_ENVD}; {_BUSYBOX} sleep 1"
+    else:
+        work = f"{_BUSYBOX} sleep 2147483647 & wait"
     return [
+        *(_SECCOMP_EXEC if oci_runtime == "runsc" else []),
         f"{oci.RUNTIME_MOUNT}/tini",
         "--",
         _BUSYBOX,
@@ -137,28 +163,31 @@ class LocalRuntime:
                 shutil.copy2(source, target.with_suffix(".new"))
                 os.replace(target.with_suffix(".new"), target)
         agents.ensure(self.runtime_dir, self.log)
+        # What the runtime's exec sets in gVisor sandboxes (see ``bilik.envd.seccomp_exec``).
+        filter_bpf = seccomp.compile_bpf(seccomp.profile())
+        write_bytes_atomic(self.runtime_dir / SECCOMP_FILTER, filter_bpf)
+        if shutil.which("runsc"):
+            gvisor_statx.ensure(self.runtime_dir, oci.RUNTIME_MOUNT)
         self.layers.discard_scratch()
 
     def oci(self, name: str | None = None) -> OciCli:
         name = name or self.settings.oci_runtime
         if name not in self._oci:
-            self._oci[name] = OciCli(name, self.state_root)
+            self._oci[name] = OciCli(
+                name,
+                self.state_root,
+                uid_base=self.settings.uid_base,
+                netns_dir=self.network.netns_dir,
+            )
         return self._oci[name]
 
-    def uid_base(self, oci_runtime: str) -> int:
-        """Host uid of root inside: gVisor makes no host user namespace (see ``oci``)."""
-        return 0 if oci_runtime == "runsc" else self.settings.uid_base
-
-    def image(
-        self, template: str, *, oci_runtime: str | None = None, rebuild: bool = False
-    ) -> Image:
-        """The image of ``template`` for ``oci_runtime``; ``base`` (and ``debian``, plain Debian
-        for templates to build on) are built on first use."""
-        uid_base = self.uid_base(oci_runtime or self.settings.oci_runtime)
+    def image(self, template: str, *, rebuild: bool = False) -> Image:
+        """The image of ``template``; ``base`` (and ``debian``, plain Debian for templates to
+        build on) are built on first use."""
         if template not in base_image.RECIPES:
             return self.layers.image(template)
         image = base_image.ensure_base_image(
-            self.layers, uid_base, self.log, rebuild=rebuild, recipe_name=template
+            self.layers, self.settings.uid_base, self.log, rebuild=rebuild, recipe_name=template
         )
         if rebuild:
             self.collect_layers(grace_s=0)
@@ -168,8 +197,8 @@ class LocalRuntime:
         """Whether ``template``'s image is there to start sandboxes from, with nothing to build
         first (:meth:`image` builds ``base`` on first use)."""
         if template in base_image.RECIPES:
-            uid_base = self.uid_base(self.settings.oci_runtime)
-            return base_image.built_base_image(self.layers, uid_base, template) is not None
+            built = base_image.built_base_image(self.layers, self.settings.uid_base, template)
+            return built is not None
         try:
             self.layers.image(template)
         except TemplateNotFound:
@@ -188,7 +217,7 @@ class LocalRuntime:
         return registry_image.pull(
             self.layers,
             ref,
-            self.uid_base(self.settings.oci_runtime),
+            self.settings.uid_base,
             log,
             username=username,
             password=password,
@@ -214,7 +243,7 @@ class LocalRuntime:
         if oci_runtime is None and template != "base":
             oci_runtime = self.layers.image(template).oci_runtime
         oci_runtime = oci_runtime or self.settings.oci_runtime
-        return self.image(template, oci_runtime=oci_runtime), oci_runtime
+        return self.image(template), oci_runtime
 
     # -- sandboxes ----------------------------------------------------------------------------
 
@@ -254,9 +283,13 @@ class LocalRuntime:
             try:
                 async with contextlib.AsyncExitStack() as undo:
                     undo.push_async_callback(self._undo_create, record)
-                    await asyncio.to_thread(self._prepare, record, image, spec.access_token)
+                    cgroup_procs = await asyncio.to_thread(
+                        self._prepare, record, image, spec.access_token
+                    )
                     bundle = self.records.dir(sandbox_id)
-                    pid = await oci_cli.run_detached(sandbox_id, bundle, bundle / "console.log")
+                    pid = await oci_cli.run_detached(
+                        sandbox_id, bundle, bundle / "console.log", cgroup_procs
+                    )
                     record.init_pid, record.init_start = pid, _start_time(pid)
                     await asyncio.to_thread(self.records.save, record)
                     self._follow_init(record)
@@ -434,11 +467,12 @@ class LocalRuntime:
             self.records.save(record)
             return record
 
-    def _prepare(self, record: SandboxRecord, image: Image, access_token: str) -> None:
+    def _prepare(self, record: SandboxRecord, image: Image, access_token: str) -> list[Path]:
         """Disk, rootfs, /etc files, envd's config, network and bundle config: everything
-        before the OCI start."""
+        before the OCI start; under runsc also the cgroups, whose ``cgroup.procs`` files are
+        returned (crun makes its own)."""
         d = self.records.dir(record.sandbox_id)
-        uid = self.uid_base(record.oci_runtime)
+        uid = self.settings.uid_base
         control = d / "control"
         control.mkdir(mode=0o700)
         envd_config = control / ENVD_CONFIG
@@ -473,6 +507,10 @@ class LocalRuntime:
             )
         except OSError as e:
             raise StepFailed("mount-rootfs", str(e)) from e
+        if record.oci_runtime == "runsc" and not (rootfs / "tmp").exists():
+            (rootfs / "tmp").mkdir()  # bound over itself there (see oci)
+            os.chmod(rootfs / "tmp", 0o1777)
+            os.chown(rootfs / "tmp", uid, uid)
         etc = d / "etc"
         etc.mkdir()
         write_text(etc / "hostname", f"{record.sandbox_id}\n")
@@ -499,6 +537,10 @@ class LocalRuntime:
             oci_runtime=record.oci_runtime,
         )
         (d / "config.json").write_text(json.dumps(config))
+        if record.oci_runtime != "runsc":
+            return []
+        resources = config["linux"]["resources"]
+        return cgroups.create(self.settings.instance, record.sandbox_id, resources)
 
     async def _release_locked(self, sandbox_id: str, record: SandboxRecord | None) -> None:
         """Release everything a sandbox holds (the caller holds its lock).
@@ -772,6 +814,8 @@ class LocalRuntime:
         d = self.records.dir(sandbox_id)
         uid, gid, home = _lookup_user([self.layers.path(k) for k in record.layers], user)
         full_env = {**record.env, "HOME": home, "USER": user, "LOGNAME": user, **(env or {})}
+        if record.oci_runtime == "runsc":
+            argv = [*_SECCOMP_EXEC, *argv]
         process = {
             "terminal": False,
             "user": {"uid": uid, "gid": gid},
@@ -785,14 +829,19 @@ class LocalRuntime:
             "noNewPrivileges": True,
         }
         name = f"exec-{os.urandom(6).hex()}"
-        process_file, pid_file = d / f"{name}.json", d / f"{name}.pid"
+        oci_cli = self.oci(record.oci_runtime)
+        # runsc writes the pid inside the sandbox, as the sandbox's root (see ocicli).
+        pid_dir = oci_cli.root if oci_cli.name == "runsc" else d
+        process_file, pid_file = d / f"{name}.json", pid_dir / f"{name}.pid"
         process_file.write_text(json.dumps(process))
         proc = await asyncio.create_subprocess_exec(
-            *self.oci(record.oci_runtime).exec_argv(sandbox_id, process_file, pid_file),
+            *oci_cli.exec_argv(sandbox_id, process_file, pid_file),
             stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
+        if oci_cli.name == "runsc":
+            return Process(proc, pid_file, process_file, partial(oci_cli.kill_process, sandbox_id))
         return Process(proc, pid_file, process_file)
 
     async def run(

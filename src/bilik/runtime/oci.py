@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from . import seccomp
+from . import gvisor_statx, seccomp
 from .spec import Limits
 
 # Capabilities of root inside the sandbox, relative to its own user namespace (Docker's default set
@@ -36,6 +36,8 @@ MASKED_PATHS = [
 READONLY_PATHS = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys"]
 
 UID_RANGE = 65536
+# Host tasks of runsc's own beside a sandbox's processes (see _adapt_for_gvisor).
+RUNSC_TASKS = 160
 CPU_PERIOD_US = 100_000
 
 # Where the runtime directory (init, and later envd) appears inside every sandbox.
@@ -169,13 +171,42 @@ def config(
 def _adapt_for_gvisor(spec: dict[str, Any]) -> None:
     """Fit the spec to gVisor (the Debian build of late 2022).
 
-    Its user-space kernel is the isolation boundary: sandbox processes are emulated by the Sentry,
-    which runs as an unprivileged host user, so it takes no host user namespace (this build
-    refuses one) and has no cgroup namespaces. Its layers are therefore stored unshifted.
+    This build refuses a user namespace in the bundle and cannot make cgroups or join a
+    network namespace from one, so bilik runs it inside all three (``userns_exec``, with the
+    same uid mapping, and cgroups made from ``resources``); it has no cgroup namespaces. Its
+    processes preload a shim of ``statx`` (see ``gvisor_statx.c``) and set their seccomp filter
+    themselves.
     """
     for mount in spec["mounts"]:
         if mount["destination"] == "/sys":  # gVisor has a sysfs of its own
             mount.update(type="sysfs", source="sysfs", options=["nosuid", "noexec", "nodev", "ro"])
+        if mount["destination"] == RUNTIME_MOUNT:
+            preload = Path(mount["source"]) / gvisor_statx.PRELOAD
+    spec["mounts"] += [
+        {
+            "destination": "/etc/ld.so.preload",
+            "type": "bind",
+            "source": str(preload),
+            "options": ["rbind", "ro", "nosuid", "nodev", "noexec"],
+        },
+        # runsc puts a tmpfs on /tmp unless the bundle mounts something there: its writes would
+        # take the Sentry's memory instead of the sandbox's capped disk. /tmp stays the disk's.
+        {
+            "destination": "/tmp",
+            "type": "bind",
+            "source": f"{spec['root']['path']}/tmp",
+            "options": ["rbind", "rw", "nosuid", "nodev"],
+        },
+    ]
     linux = spec["linux"]
-    linux["namespaces"] = [ns for ns in linux["namespaces"] if ns["type"] not in ("user", "cgroup")]
-    del linux["uidMappings"], linux["gidMappings"]
+    linux["namespaces"] = [
+        ns for ns in linux["namespaces"] if ns["type"] not in ("user", "cgroup", "network")
+    ]
+    del linux["uidMappings"], linux["gidMappings"], linux["cgroupsPath"]
+    # This build applies a bundle's filter to PID 1 only, not to `runsc exec`'s processes, and
+    # its own rendering of the filter keeps the processes under it from starting threads: the
+    # sandbox's processes set the filter themselves (see local.SECCOMP_FILTER).
+    del linux["seccomp"]
+    # The host's pids count the Sentry's and gofer's own threads too (about 80 at rest), and
+    # a host process for every process in the sandbox.
+    linux["resources"]["pids"]["limit"] += RUNSC_TASKS

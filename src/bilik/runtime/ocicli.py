@@ -11,18 +11,27 @@ import asyncio
 import builtins
 import contextlib
 import json
+import os
 import shutil
 import subprocess
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from . import userns_exec
 from .errors import StepFailed
 
 RUNTIMES = ("crun", "runsc")
+UID_RANGE = 65536
 
 
 class OciCli:
-    def __init__(self, name: str, state_root: Path) -> None:
+    """One OCI runtime binary. ``netns_dir`` holds each sandbox's network namespace (named by
+    its id) and ``uid_base`` is root-inside's host uid: runsc runs with both (see
+    ``userns_exec``)."""
+
+    def __init__(self, name: str, state_root: Path, *, uid_base: int, netns_dir: Path) -> None:
         if name not in RUNTIMES:
             raise ValueError(f"unknown OCI runtime {name!r}; choose one of {', '.join(RUNTIMES)}")
         binary = shutil.which(name)
@@ -31,18 +40,46 @@ class OciCli:
         self.name = name
         self.root = state_root / name
         self.root.mkdir(parents=True, exist_ok=True)
+        self.uid_base = uid_base
+        self.netns_dir = netns_dir
+        self._tasks: set[asyncio.Task[str]] = set()
         self.base = [binary, "--root", str(self.root)]
         if name == "crun":
             self.base.append("--cgroup-manager=cgroupfs")
         if name == "runsc":
             # gVisor's own netstack refuses to start in this build ("cannot run with network
             # enabled in root network namespace"); its host mode hands sockets to the host
-            # kernel, inside the sandbox's own network namespace that bilik filters.
-            self.base += ["--network=host"]
+            # kernel, inside the sandbox's own network namespace that bilik filters. Its
+            # cgroups are made by bilik (``cgroups.create``): runsc cannot from a user namespace.
+            self.base += ["--network=host", "--ignore-cgroups"]
+            # runsc in its user namespace writes its state as the sandbox's root.
+            os.chown(self.root, uid_base, uid_base)
 
-    async def _run(self, step: str, *args: str, stdin: int | None = subprocess.DEVNULL) -> str:
+    def _argv(self, sandbox_id: str | None, cgroup_procs: Sequence[Path] = ()) -> list[str]:
+        """The runtime's argv for a command about ``sandbox_id``. runsc runs in the sandbox's
+        network and user namespaces: its Sentry's control socket is only reached from there."""
+        if self.name != "runsc" or sandbox_id is None:
+            return list(self.base)
+        return [
+            sys.executable,
+            "-I",
+            "-S",
+            userns_exec.__file__,
+            str(self.netns_dir / sandbox_id),
+            str(self.uid_base),
+            str(UID_RANGE),
+            *map(str, cgroup_procs),
+            "--",
+            *self.base,
+        ]
+
+    async def _run(self, step: str, *args: str, sandbox_id: str | None = None) -> str:
         proc = await asyncio.create_subprocess_exec(
-            *self.base, *args, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            *self._argv(sandbox_id),
+            *args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
         out, err = await proc.communicate()
         if proc.returncode != 0:
@@ -51,31 +88,53 @@ class OciCli:
             )
         return out.decode(errors="replace")
 
-    async def run_detached(self, sandbox_id: str, bundle: Path, log: Path) -> int:
+    async def run_detached(
+        self, sandbox_id: str, bundle: Path, log: Path, cgroup_procs: Sequence[Path] = ()
+    ) -> int:
         """Start the container with PID 1's output going to ``log``; returns PID 1's host pid
-        once it runs.
+        (under runsc: the Sentry's) once it runs. ``cgroup_procs``: the cgroups runsc is to
+        run in.
 
         The runtime's own errors land in the same file (PID 1 inherits its stdio, so a pipe
         would never reach end of file), and are read back from there on failure.
         """
+        pid_file = self.root / f"{sandbox_id}.pid"
         with open(log, "ab") as out:
             start = out.tell()
-            pid_file = bundle / "init.pid"
             args = ["run", "--bundle", str(bundle), "--detach", "--pid-file", str(pid_file)]
             args.append(sandbox_id)
             proc = await asyncio.create_subprocess_exec(
-                *self.base, *args, stdin=subprocess.DEVNULL, stdout=out, stderr=out
+                *self._argv(sandbox_id, cgroup_procs),
+                *args,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
             )
             code = await proc.wait()
-        if code != 0:
-            with open(log, "rb") as f:
-                f.seek(start)
-                raise StepFailed("oci-start", f.read(4096).decode(errors="replace").strip())
-        return int(pid_file.read_text())
+        try:
+            if code != 0:
+                with open(log, "rb") as f:
+                    f.seek(start)
+                    raise StepFailed("oci-start", f.read(4096).decode(errors="replace").strip())
+            return int(pid_file.read_text())
+        finally:
+            pid_file.unlink(missing_ok=True)
 
     async def kill(self, sandbox_id: str) -> None:
         with contextlib.suppress(StepFailed):
-            await self._run("oci-kill", "kill", sandbox_id, "KILL")
+            await self._run("oci-kill", "kill", sandbox_id, "KILL", sandbox_id=sandbox_id)
+
+    def kill_process(self, sandbox_id: str, pid: int) -> None:
+        """SIGKILL process ``pid`` (its pid inside) of a runsc sandbox, in the background:
+        killing ``runsc exec`` would leave it running."""
+        task = asyncio.ensure_future(
+            self._run(
+                "oci-kill", "kill", "-pid", str(pid), sandbox_id, "KILL", sandbox_id=sandbox_id
+            )
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def delete(self, sandbox_id: str) -> None:
         """Remove the container, killing it if it still runs. A missing container is fine."""
@@ -92,7 +151,8 @@ class OciCli:
 
     async def state(self, sandbox_id: str) -> dict[str, Any] | None:
         try:
-            state = json.loads(await self._run("oci-state", "state", sandbox_id))
+            out = await self._run("oci-state", "state", sandbox_id, sandbox_id=sandbox_id)
+            state = json.loads(out)
         except (StepFailed, json.JSONDecodeError):
             return None
         return state if isinstance(state, dict) else None
@@ -108,14 +168,24 @@ class OciCli:
 
     def exec_argv(self, sandbox_id: str, process_file: Path, pid_file: Path) -> builtins.list[str]:
         """The argv that runs the process described by ``process_file`` in the sandbox and
-        writes its host pid to ``pid_file``."""
-        dash = "-" if self.name == "runsc" else "--"
+        writes its pid to ``pid_file``: its host pid, or under runsc (where it has none) its
+        pid inside, for :meth:`kill_process`."""
+        if self.name == "runsc":
+            return [
+                *self._argv(sandbox_id),
+                "exec",
+                "-process",
+                str(process_file),
+                "-internal-pid-file",
+                str(pid_file),
+                sandbox_id,
+            ]
         return [
             *self.base,
             "exec",
-            f"{dash}process",
+            "--process",
             str(process_file),
-            f"{dash}pid-file",
+            "--pid-file",
             str(pid_file),
             sandbox_id,
         ]

@@ -1,0 +1,34 @@
+"""Run a command under a seccomp filter it sets itself: ``python3 -I -m bilik.envd.seccomp_exec
+FILTER ARGV ...`` (``FILTER``: a compiled program, see ``runtime.seccomp.compile_bpf``).
+
+Debian 12's gVisor applies a bundle's seccomp filter to PID 1 alone, not to what ``runsc exec``
+starts (fixed in gVisor only in 2026), and processes under its rendering of the filter cannot
+start threads. So in gVisor sandboxes PID 1 and the runtime's own execs start through this, with
+the filter libseccomp compiled on the host, as crun would set it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from .enter import PR_SET_NO_NEW_PRIVS, SeccompFilter, _prctl
+
+
+def main(filter_path: str, argv: list[str]) -> None:
+    with open(filter_path, "rb") as f:
+        program = f.read()
+    _prctl(PR_SET_NO_NEW_PRIVS, 1)
+    SeccompFilter(program).load()
+    command = argv[0]
+    try:
+        os.execvp(command, argv)
+    except OSError as e:
+        print(f"{command}: {e.strerror}", file=sys.stderr)
+        sys.exit(127 if isinstance(e, FileNotFoundError) else 126)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 3:
+        sys.exit("usage: seccomp_exec FILTER COMMAND [ARG ...]")
+    main(sys.argv[1], sys.argv[2:])
