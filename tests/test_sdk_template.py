@@ -327,6 +327,23 @@ def test_a_failing_step_points_at_its_line(srv: BilikServer, tmp_path: Path) -> 
         Template.build(unknown, "unknown-base", **_params(srv))
 
 
+def test_a_template_can_run_under_gvisor(srv: BilikServer) -> None:
+    """bilik's own choice of OCI runtime per template (``set_runtime``), end to end through the
+    official SDK; templates built on one inherit it."""
+    template = Template().from_base_image().set_runtime("runsc").run_cmd("echo made > ~/made")
+    Template.build(template, "under-gvisor", **_params(srv))
+    child = Template().from_template("under-gvisor").run_cmd("echo child > ~/child")
+    Template.build(child, "under-gvisor-child", **_params(srv))
+    for name in ("under-gvisor", "under-gvisor-child"):
+        with Sandbox.create(name, **_params(srv)) as sbx:
+            result = sbx.commands.run("uname -r; cat ~/made; ls ~")
+            assert result.stdout.split()[:2] == ["4.4.0", "made"]  # gVisor's kernel
+            sbx.files.write("/home/user/f.txt", "hello")
+            assert sbx.files.read("/home/user/f.txt") == "hello"
+    with pytest.raises(InvalidArgumentException, match="unknown runtime"):
+        Template().from_base_image().set_runtime("kata")  # type: ignore[arg-type]
+
+
 def test_from_a_private_registry(srv: BilikServer) -> None:
     with registry.registry(auth=True) as address:
         template = (

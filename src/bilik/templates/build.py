@@ -26,6 +26,7 @@ from typing import Any
 
 from ..runtime import LocalRuntime, RuntimeFailure, SandboxSpec, base_image
 from ..runtime.layers import Image, layer_key
+from ..runtime.ocicli import RUNTIMES
 from ..runtime.spec import Limits
 from . import registries
 from .files import FileStore
@@ -113,7 +114,11 @@ class Builder:
         log: BuildLog,
     ) -> Image:
         """Build ``spec`` (E2B's TemplateBuildStartV2) into the image named ``template_id``."""
-        layers, settings = await self._base(spec, log)
+        chosen = spec.get("ociRuntime")
+        if chosen is not None and chosen not in RUNTIMES:
+            raise BuildFailed(f"ociRuntime must be one of {', '.join(RUNTIMES)}", "base")
+        layers, settings, inherited = await self._base(spec, log)
+        oci_runtime = chosen or inherited
         force = bool(spec.get("force"))
         below = layer_key("image", list(layers))
         steps = spec.get("steps") or []
@@ -161,6 +166,7 @@ class Builder:
                 dict(settings.env),
                 settings.user,
                 settings.workdir,
+                oci_runtime=oci_runtime,
                 start_cmd=spec.get("startCmd") or None,
                 ready_cmd=spec.get("readyCmd") or None,
             )
@@ -170,7 +176,10 @@ class Builder:
         finally:
             self.runtime.layers.remove_image(scratch_image)
 
-    async def _base(self, spec: dict[str, Any], log: BuildLog) -> tuple[list[str], Settings]:
+    async def _base(
+        self, spec: dict[str, Any], log: BuildLog
+    ) -> tuple[list[str], Settings, str | None]:
+        """The base's layers, its settings, and its OCI runtime (a template's is inherited)."""
         source = spec.get("fromTemplate") or spec.get("fromImage") or "e2bdev/base"
         if not isinstance(source, str):
             raise BuildFailed("fromImage and fromTemplate must be names", "base")
@@ -203,7 +212,8 @@ class Builder:
             raise BuildFailed(f"base {source!r}: {e}", "base") from None
         except RuntimeFailure as e:
             raise BuildFailed(f"base {source!r}{how}: {e}", "base") from None
-        return list(image.layers), Settings(dict(image.env), image.user, image.workdir)
+        settings = Settings(dict(image.env), image.user, image.workdir)
+        return list(image.layers), settings, image.oci_runtime
 
     async def _make_layer(
         self,
