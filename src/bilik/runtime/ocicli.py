@@ -21,9 +21,9 @@ from typing import Any
 
 from . import userns_exec
 from .errors import StepFailed
+from .oci import UID_RANGE
 
 RUNTIMES = ("crun", "runsc")
-UID_RANGE = 65536
 
 
 class OciCli:
