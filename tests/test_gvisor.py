@@ -49,3 +49,26 @@ async def test_envd_and_its_processes_run_confined(runtime: LocalRuntime) -> Non
         assert (made.st_uid, made.st_gid) == (SETTINGS.uid_base + 1000, SETTINGS.uid_base + 1000)
     finally:
         await runtime.kill(info.sandbox_id)
+
+
+async def test_the_loaders_variables_reach_the_command_only(runtime: LocalRuntime) -> None:
+    """The Python that sets a gVisor exec's filter starts without LD_PRELOAD and the like
+    (what they load would run unfiltered); the command gets them back."""
+    info = await runtime.create(SandboxSpec(), oci_runtime="runsc")
+    try:
+        loaded = await runtime.run(
+            info.sandbox_id,
+            # (one process: the shell reads its own status)
+            [
+                "sh",
+                "-c",
+                'echo "$LD_LIBRARY_PATH"; while read -r l; do case $l in Seccomp:*)'
+                " echo $l;; esac; done < /proc/self/status",
+            ],
+            env={"LD_LIBRARY_PATH": "/opt/lib", "LD_PRELOAD": "/no/such.so"},
+        )
+        # One complaint of the loader: the shell's, not also the filter-setting Python's.
+        assert loaded.stderr.count(b"cannot be preloaded") == 1, loaded
+        assert loaded.stdout.split() == [b"/opt/lib", b"Seccomp:", b"2"]
+    finally:
+        await runtime.kill(info.sandbox_id)

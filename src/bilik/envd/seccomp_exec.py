@@ -2,9 +2,9 @@
 FILTER ARGV ...`` (``FILTER``: a compiled program, see ``runtime.seccomp.compile_bpf``).
 
 Debian 12's gVisor applies a bundle's seccomp filter to PID 1 alone, not to what ``runsc exec``
-starts (fixed in gVisor only in 2026), and processes under its rendering of the filter cannot
-start threads. So in gVisor sandboxes PID 1 and the runtime's own execs start through this, with
-the filter libseccomp compiled on the host, as crun would set it.
+starts (google/gvisor#12692 added that later), and processes under its rendering of the filter
+cannot start threads. So in gVisor sandboxes PID 1 and the runtime's own execs start through
+this, with the filter libseccomp compiled on the host, as crun would set it.
 """
 
 from __future__ import annotations
@@ -14,12 +14,17 @@ import sys
 
 from .enter import PR_SET_NO_NEW_PRIVS, SeccompFilter, _prctl
 
+KEPT = "BILIK_KEPT_"
+
 
 def main(filter_path: str, argv: list[str]) -> None:
     with open(filter_path, "rb") as f:
         program = f.read()
     _prctl(PR_SET_NO_NEW_PRIVS, 1)
     SeccompFilter(program).load()
+    # The loader's variables, put aside so that they applied to the command only.
+    for name in [n for n in os.environ if n.startswith(KEPT)]:
+        os.environ[name.removeprefix(KEPT)] = os.environ.pop(name)
     command = argv[0]
     try:
         os.execvp(command, argv)

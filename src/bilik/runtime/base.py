@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
+from .fsutil import read_pid
 from .spec import Limits, SandboxSpec
 
 
@@ -109,7 +110,7 @@ class Process:
     def kill(self) -> None:
         """Kill the process inside the sandbox (the runtime's exec helper follows it out)."""
         with contextlib.suppress(OSError, ValueError):
-            pid = int(self._pid_file.read_text())
+            pid = read_pid(self._pid_file)
             if self._kill_inside is not None:
                 self._kill_inside(pid)
             else:

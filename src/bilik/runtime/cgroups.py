@@ -73,7 +73,8 @@ def create(instance: str, sandbox_id: str, resources: dict[str, Any]) -> list[Pa
             ("cpu.max", f"{quota} {period}"),
             ("pids.max", pids),
         ):
-            (path / name).write_text(str(value))
+            if name != "memory.swap.max" or (path / name).exists():  # (no swap accounting)
+                (path / name).write_text(str(value))
         return [path / "cgroup.procs"]
     paths = []
     for controller in _LIMITED:

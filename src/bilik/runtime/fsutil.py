@@ -31,6 +31,18 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def read_pid(path: Path) -> int:
+    """The pid in ``path``, a file another uid may have written (runsc's, as the sandboxes'
+    root): never through a link, never blocking on a FIFO. ValueError if it holds none."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{path} is not a file")
+        return int(os.read(fd, 32))
+    finally:
+        os.close(fd)
+
+
 def write_text(path: Path, text: str, mode: int = 0o644) -> None:
     with open(path, "w") as f:
         f.write(text)

@@ -1,5 +1,6 @@
-"""The statx shim of gVisor sandboxes (``gvisor_statx.c``): built into the runtime directory,
-preloaded into every process there through an ``/etc/ld.so.preload`` of the sandbox's own."""
+"""The statx shim of gVisor sandboxes (``gvisor_statx.c``): built into the runtime directory on
+first use, preloaded into every process there through an ``/etc/ld.so.preload`` of the
+sandbox's own."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 from .errors import StepFailed
+from .fsutil import file_lock, write_bytes_atomic
 
 SOURCE = Path(__file__).with_suffix(".c")
 LIBRARY = "gvisor_statx.so"
@@ -19,17 +21,31 @@ def ensure(runtime_dir: Path, mounted_at: str) -> None:
     write the preload list naming it where sandboxes see it (``mounted_at``)."""
     source = SOURCE.read_bytes()
     built_from = runtime_dir / SOURCE.name
-    library = runtime_dir / LIBRARY
-    if not library.exists() or not built_from.exists() or built_from.read_bytes() != source:
-        tmp = runtime_dir / f".{LIBRARY}.{os.getpid()}"
-        proc = subprocess.run(
-            ["gcc", "-O2", "-shared", "-fPIC", "-nostdlib", "-o", str(tmp), str(SOURCE)],
-            capture_output=True,
-            text=True,
-        )
-        if proc.returncode != 0:
-            raise StepFailed("build-gvisor-statx", proc.stderr.strip())
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, library)
-        built_from.write_bytes(source)
-    (runtime_dir / PRELOAD).write_text(f"{mounted_at}/{LIBRARY}\n")
+    preload = f"{mounted_at}/{LIBRARY}\n".encode()
+    if _current(built_from, source) and _current(runtime_dir / PRELOAD, preload):
+        return
+    with file_lock(runtime_dir / f".{LIBRARY}.lock"):
+        if not _current(built_from, source):
+            tmp = runtime_dir / f".{LIBRARY}.{os.getpid()}"
+            try:
+                proc = subprocess.run(
+                    ["gcc", "-O2", "-shared", "-fPIC", "-nostdlib", "-o", str(tmp), str(SOURCE)],
+                    capture_output=True,
+                    text=True,
+                )
+            except FileNotFoundError:
+                raise StepFailed("gvisor-statx", "gcc is not installed (see install.sh)") from None
+            if proc.returncode != 0:
+                tmp.unlink(missing_ok=True)
+                raise StepFailed("gvisor-statx", proc.stderr.strip())
+            os.chmod(tmp, 0o755)
+            os.replace(tmp, runtime_dir / LIBRARY)
+            write_bytes_atomic(built_from, source)
+        write_bytes_atomic(runtime_dir / PRELOAD, preload)
+
+
+def _current(path: Path, content: bytes) -> bool:
+    try:
+        return path.read_bytes() == content
+    except FileNotFoundError:
+        return False

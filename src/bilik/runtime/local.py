@@ -75,7 +75,16 @@ _ENVD = (
 # sets it itself, through ``bilik.envd.seccomp_exec``: PID 1 (so all that descends from it) and
 # what the runtime execs (runsc applies a bundle's filter to neither as it should: see oci).
 SECCOMP_FILTER = "seccomp.bpf"
+# The loader's variables are the command's, not the filter-setting Python's (code they load
+# would run before the filter is set): a static shell puts them aside, seccomp_exec restores them.
+_LOADER_VARS = ("LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", "GCONV_PATH")
+_PUT_ASIDE = "".join(f'[ "${{{v}+x}}" ] && export BILIK_KEPT_{v}="${v}"; ' for v in _LOADER_VARS)
 _SECCOMP_EXEC = [
+    _BUSYBOX,
+    "sh",
+    "-c",
+    f'{_PUT_ASIDE}unset {" ".join(_LOADER_VARS)}; exec "$@"',
+    "seccomp_exec",
     f"{agent_python.MOUNTED_AT}/bin/python3",
     "-I",
     "-m",
@@ -166,8 +175,6 @@ class LocalRuntime:
         # What the runtime's exec sets in gVisor sandboxes (see ``bilik.envd.seccomp_exec``).
         filter_bpf = seccomp.compile_bpf(seccomp.profile())
         write_bytes_atomic(self.runtime_dir / SECCOMP_FILTER, filter_bpf)
-        if shutil.which("runsc"):
-            gvisor_statx.ensure(self.runtime_dir, oci.RUNTIME_MOUNT)
         self.layers.discard_scratch()
 
     def oci(self, name: str | None = None) -> OciCli:
@@ -493,6 +500,13 @@ class LocalRuntime:
             os.chown(path, uid, uid)
         os.chmod(envd_config, 0o600)
         disk.create(d / "disk.img", d / "disk", record.limits.disk_mb, uid)
+        gvisor_tmp = None
+        if record.oci_runtime == "runsc":  # /tmp there (see oci): made here, so no one's link
+            gvisor_statx.ensure(self.runtime_dir, oci.RUNTIME_MOUNT)
+            gvisor_tmp = d / "disk" / "tmp"
+            gvisor_tmp.mkdir(mode=0o1777)
+            os.chmod(gvisor_tmp, 0o1777)
+            os.chown(gvisor_tmp, uid, uid)
         rootfs = d / "rootfs"
         rootfs.mkdir()
         lower = ":".join(str(self.layers.path(k)) for k in reversed(record.layers))
@@ -507,10 +521,6 @@ class LocalRuntime:
             )
         except OSError as e:
             raise StepFailed("mount-rootfs", str(e)) from e
-        if record.oci_runtime == "runsc" and not (rootfs / "tmp").exists():
-            (rootfs / "tmp").mkdir()  # bound over itself there (see oci)
-            os.chmod(rootfs / "tmp", 0o1777)
-            os.chown(rootfs / "tmp", uid, uid)
         etc = d / "etc"
         etc.mkdir()
         write_text(etc / "hostname", f"{record.sandbox_id}\n")
@@ -535,6 +545,7 @@ class LocalRuntime:
             control_dir=control,
             init=_init(record.oci_runtime),
             oci_runtime=record.oci_runtime,
+            gvisor_tmp=gvisor_tmp,
         )
         (d / "config.json").write_text(json.dumps(config))
         if record.oci_runtime != "runsc":
@@ -608,6 +619,7 @@ class LocalRuntime:
             ("unmount", lambda: _umount_all(syscalls.mounted_under(str(d)))),
             ("disk", lambda: disk.remove(d / "disk.img", d / "disk")),
             ("files", lambda: shutil.rmtree(d, ignore_errors=True)),
+            ("pid files", lambda: self._remove_runsc_pid_files(sandbox_id)),
         ]
         errors = []
         for name, step in steps:
@@ -616,6 +628,12 @@ class LocalRuntime:
             except Exception as e:
                 errors.append(f"{name}: {e}")
         return errors
+
+    def _remove_runsc_pid_files(self, sandbox_id: str) -> None:
+        """The pid files runsc wrote for the sandbox's execs (``<id>.exec-….pid``) that no
+        one waited for."""
+        for path in (self.state_root / "runsc").glob(f"{sandbox_id}.*.pid"):
+            path.unlink(missing_ok=True)
 
     async def kill(self, sandbox_id: str) -> None:
         async with self._locked(sandbox_id):
@@ -830,9 +848,9 @@ class LocalRuntime:
         }
         name = f"exec-{os.urandom(6).hex()}"
         oci_cli = self.oci(record.oci_runtime)
-        # runsc writes the pid inside the sandbox, as the sandbox's root (see ocicli).
-        pid_dir = oci_cli.root if oci_cli.name == "runsc" else d
-        process_file, pid_file = d / f"{name}.json", pid_dir / f"{name}.pid"
+        process_file, pid_file = d / f"{name}.json", d / f"{name}.pid"
+        if oci_cli.name == "runsc":  # written as the sandbox's root: in runsc's own directory
+            pid_file = oci_cli.root / f"{sandbox_id}.{name}.pid"
         process_file.write_text(json.dumps(process))
         proc = await asyncio.create_subprocess_exec(
             *oci_cli.exec_argv(sandbox_id, process_file, pid_file),

@@ -60,8 +60,10 @@ def config(
     control_dir: Path,
     init: list[str],
     oci_runtime: str = "crun",
+    gvisor_tmp: Path | None = None,
 ) -> dict[str, Any]:
-    """Build ``config.json`` for one sandbox. ``init`` is PID 1's argv (inside the sandbox)."""
+    """Build ``config.json`` for one sandbox. ``init`` is PID 1's argv (inside the sandbox);
+    ``gvisor_tmp``, runsc's only: the directory on the sandbox's disk to mount at /tmp."""
     memory = limits.memory_mb * 1024 * 1024
     spec = {
         "ociVersion": "1.0.2",
@@ -164,11 +166,12 @@ def config(
         },
     }
     if oci_runtime == "runsc":
-        _adapt_for_gvisor(spec)
+        assert gvisor_tmp is not None
+        _adapt_for_gvisor(spec, runtime_dir, gvisor_tmp)
     return spec
 
 
-def _adapt_for_gvisor(spec: dict[str, Any]) -> None:
+def _adapt_for_gvisor(spec: dict[str, Any], runtime_dir: Path, tmp: Path) -> None:
     """Fit the spec to gVisor (the Debian build of late 2022).
 
     This build refuses a user namespace in the bundle and cannot make cgroups or join a
@@ -180,21 +183,19 @@ def _adapt_for_gvisor(spec: dict[str, Any]) -> None:
     for mount in spec["mounts"]:
         if mount["destination"] == "/sys":  # gVisor has a sysfs of its own
             mount.update(type="sysfs", source="sysfs", options=["nosuid", "noexec", "nodev", "ro"])
-        if mount["destination"] == RUNTIME_MOUNT:
-            preload = Path(mount["source"]) / gvisor_statx.PRELOAD
     spec["mounts"] += [
         {
             "destination": "/etc/ld.so.preload",
             "type": "bind",
-            "source": str(preload),
+            "source": str(runtime_dir / gvisor_statx.PRELOAD),
             "options": ["rbind", "ro", "nosuid", "nodev", "noexec"],
         },
         # runsc puts a tmpfs on /tmp unless the bundle mounts something there: its writes would
-        # take the Sentry's memory instead of the sandbox's capped disk. /tmp stays the disk's.
+        # take the Sentry's memory instead of the sandbox's capped disk. /tmp is on the disk.
         {
             "destination": "/tmp",
             "type": "bind",
-            "source": f"{spec['root']['path']}/tmp",
+            "source": str(tmp),
             "options": ["rbind", "rw", "nosuid", "nodev"],
         },
     ]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import contextlib
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ from typing import Any
 
 from . import userns_exec
 from .errors import StepFailed
+from .fsutil import read_pid
 from .oci import UID_RANGE
 
 RUNTIMES = ("crun", "runsc")
@@ -55,17 +55,19 @@ class OciCli:
             # runsc in its user namespace writes its state as the sandbox's root.
             os.chown(self.root, uid_base, uid_base)
 
-    def _argv(self, sandbox_id: str | None, cgroup_procs: Sequence[Path] = ()) -> list[str]:
-        """The runtime's argv for a command about ``sandbox_id``. runsc runs in the sandbox's
-        network and user namespaces: its Sentry's control socket is only reached from there."""
-        if self.name != "runsc" or sandbox_id is None:
+    def _argv(self, netns_of: str | None = None, cgroup_procs: Sequence[Path] = ()) -> list[str]:
+        """The runtime's argv. runsc always runs as the sandboxes' root, in a user namespace:
+        its state is theirs to write, so host root never acts on it; with ``netns_of``, also
+        in that sandbox's network namespace, the only place its Sentry's control socket is
+        reached from."""
+        if self.name != "runsc":
             return list(self.base)
         return [
             sys.executable,
             "-I",
             "-S",
             userns_exec.__file__,
-            str(self.netns_dir / sandbox_id),
+            str(self.netns_dir / netns_of) if netns_of else "-",
             str(self.uid_base),
             str(UID_RANGE),
             *map(str, cgroup_procs),
@@ -73,9 +75,9 @@ class OciCli:
             *self.base,
         ]
 
-    async def _run(self, step: str, *args: str, sandbox_id: str | None = None) -> str:
+    async def _run(self, step: str, *args: str, netns_of: str | None = None) -> str:
         proc = await asyncio.create_subprocess_exec(
-            *self._argv(sandbox_id),
+            *self._argv(netns_of),
             *args,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -116,21 +118,15 @@ class OciCli:
                 with open(log, "rb") as f:
                     f.seek(start)
                     raise StepFailed("oci-start", f.read(4096).decode(errors="replace").strip())
-            return int(pid_file.read_text())
+            return read_pid(pid_file)
         finally:
             pid_file.unlink(missing_ok=True)
-
-    async def kill(self, sandbox_id: str) -> None:
-        with contextlib.suppress(StepFailed):
-            await self._run("oci-kill", "kill", sandbox_id, "KILL", sandbox_id=sandbox_id)
 
     def kill_process(self, sandbox_id: str, pid: int) -> None:
         """SIGKILL process ``pid`` (its pid inside) of a runsc sandbox, in the background:
         killing ``runsc exec`` would leave it running."""
         task = asyncio.ensure_future(
-            self._run(
-                "oci-kill", "kill", "-pid", str(pid), sandbox_id, "KILL", sandbox_id=sandbox_id
-            )
+            self._run("oci-kill", "kill", "-pid", str(pid), sandbox_id, "KILL", netns_of=sandbox_id)
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -151,7 +147,7 @@ class OciCli:
 
     async def state(self, sandbox_id: str) -> dict[str, Any] | None:
         try:
-            out = await self._run("oci-state", "state", sandbox_id, sandbox_id=sandbox_id)
+            out = await self._run("oci-state", "state", sandbox_id, netns_of=sandbox_id)
             state = json.loads(out)
         except (StepFailed, json.JSONDecodeError):
             return None
