@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import json
 import os
 import shutil
@@ -121,6 +122,11 @@ class OciCli:
             return read_pid(pid_file)
         finally:
             pid_file.unlink(missing_ok=True)
+
+    async def kill(self, sandbox_id: str) -> None:
+        """SIGKILL the container's processes (its resources stay until :meth:`delete`)."""
+        with contextlib.suppress(StepFailed):
+            await self._run("oci-kill", "kill", sandbox_id, "KILL", netns_of=sandbox_id)
 
     def kill_process(self, sandbox_id: str, pid: int) -> None:
         """SIGKILL process ``pid`` (its pid inside) of a runsc sandbox, in the background:
