@@ -16,7 +16,7 @@ import signal
 import socket
 from pathlib import Path
 
-from . import agent_python, oci, seccomp
+from . import agent_python, oci
 from .errors import StepFailed
 
 PR_SET_PDEATHSIG = 1
@@ -27,8 +27,10 @@ def _die_with_parent() -> None:
 
 
 class EnvdZygote:
-    def __init__(self, agents_dir: Path) -> None:
+    def __init__(self, agents_dir: Path, seccomp_filter: Path) -> None:
+        """``seccomp_filter``: the sandboxes' filter, compiled (``seccomp.compile_bpf``)."""
         self.agents_dir = agents_dir
+        self.seccomp_filter = seccomp_filter
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -60,7 +62,7 @@ class EnvdZygote:
         config = {
             "fd": fd,
             "capabilities": oci.CAPABILITIES,
-            "seccomp_bpf": base64.b64encode(seccomp.compile_bpf(seccomp.profile())).decode(),
+            "seccomp_bpf": base64.b64encode(self.seccomp_filter.read_bytes()).decode(),
         }
         self._proc.stdin.write(json.dumps(config).encode() + b"\n")
         await self._proc.stdin.drain()

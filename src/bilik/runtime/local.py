@@ -122,7 +122,7 @@ class LocalRuntime:
         self.state_root = Path("/run") / settings.instance
         self.network = HostNetwork(settings.instance, settings.subnet)
         self._oci: dict[str, OciCli] = {}
-        self.zygote = EnvdZygote(self.runtime_dir / "agents")
+        self.zygote = EnvdZygote(self.runtime_dir / "agents", self.runtime_dir / SECCOMP_FILTER)
         self._init_fds: dict[str, tuple[int, asyncio.AbstractEventLoop]] = {}
         self._by_address: dict[str, SandboxRecord] = {}
         self._by_address_at = 0.0
