@@ -172,7 +172,8 @@ class LocalRuntime:
                 shutil.copy2(source, target.with_suffix(".new"))
                 os.replace(target.with_suffix(".new"), target)
         agents.ensure(self.runtime_dir, self.log)
-        # What the runtime's exec sets in gVisor sandboxes (see ``bilik.envd.seccomp_exec``).
+        # For the processes that set the filter themselves: envds from the zygote, and every
+        # process of a gVisor sandbox.
         filter_bpf = seccomp.compile_bpf(seccomp.profile())
         write_bytes_atomic(self.runtime_dir / SECCOMP_FILTER, filter_bpf)
         self.layers.discard_scratch()
