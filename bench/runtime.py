@@ -14,6 +14,8 @@ from pathlib import Path
 
 from bilik.config import Settings
 from bilik.runtime import LocalRuntime, SandboxSpec, cgroups
+from bilik.templates import default_builds
+from bilik.templates.defaults import BASE
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -68,7 +70,8 @@ async def _run(settings: Settings, creates: int, idle: int, runtimes: list[str])
     await runtime.start()
     print(f"bilik bench runtime: {creates} creates per runtime, {idle} idle sandboxes")
     if creates:
-        await asyncio.to_thread(runtime.image, "base")
+        async with default_builds.outside_a_server(runtime) as defaults:
+            await defaults.ensure(BASE, log=print)
     for name in runtimes if creates else []:
         await _time_to_first_output(runtime, name)  # warm caches
         samples = [await _time_to_first_output(runtime, name) for _ in range(creates)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import time
@@ -13,6 +14,8 @@ import pytest_asyncio
 
 from bilik.runtime import LocalRuntime, SandboxInfo, SandboxSpec
 from bilik.runtime.network import HostNetwork
+from bilik.templates import default_builds
+from bilik.templates.defaults import BASE
 from helpers import INET_HOST, INET_NET, INET_PEER, SETTINGS, host_state, sh
 from postgres import postgres_server
 from server import BilikServer
@@ -36,8 +39,22 @@ def nothing_left_behind() -> Iterator[None]:
 
 @pytest_asyncio.fixture(scope="session")
 async def runtime(internet: dict[str, str]) -> AsyncIterator[LocalRuntime]:
-    """The runtime as the server runs it: host prepared, reconciled, DNS forwarder up."""
-    rt = LocalRuntime(SETTINGS, log=lambda line: print(line, file=sys.stderr))
+    """The runtime as the server runs it: host prepared, reconciled, DNS forwarder up, and
+    ``base`` (what a create with no template gets) built."""
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr)
+
+    # Built as a server would: its build sandboxes resolve names through the host's resolvers
+    # (this runtime's, the test internet's only).
+    builder = LocalRuntime(dataclasses.replace(SETTINGS, dns_upstream=""), log=log)
+    await builder.start()
+    try:
+        async with default_builds.outside_a_server(builder) as defaults:
+            await defaults.ensure(BASE, log=log)
+    finally:
+        await builder.close()
+    rt = LocalRuntime(SETTINGS, log=log)
     await rt.start()
     await rt.reconcile()
     dns = await rt.serve_dns()

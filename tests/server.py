@@ -98,13 +98,15 @@ class BilikServer:
             "BILIK_READY_TIMEOUT_S": "5",
         }
 
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, check: bool = True, timeout: float = 300
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "bilik.cli", *args],
             env=self._env(),
             capture_output=True,
             text=True,
-            timeout=300,
+            timeout=timeout,
             check=check,
         )
 

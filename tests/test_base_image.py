@@ -1,11 +1,14 @@
-"""The base template: what E2B's base template users expect, built once, rebuilt on request."""
+"""The base template: what E2B's base template users expect, defined with bilik's template
+builder, built once, rebuilt on request."""
 
 from __future__ import annotations
 
 import asyncio
 
 from bilik.runtime import LocalRuntime, SandboxInfo, SandboxSpec
+from bilik.templates.defaults import BASE
 from helpers import run_ok
+from server import BilikServer
 
 
 async def test_base_has_what_users_expect(runtime: LocalRuntime, sandbox: SandboxInfo) -> None:
@@ -22,18 +25,30 @@ async def test_base_has_what_users_expect(runtime: LocalRuntime, sandbox: Sandbo
     assert user.splitlines()[2].split()[2:4] == ["user", "user"]
     python = await run_ok(runtime, sandbox.sandbox_id, "python3 -m venv /tmp/v && echo ok", "user")
     assert python == "ok\n"
+    # pip installs into the image's Python, as on E2B's base (Debian refuses that by default).
+    pip = await run_ok(runtime, sandbox.sandbox_id, "echo $PIP_BREAK_SYSTEM_PACKAGES")
+    assert pip == "1\n"
+    sudoers = await run_ok(runtime, sandbox.sandbox_id, "cat /etc/sudoers.d/user")
+    assert sudoers == "user ALL=(ALL:ALL) NOPASSWD: ALL\n"
 
 
-async def test_rebuild_replaces_the_layer_and_spares_running_sandboxes(
-    runtime: LocalRuntime,
+async def test_rebuild_runs_every_step_again_and_spares_running_sandboxes(
+    runtime: LocalRuntime, server: BilikServer
 ) -> None:
-    before = await asyncio.to_thread(runtime.image, "base")
+    before = await asyncio.to_thread(runtime.image, BASE)
     old = await runtime.create(SandboxSpec())
     try:
         await run_ok(runtime, old.sandbox_id, "echo kept > /root/mark")
-        after = await asyncio.to_thread(runtime.image, "base", rebuild=True)
-        assert after.layers != before.layers
-        assert runtime.layers.has(before.layers[0])  # the running sandbox still stands on it
+        # (the server's instance shares this one's layers and images)
+        rebuilt = server.cli("template", "build-default", BASE, "--rebuild", timeout=900)
+        assert rebuilt.stdout.splitlines()[-1].startswith(f"{BASE}: ready ({BASE}:")
+        assert "CACHED" not in rebuilt.stdout and "mmdebstrap" in rebuilt.stdout  # Debian too
+        after = await asyncio.to_thread(runtime.image, BASE)
+        assert after.layers != before.layers and not set(after.layers) & set(before.layers)
+        # Asked again, it is there: nothing runs.
+        again = server.cli("template", "build-default", BASE)
+        assert again.stdout.splitlines() == [rebuilt.stdout.splitlines()[-1]]
+        assert all(runtime.layers.has(key) for key in before.layers)  # the sandbox stands on them
         assert await run_ok(runtime, old.sandbox_id, "cat /root/mark") == "kept\n"
         new = await runtime.create(SandboxSpec())
         try:
@@ -42,10 +57,11 @@ async def test_rebuild_replaces_the_layer_and_spares_running_sandboxes(
             await runtime.kill(new.sandbox_id)
     finally:
         await runtime.kill(old.sandbox_id)
-    # Once no sandbox stands on it, the old layer goes, unless a template built on the old base
-    # (code-interpreter-v1, from an earlier run, say) still names it.
-    named = [i.name for i in runtime.layers.images() if before.layers[0] in i.layers]
+    # Once no sandbox stands on them, the old layers go, unless a template built on the old base
+    # (code-interpreter-v1, from an earlier run, say) still names them.
+    top = before.layers[-1]
+    named = [i.name for i in runtime.layers.images() if top in i.layers]
     collected = await asyncio.to_thread(runtime.collect_layers, grace_s=0)
-    assert (before.layers[0] in collected) == (not named), named
-    assert runtime.layers.has(before.layers[0]) == bool(named)
-    assert (await asyncio.to_thread(runtime.image, "base")).layers == after.layers
+    assert (top in collected) == (not named), named
+    assert runtime.layers.has(top) == bool(named)
+    assert (await asyncio.to_thread(runtime.image, BASE)).layers == after.layers

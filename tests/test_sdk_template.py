@@ -546,10 +546,14 @@ def test_cli_build_list_delete(srv: BilikServer, tmp_path: Path) -> None:
     assert again.returncode == 1 and "not found" in again.stderr
 
 
-def test_the_default_template_is_defined_with_the_builder() -> None:
-    """``code-interpreter-v1`` is written with this builder; the server builds its request."""
-    from bilik.templates.defaults import CODE_INTERPRETER_TEMPLATE, DEFAULTS
+def test_the_default_templates_are_defined_with_the_builder() -> None:
+    """``base`` and ``code-interpreter-v1`` are written with this builder; the server builds
+    their requests."""
+    from bilik.templates.defaults import BASE_TEMPLATE, CODE_INTERPRETER_TEMPLATE, DEFAULTS
 
+    dockerfile = BASE_TEMPLATE.to_dockerfile()
+    assert dockerfile.startswith("FROM debian:stable\n") and "python3-pip" in dockerfile
+    assert DEFAULTS["base"]["fromImage"] == "debian:stable"
     dockerfile = CODE_INTERPRETER_TEMPLATE.to_dockerfile()
     assert dockerfile.startswith("FROM e2bdev/base\n") and "ipykernel" in dockerfile
     spec = DEFAULTS["code-interpreter-v1"]

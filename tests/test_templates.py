@@ -320,6 +320,22 @@ def test_from_debian_without_a_registry(built_server: BilikServer) -> None:
         assert sbx.commands.run("whoami; command -v sudo python3 || true").stdout == "user\n"
 
 
+def test_from_one_of_bilik_s_own_templates(built_server: BilikServer) -> None:
+    """``from_template`` takes bilik's own templates by name, as ``from_base_image`` does
+    ``base``: they stand on the same layers."""
+    server = built_server
+    word = uuid.uuid4().hex
+    logs, _ = _build(
+        server, Template().from_template("base").run_cmd(f"echo {word} > ~/w"), "on-base"
+    )
+    assert any(line.startswith("FROM base:") for line in logs), logs
+    with Sandbox.create("on-base", **_params(server)) as sbx:
+        assert sbx.files.read("/home/user/w") == f"{word}\n"
+        assert sbx.commands.run("echo $PIP_BREAK_SYSTEM_PACKAGES; command -v git").stdout == (
+            "1\n/usr/bin/git\n"
+        )
+
+
 def test_background_builds_and_exists(built_server: BilikServer) -> None:
     server = built_server
     params = _params(server)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import sys
 import threading
@@ -17,7 +16,7 @@ from .config import InvalidSettings, Settings
 from .runtime import Limits, LocalRuntime, RuntimeFailure, SandboxInfo, SandboxSpec
 from .runtime.ocicli import RUNTIMES
 from .store import ApiKey, KeyCaps, KeyNotFound, Store, database_url
-from .templates import BuildFailed, TemplateService
+from .templates import BuildFailed, default_builds
 from .templates.defaults import DEFAULTS
 
 
@@ -86,7 +85,13 @@ async def _sandbox_create(args: argparse.Namespace) -> int:
         env=_env_pairs(args.env),
     )
     try:
+        if args.template in DEFAULTS:
+            async with default_builds.outside_a_server(runtime) as defaults:
+                await defaults.ensure(args.template, log=lambda line: print(line, file=sys.stderr))
         info = await runtime.create(spec, oci_runtime=args.runtime)
+    except BuildFailed as e:
+        print(f"bilik: {e.message}", file=sys.stderr)
+        return 1
     finally:
         await runtime.close()
     print(info.sandbox_id)
@@ -202,35 +207,20 @@ async def _sandbox_metrics(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _template_build_base(args: argparse.Namespace) -> int:
-    runtime = _runtime(args)
-    image = await asyncio.to_thread(runtime.image, "base", rebuild=args.rebuild)
-    print(f"base: layer {image.layers[0][:12]}")
-    return 0
-
-
 async def _template_build_default(args: argparse.Namespace) -> int:
     runtime = _runtime(args)
     await runtime.start()
-    store = await _open_store(args)
-    dns = None
     try:
-        # Builds resolve names through the gateway; a running server's forwarder serves them.
-        with contextlib.suppress(OSError):
-            dns = await runtime.serve_dns()
-        service = TemplateService(runtime, store, runtime.settings.data_dir)
-        for name in args.names or sorted(DEFAULTS):
-            if name not in DEFAULTS:
-                raise SystemExit(f"bilik: {name!r} is not a default template: {sorted(DEFAULTS)}")
-            await service.ensure_default(name, log=print)
-            print(f"{name}: ready")
+        async with default_builds.outside_a_server(runtime) as defaults:
+            for name in args.names or list(DEFAULTS):
+                if name not in DEFAULTS:
+                    raise SystemExit(f"bilik: {name!r} is not a default template: {list(DEFAULTS)}")
+                image = await defaults.ensure(name, log=print, rebuild=args.rebuild)
+                print(f"{name}: ready ({image})")
     except BuildFailed as e:
         print(f"bilik: {e.message}", file=sys.stderr)
         return 1
     finally:
-        if dns is not None:
-            await dns.close()
-        await store.close()
         await runtime.close()
     return 0
 
@@ -395,13 +385,13 @@ def _parser() -> argparse.ArgumentParser:
 
     template = sub.add_parser("template", help="templates")
     tp = template.add_subparsers(dest="action", required=True)
-    base = tp.add_parser("build-base", parents=[common], help="build the base image")
-    base.add_argument("--rebuild", action="store_true", help="rebuild even if cached")
-    base.set_defaults(func=_template_build_base)
     default = tp.add_parser(
         "build-default", parents=[common], help="build bilik's default templates ahead of use"
     )
-    default.add_argument("names", nargs="*", help="which (default: all)")
+    default.add_argument("names", nargs="*", help=f"which (default: all: {', '.join(DEFAULTS)})")
+    default.add_argument(
+        "--rebuild", action="store_true", help="run every step again (packages up to date)"
+    )
     default.set_defaults(func=_template_build_default)
     cli_template.add_commands(tp)
 

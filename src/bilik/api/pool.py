@@ -24,11 +24,10 @@ def pool_sizes(settings: Settings) -> dict[str, int]:
     """The pools ``settings`` ask for; only bilik's own templates can have one (a key's
     template is that key's alone, and no create of another key could take its sandboxes)."""
     sizes = settings.warm_pool_sizes()
-    unknown = sorted(set(sizes) - {"base", *DEFAULTS})
+    unknown = sorted(set(sizes) - set(DEFAULTS))
     if unknown:
         raise InvalidSettings(
-            f"warm pool: {', '.join(unknown)}: only {', '.join(['base', *sorted(DEFAULTS)])} "
-            "can have a pool"
+            f"warm pool: {', '.join(unknown)}: only {', '.join(sorted(DEFAULTS))} can have a pool"
         )
     return sizes
 
@@ -38,10 +37,7 @@ def warm_pool(
 ) -> WarmPool:
     async def resolve(template: str) -> tuple[str, Limits] | None:
         # As a create of the template resolves it (``sandboxes._image_of``), minus the build.
-        if template == "base":
-            built = await asyncio.to_thread(runtime.image_built, "base")
-            return ("base", Limits()) if built else None
-        image = await templates.built_default(template)
+        image = await templates.defaults.built(template)
         return (image, default_limits(template)) if image is not None else None
 
     timeout_s = runtime.settings.ready_timeout_s

@@ -159,15 +159,13 @@ async def _image_of(request: Request, key_id: str, template: str) -> tuple[str, 
     """The runtime image a create's ``templateID`` names, and the limits it starts with: the
     key's own template (by id or name, and tag) with a finished build, else one of bilik's
     defaults (built on first use)."""
-    if template == "base":
-        return "base", Limits()
     name, _, tag = template.partition(":")
     row = await _store(request).templates.get(name, key_id)
     if row is None:
         if template not in DEFAULTS:
             raise ApiError(404, f"template {template!r} not found")
         try:
-            image = await _templates(request).ensure_default(template)
+            image = await _templates(request).defaults.ensure(template)
         except BuildFailed as e:
             raise ApiError(500, f"the default template {template} did not build: {e}") from None
         return image, default_limits(template)

@@ -24,8 +24,8 @@ from ..config import Settings
 from . import (
     agent_python,
     agents,
-    base_image,
     cgroups,
+    debian_image,
     disk,
     gvisor_statx,
     oci,
@@ -37,7 +37,7 @@ from .base import ExecResult, Process, SandboxInfo, Usage
 from .dns import DnsForwarder, DnsPolicy, host_resolvers
 from .envd_client import EnvdClient
 from .envd_zygote import EnvdZygote
-from .errors import InvalidSpec, SandboxExists, SandboxNotFound, StepFailed, TemplateNotFound
+from .errors import InvalidSpec, SandboxExists, SandboxNotFound, StepFailed
 from .fsutil import file_lock, lock_fd, write_bytes_atomic, write_text
 from .layers import Image, LayerStore
 from .network import HostNetwork
@@ -189,29 +189,13 @@ class LocalRuntime:
             )
         return self._oci[name]
 
-    def image(self, template: str, *, rebuild: bool = False) -> Image:
-        """The image of ``template``; ``base`` (and ``debian``, plain Debian for templates to
-        build on) are built on first use."""
-        if template not in base_image.RECIPES:
+    def image(self, template: str, *, rebuild: bool = False, log: Log | None = None) -> Image:
+        """The image of ``template``; ``debian`` (plain Debian, for templates to build on) is
+        built on first use, and built anew on ``rebuild``, its progress told to ``log``."""
+        if template != debian_image.NAME:
             return self.layers.image(template)
-        image = base_image.ensure_base_image(
-            self.layers, self.settings.uid_base, self.log, rebuild=rebuild, recipe_name=template
-        )
-        if rebuild:
-            self.collect_layers(grace_s=0)
-        return image
-
-    def image_built(self, template: str) -> bool:
-        """Whether ``template``'s image is there to start sandboxes from, with nothing to build
-        first (:meth:`image` builds ``base`` on first use)."""
-        if template in base_image.RECIPES:
-            built = base_image.built_base_image(self.layers, self.settings.uid_base, template)
-            return built is not None
-        try:
-            self.layers.image(template)
-        except TemplateNotFound:
-            return False
-        return True
+        uid_base = self.settings.uid_base
+        return debian_image.ensure(self.layers, uid_base, log or self.log, rebuild=rebuild)
 
     def pull_image(
         self,
@@ -248,10 +232,8 @@ class LocalRuntime:
     def _choose(self, template: str, oci_runtime: str | None) -> tuple[Image, str]:
         """The image and OCI runtime of a create: the create's runtime if it names one, else the
         template's, else the server's."""
-        if oci_runtime is None and template != "base":
-            oci_runtime = self.layers.image(template).oci_runtime
-        oci_runtime = oci_runtime or self.settings.oci_runtime
-        return self.image(template), oci_runtime
+        image = self.image(template)
+        return image, oci_runtime or image.oci_runtime or self.settings.oci_runtime
 
     # -- sandboxes ----------------------------------------------------------------------------
 

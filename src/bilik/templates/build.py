@@ -24,15 +24,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..runtime import LocalRuntime, RuntimeFailure, SandboxSpec, base_image
+from ..runtime import LocalRuntime, RuntimeFailure, SandboxSpec, debian_image
 from ..runtime.layers import Image, layer_key
 from ..runtime.ocicli import RUNTIMES
 from ..runtime.spec import Limits
 from . import registries
 from .files import FileStore
 
-# Registry names the SDKs use for E2B's own base image; bilik's base is built from Debian.
-BASE_IMAGES = {"e2bdev/base", "e2bdev/base:latest"}
 # Debian images (``from_debian_image``) of the host's release are built from its own apt
 # sources, with no registry; others are pulled.
 DEBIAN_TAGS = {"debian", "debian:stable", "debian:latest", "debian:stable-slim"}
@@ -117,7 +115,7 @@ class Builder:
         chosen = spec.get("ociRuntime")
         if chosen is not None and chosen not in RUNTIMES:
             raise BuildFailed(f"ociRuntime must be one of {', '.join(RUNTIMES)}", "base")
-        layers, settings, inherited = await self._base(spec, log)
+        layers, settings, inherited = await self._base(spec, log, rebuild=bool(spec.get("force")))
         oci_runtime = chosen or inherited
         force = bool(spec.get("force"))
         below = layer_key("image", list(layers))
@@ -177,21 +175,28 @@ class Builder:
             self.runtime.layers.remove_image(scratch_image)
 
     async def _base(
-        self, spec: dict[str, Any], log: BuildLog
+        self, spec: dict[str, Any], log: BuildLog, *, rebuild: bool = False
     ) -> tuple[list[str], Settings, str | None]:
-        """The base's layers, its settings, and its OCI runtime (a template's is inherited)."""
-        source = spec.get("fromTemplate") or spec.get("fromImage") or "e2bdev/base"
-        if not isinstance(source, str):
-            raise BuildFailed("fromImage and fromTemplate must be names", "base")
+        """The base's layers, its settings, and its OCI runtime (a template's is inherited).
+
+        ``fromTemplate`` names an image of this runtime (the caller resolved the template's
+        name, ``default_builds`` bilik's own templates, ``e2bdev/base`` among them)."""
+        source = spec.get("fromTemplate") or spec.get("fromImage")
+        if not isinstance(source, str) or not source:
+            raise BuildFailed("fromImage or fromTemplate must name the base", "base")
         log(f"FROM {source}", step="base")
         how = ""
         try:
-            if spec.get("fromTemplate") or source in BASE_IMAGES or source == "base":
-                name = "base" if source in BASE_IMAGES else source
-                image = await asyncio.to_thread(self.runtime.image, name)
+            if spec.get("fromTemplate"):
+                image = await asyncio.to_thread(self.runtime.image, source)
             elif source in DEBIAN_TAGS or source in _host_debian_tags():
                 log("Debian from this host's apt sources", step="base")
-                image = await asyncio.to_thread(self.runtime.image, "debian")
+                image = await asyncio.to_thread(
+                    self.runtime.image,
+                    debian_image.NAME,
+                    rebuild=rebuild,
+                    log=lambda line: log(line, step="base"),
+                )
             else:
                 # The login lives for this pull only: nothing keeps the spec or the login.
                 login = await registries.login(
@@ -358,7 +363,7 @@ class Builder:
 
 
 def _host_debian_tags() -> set[str]:
-    release = base_image.host_release()
+    release = debian_image.host_release()
     version = {"bookworm": "12", "trixie": "13"}.get(release, release)
     return {f"debian:{release}", f"debian:{release}-slim", f"debian:{version}"}
 

@@ -1,5 +1,6 @@
-"""Templates bilik defines itself, built on first use (or ahead, ``bilik template
-build-default``): ``code-interpreter-v1``, the name E2B's code-interpreter SDK asks for."""
+"""Templates bilik defines itself, with its own template builder, built on first use (or ahead,
+``bilik template build-default``): ``base``, what sandboxes get unless they name a template,
+and ``code-interpreter-v1``, the name E2B's code-interpreter SDK asks for."""
 
 from __future__ import annotations
 
@@ -9,9 +10,35 @@ import json
 from typing import Any
 
 from ..runtime import Limits
-from ..sdk.template import Template, TemplateFinal
+from ..sdk.template import Template, TemplateBuilder, TemplateFinal
 
+BASE = "base"
 CODE_INTERPRETER = "code-interpreter-v1"
+
+# What agents expect of E2B's base template: a shell, Python with pip and venv, git, curl and
+# the usual tools (on plain Debian of the host's release, with the ``user`` account).
+BASE_PACKAGES = (
+    "coreutils",
+    "python3",
+    "python3-pip",
+    "python3-venv",
+    "curl",
+    "wget",
+    "git",
+    "procps",
+    "iproute2",
+    "iputils-ping",
+    "sudo",
+    "less",
+    "nano",
+    "unzip",
+    "zip",
+    "xz-utils",
+    "file",
+    "jq",
+    "openssh-client",
+    "tini",
+)
 
 # What the interpreter's kernels get besides the language itself: the data stack agents reach
 # for (from the configured package index).
@@ -114,16 +141,37 @@ def _write_file(path: str, text: str) -> str:
 HOST_PIP_SETTINGS = "pip-settings"
 
 
-def _apt(packages: tuple[str, ...]) -> str:
+def _apt(packages: tuple[str, ...], *, upgrade: bool = False) -> str:
+    install = "DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "
     return (
-        "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "
-        "--no-install-recommends " + " ".join(packages) + " && rm -rf /var/lib/apt/lists/*"
+        "apt-get update -q && "
+        + ("DEBIAN_FRONTEND=noninteractive apt-get upgrade -y -q && " if upgrade else "")
+        + install
+        + " ".join(packages)
+        + " && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb"
     )
 
 
 def _pip(packages: tuple[str, ...]) -> str:
     return "python3 -m pip install --break-system-packages --no-cache-dir -q " + " ".join(packages)
 
+
+# ``base``, with bilik's own template builder (the SDK's).
+BASE_TEMPLATE = (
+    Template()
+    .from_debian_image()
+    # (upgraded first: a rebuild brings every package up to date, not only these)
+    .run_cmd(_apt(BASE_PACKAGES, upgrade=True), user="root")
+    .run_cmd(
+        "echo 'user ALL=(ALL:ALL) NOPASSWD: ALL' > /etc/sudoers.d/user && "
+        "chmod 0440 /etc/sudoers.d/user",
+        user="root",
+    )
+    # ``pip install`` works as on E2B's, not only in a venv (Debian refuses installs into its
+    # own Python otherwise).
+    .set_envs({"PIP_BREAK_SYSTEM_PACKAGES": "1"})
+    # (user ``user`` in /home/user, as ``debian`` has them)
+)
 
 # ``code-interpreter-v1``, with bilik's own template builder (the SDK's).
 CODE_INTERPRETER_TEMPLATE = (
@@ -170,7 +218,7 @@ CODE_INTERPRETER_TEMPLATE = (
 )
 
 
-def _spec(template: TemplateFinal, **limits: int) -> dict[str, Any]:
+def _spec(template: TemplateBuilder | TemplateFinal, **limits: int) -> dict[str, Any]:
     """A default template as the server builds it: the builder's request, its host-settings
     COPY marked, and the limits its sandboxes get."""
     spec: dict[str, Any] = json.loads(template.to_json())
@@ -181,6 +229,7 @@ def _spec(template: TemplateFinal, **limits: int) -> dict[str, Any]:
 
 
 DEFAULTS: dict[str, dict[str, Any]] = {
+    BASE: _spec(BASE_TEMPLATE),
     # As E2B's: 1 GiB, so a kernel per language fits (Deno's take about 200 MB each).
     CODE_INTERPRETER: _spec(CODE_INTERPRETER_TEMPLATE, memoryMB=1024),
 }

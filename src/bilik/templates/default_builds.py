@@ -1,0 +1,169 @@
+"""bilik's own templates (``defaults``) as this host builds them: each on first use, once, into
+an image named by its definition (so a new definition is a new build) and by its plain name.
+
+A template built on ``base`` (E2B's ``e2bdev/base``, a ``fromTemplate`` of one of bilik's
+templates, or no base at all) gets base's image built first: ``resolve``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from ..runtime import LocalRuntime, RuntimeFailure
+from ..runtime.spec import Limits
+from . import host_settings
+from .build import Builder, BuildLog
+from .defaults import BASE, DEFAULTS
+from .files import FileStore
+
+# Names the SDKs give E2B's own base image (the SDKs' default base): bilik's ``base``.
+BASE_IMAGES = {"e2bdev/base", "e2bdev/base:latest", BASE}
+# What a default template's build sandboxes get.
+BUILD_LIMITS = Limits(cpu=2, memory_mb=2048)
+
+Log = Callable[[str], None]
+
+
+class DefaultBuilds:
+    def __init__(self, builder: Builder, logs_dir: Path) -> None:
+        self.builder = builder
+        self.layers = builder.runtime.layers
+        self.logs_dir = logs_dir
+        self._locks: dict[str, asyncio.Lock] = {}
+        # Each definition with this host's settings, worked out once per process: that reads
+        # the host's pip settings (a pip run of a third of a second), which every create of a
+        # default template would otherwise wait for. A change of them takes a restart.
+        self._specs: dict[str, tuple[dict[str, Any], dict[str, bytes]]] = {}
+
+    async def resolve(self, spec: dict[str, Any], log: Log) -> dict[str, Any]:
+        """``spec`` with its base pointing at the image of the bilik template it is built on
+        (built first unless it exists); ``spec`` itself if it is built on anything else."""
+        name = _default_base(spec)
+        if name is None:
+            return spec
+        image = await self.ensure(name, log)
+        return {**_without_base(spec), "fromTemplate": image}
+
+    async def ensure(self, name: str, log: Log | None = None, *, rebuild: bool = False) -> str:
+        """The image of the default template ``name`` as defined now, built first unless it
+        exists (every step again on ``rebuild``); one build at a time: a create that asked
+        for it waits, and so does any other."""
+        if not rebuild and (image_name := await self.built(name)) is not None:
+            return image_name
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            build_log = BuildLog(self.logs_dir / f"default-{name}-{time.time_ns()}.jsonl")
+            if log is not None:
+                build_log.listeners.append(log)
+            spec, bundles = await self._spec(name)
+            spec = await self.resolve(spec, build_log)
+            image_name = _image_name(name, spec)
+            if not rebuild and await self._has(image_name):  # (built while this waited)
+                return image_name
+            for files_hash, bundle in bundles.items():
+                path = self.builder.files.path(image_name, files_hash)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(bundle)
+            build_log(f"building the default template {name}" + (" anew" if rebuild else ""))
+            # Shielded: a client that gives up waiting must not cut the build short.
+            image = await asyncio.shield(
+                self.builder.build(
+                    image_name,
+                    f"default-{name}",
+                    {**spec, "force": True} if rebuild else spec,
+                    BUILD_LIMITS,
+                    build_log,
+                )
+            )
+            for saved_as in (image_name, name):
+                await asyncio.to_thread(
+                    self.layers.save_image, dataclasses.replace(image, name=saved_as)
+                )
+            # Older definitions' images go (their layers once no sandbox or template uses them).
+            for old in await asyncio.to_thread(self.layers.images):
+                if old.name.startswith(f"{name}:") and old.name != image_name:
+                    await asyncio.to_thread(self.layers.remove_image, old.name)
+            build_log(f"default template {name} ready")
+            return image_name
+
+    async def built(self, name: str) -> str | None:
+        """The image of the default template ``name`` as defined now, if it is built; builds
+        nothing."""
+        spec, _ = await self._spec(name)
+        if (base := _default_base(spec)) is not None:
+            base_image = await self.built(base)
+            if base_image is None:
+                return None
+            spec = {**_without_base(spec), "fromTemplate": base_image}
+        image_name = _image_name(name, spec)
+        return image_name if await self._has(image_name) else None
+
+    async def _spec(self, name: str) -> tuple[dict[str, Any], dict[str, bytes]]:
+        if name not in self._specs:
+            self._specs[name] = await asyncio.to_thread(_with_host_settings, DEFAULTS[name])
+        return self._specs[name]
+
+    async def _has(self, image_name: str) -> bool:
+        try:
+            await asyncio.to_thread(self.layers.image, image_name)
+        except RuntimeFailure:
+            return False
+        return True
+
+
+@contextlib.asynccontextmanager
+async def outside_a_server(runtime: LocalRuntime) -> AsyncIterator[DefaultBuilds]:
+    """bilik's own templates for a started runtime with no server around it (the CLI, benches,
+    tests), built as a server builds them."""
+    data_dir = runtime.settings.data_dir
+    dns = None
+    # Builds resolve names through the gateway; a running server's forwarder serves them.
+    with contextlib.suppress(OSError):
+        dns = await runtime.serve_dns()
+    try:
+        yield DefaultBuilds(Builder(runtime, FileStore(data_dir)), data_dir / "builds")
+    finally:
+        if dns is not None:
+            await dns.close()
+
+
+def _default_base(spec: dict[str, Any]) -> str | None:
+    """Which of bilik's templates ``spec`` is built on, if it is."""
+    if (template := spec.get("fromTemplate")) is not None:
+        return template if isinstance(template, str) and template in DEFAULTS else None
+    image = spec.get("fromImage") or "e2bdev/base"
+    return BASE if isinstance(image, str) and image in BASE_IMAGES else None
+
+
+def _without_base(spec: dict[str, Any]) -> dict[str, Any]:
+    base_keys = ("fromImage", "fromImageRegistry", "fromTemplate")
+    return {k: v for k, v in spec.items() if k not in base_keys}
+
+
+def _image_name(name: str, spec: dict[str, Any]) -> str:
+    """A default template's image is named by its definition (and its base's image): a new
+    one is a new image."""
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{name}:{digest}"
+
+
+def _with_host_settings(spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """``spec`` with its host-settings COPY steps pointing at this host's settings, and those
+    settings' archives by hash."""
+    steps, bundles = [], {}
+    for step in spec["steps"]:
+        if step.get("hostPipSettings"):
+            bundle = host_settings.pip_bundle()
+            files_hash = host_settings.bundle_hash(bundle)
+            bundles[files_hash] = bundle
+            step = {k: v for k, v in step.items() if k != "hostPipSettings"}
+            step["filesHash"] = files_hash
+        steps.append(step)
+    return {**spec, "steps": steps}, bundles
