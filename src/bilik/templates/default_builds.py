@@ -55,13 +55,13 @@ class DefaultBuilds:
     async def ensure(self, name: str, log: Log | None = None, *, rebuild: bool = False) -> str:
         """The image of the default template ``name`` as defined now, built first unless it
         exists (every step again on ``rebuild``); one build at a time: a create that asked
-        for it waits, and so does any other."""
+        for it waits, and so does any other. The build's lines go to ``log`` (else the
+        runtime's, the server's log) as well as to its log file."""
         if not rebuild and (image_name := await self.built(name)) is not None:
             return image_name
         async with self._locks.setdefault(name, asyncio.Lock()):
             build_log = BuildLog(self.logs_dir / f"default-{name}-{time.time_ns()}.jsonl")
-            if log is not None:
-                build_log.listeners.append(log)
+            build_log.listeners.append(log or self.builder.runtime.log)
             spec, bundles = await self._spec(name)
             spec = await self.resolve(spec, build_log)
             image_name = _image_name(name, spec)

@@ -499,7 +499,8 @@ class TemplateBase:
         return self._from(image, None)
 
     def from_template(self, template: str) -> TemplateBuilder:
-        """Start from another template of the same API key (by name or id)."""
+        """Start from another template of the same API key (by name or id), or from one of
+        the server's own (``base``, ``code-interpreter-v1``)."""
         self._registry = None
         return self._from(None, template)
 
