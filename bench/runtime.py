@@ -69,7 +69,7 @@ async def _run(settings: Settings, creates: int, idle: int, runtimes: list[str])
     runtime = LocalRuntime(settings)
     await runtime.start()
     print(f"bilik bench runtime: {creates} creates per runtime, {idle} idle sandboxes")
-    if creates:
+    if creates or idle:
         async with default_builds.outside_a_server(runtime) as defaults:
             await defaults.ensure(BASE, log=print)
     for name in runtimes if creates else []:

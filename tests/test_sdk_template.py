@@ -246,11 +246,16 @@ def test_every_step_builds_and_rebuilds_from_cache(srv: BilikServer, context: Pa
     # run: layers are content-addressed and outlive a test session.
     word = f"ran-{uuid.uuid4().hex[:8]}"
     forced: list[LogEntry] = []
-    small = Template().from_base_image().run_cmd(f"echo {word}")
+    small = Template().from_base_image().run_cmd(f"echo {word} | tee ~/word")
     Template.build(small, "forced", on_build_logs=forced.append, **_params(srv))
-    Template.build(small, "forced", skip_cache=True, on_build_logs=forced.append, **_params(srv))
-    assert sum(e.message == word for e in forced) == 2, [e.message for e in forced]
-    assert not any(e.message == "CACHED" for e in forced)
+    with Sandbox.create("forced", **_params(srv)) as running:
+        Template.build(
+            small, "forced", skip_cache=True, on_build_logs=forced.append, **_params(srv)
+        )
+        assert sum(e.message == word for e in forced) == 2, [e.message for e in forced]
+        assert not any(e.message == "CACHED" for e in forced)
+        # New layers beside the old: the sandbox made before stands on its own still.
+        assert running.files.read("/home/user/word") == f"{word}\n"
 
 
 async def test_async_template_builds_the_same(srv: BilikServer, context: Path) -> None:

@@ -188,6 +188,50 @@ def test_build_errors_are_clear(built_server: BilikServer, tmp_path: Path) -> No
             headers={"X-API-Key": server.key},
         )
         assert response.status_code == 400 and "no finished build" in response.json()["message"]
+    # A failed rebuild leaves the template's finished build as it was.
+    _build(server, Template().from_base_image().run_cmd("echo first > ~/which"), "retried")
+    broken = (
+        Template()
+        .from_base_image()
+        .run_cmd("echo second > ~/which")
+        .set_start_cmd("sleep 1000", "false")
+    )
+    with pytest.raises(BuildException, match="did not become ready"):
+        _build(server, broken, "retried")
+    with Sandbox.create("retried", **_params(server)) as sbx:
+        assert sbx.files.read("/home/user/which") == "first\n"
+
+
+@pytest.mark.parametrize(
+    ("request_body", "build_body", "message"),
+    [
+        ({"name": "code-interpreter-v1"}, None, "'code-interpreter-v1' is bilik's own template"),
+        ({"name": "base"}, None, "'base' is bilik's own template"),
+        ({"name": "raw-bad"}, {"fromTemplate": 5}, "fromTemplate must be a name"),
+        ({"name": "raw-bad"}, {"fromImage": ["x"]}, "fromImage must be a name"),
+        ({"name": "raw-bad"}, {"fromImage": "e2bdev/base", "ociRuntime": "kata"}, "ociRuntime"),
+        ({"name": "raw-bad"}, {"steps": {"type": "RUN"}}, "steps must be a list"),
+    ],
+)
+def test_bad_build_requests_get_json_errors(
+    built_server: BilikServer,
+    request_body: dict[str, Any],
+    build_body: dict[str, Any] | None,
+    message: str,
+) -> None:
+    """Refused before anything is built: a 400 with the reason."""
+    headers = {"X-API-Key": built_server.key}
+    response = httpx.post(f"{built_server.url}/v3/templates", json=request_body, headers=headers)
+    if build_body is not None:
+        assert response.status_code == 202, response.text
+        ids = response.json()
+        response = httpx.post(
+            f"{built_server.url}/v2/templates/{ids['templateID']}/builds/{ids['buildID']}",
+            json=build_body,
+            headers=headers,
+        )
+    assert response.status_code == 400, response.text
+    assert response.json()["code"] == 400 and message in response.json()["message"]
 
 
 @pytest.mark.parametrize("auth", [False, True], ids=["open", "basic-auth"])

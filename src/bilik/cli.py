@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import sys
 import threading
@@ -87,7 +88,10 @@ async def _sandbox_create(args: argparse.Namespace) -> int:
     try:
         if args.template in DEFAULTS:
             async with default_builds.outside_a_server(runtime) as defaults:
-                await defaults.ensure(args.template, log=lambda line: print(line, file=sys.stderr))
+                image = await defaults.ensure(
+                    args.template, log=lambda line: print(line, file=sys.stderr)
+                )
+            spec = dataclasses.replace(spec, template=image)
         info = await runtime.create(spec, oci_runtime=args.runtime)
     except BuildFailed as e:
         print(f"bilik: {e.message}", file=sys.stderr)
@@ -211,10 +215,13 @@ async def _template_build_default(args: argparse.Namespace) -> int:
     runtime = _runtime(args)
     await runtime.start()
     try:
+        if unknown := set(args.names) - set(DEFAULTS):
+            raise SystemExit(
+                f"bilik: not bilik's own: {sorted(unknown)}; those are {list(DEFAULTS)}"
+            )
         async with default_builds.outside_a_server(runtime) as defaults:
-            for name in args.names or list(DEFAULTS):
-                if name not in DEFAULTS:
-                    raise SystemExit(f"bilik: {name!r} is not a default template: {list(DEFAULTS)}")
+            # (in their order: a template's base before it)
+            for name in [name for name in DEFAULTS if name in args.names or not args.names]:
                 image = await defaults.ensure(name, log=print, rebuild=args.rebuild)
                 print(f"{name}: ready ({image})")
     except BuildFailed as e:

@@ -11,7 +11,9 @@ from starlette.routing import Route
 
 from ..runtime.spec import Limits
 from ..store.templates import DEFAULT_TAG, TemplateRow
-from ..templates import BadUpload, TemplateService
+from ..templates import BadUpload, BuildFailed, TemplateService
+from ..templates.build import check_spec
+from ..templates.defaults import DEFAULTS
 from .auth import authenticate
 from .errors import ApiError
 from .sandboxes import _json_object, _rfc3339, _store
@@ -40,8 +42,8 @@ async def request_build(request: Request) -> Response:
     name = data.get("name") or data.get("alias")
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise ApiError(400, "name must be 1-128 of lowercase letters, digits, '.', '_' and '-'")
-    if name == "base":
-        raise ApiError(400, "'base' is bilik's own template; pick another name")
+    if name in DEFAULTS:
+        raise ApiError(400, f"{name!r} is bilik's own template; pick another name")
     default = Limits()
     cpu = _positive(data, "cpuCount", int(default.cpu))
     memory = _positive(data, "memoryMB", default.memory_mb)
@@ -172,8 +174,10 @@ async def start_build(request: Request) -> Response:
     if build.status != "waiting":
         raise ApiError(409, f"build {build.id} has already started ({build.status})")
     spec = await _json_object(request)
-    if not isinstance(spec.get("steps", []), list):
-        raise ApiError(400, "steps must be a list")
+    try:
+        check_spec(spec)
+    except BuildFailed as e:
+        raise ApiError(400, e.message) from None
     _service(request).start(template, build, spec)
     return Response(status_code=202)
 

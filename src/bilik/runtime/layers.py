@@ -76,6 +76,16 @@ class LayerStore:
     def has(self, key: str) -> bool:
         return self.path(key).is_dir()
 
+    def newest(self, key: str) -> str | None:
+        """The newest layer made for ``key``: ``key`` itself or a remake of it (``key-<ns>``:
+        a forced rebuild makes a new layer beside the old one, which sandboxes may stand on)."""
+        remakes = [
+            p.name for p in self.layers_dir.glob(f"{key}-*") if p.name[len(key) + 1 :].isdigit()
+        ]
+        if remakes:
+            return max(remakes, key=lambda name: int(name[len(key) + 1 :]))
+        return key if self.has(key) else None
+
     def lock(self, key: str):  # type: ignore[no-untyped-def]
         """Held while a layer is being built, so two processes never build the same one."""
         return file_lock(self.root / "locks" / f"layer-{key}")

@@ -20,6 +20,7 @@ import secrets
 import shlex
 import subprocess
 import tarfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -110,18 +111,19 @@ class Builder:
         spec: dict[str, Any],
         limits: Limits,
         log: BuildLog,
+        *,
+        rebuild_base: bool = False,
     ) -> Image:
-        """Build ``spec`` (E2B's TemplateBuildStartV2) into the image named ``template_id``."""
-        chosen = spec.get("ociRuntime")
-        if chosen is not None and chosen not in RUNTIMES:
-            raise BuildFailed(f"ociRuntime must be one of {', '.join(RUNTIMES)}", "base")
-        layers, settings, inherited = await self._base(spec, log, rebuild=bool(spec.get("force")))
-        oci_runtime = chosen or inherited
+        """Build ``spec`` (E2B's TemplateBuildStartV2) into the image named ``template_id``.
+
+        ``rebuild_base`` makes plain Debian anew if the spec starts there (never a user's
+        ``force``: that image is every template's)."""
+        check_spec(spec)
+        layers, settings, inherited = await self._base(spec, log, rebuild=rebuild_base)
+        oci_runtime = spec.get("ociRuntime") or inherited
         force = bool(spec.get("force"))
         below = layer_key("image", list(layers))
         steps = spec.get("steps") or []
-        if not isinstance(steps, list):
-            raise BuildFailed("steps must be a list", "base")
         scratch_image = f"build-{build_id}"
         try:
             for number, step in enumerate(steps, start=1):
@@ -147,9 +149,13 @@ class Builder:
                     key = layer_key(below, kind, args, step.get("filesHash"), settings.identity())
                     if kind == "COPY":  # (cached copies made the old way are not reused)
                         key = layer_key(key, COPY_VERSION)
-                    if self.runtime.layers.has(key) and not force:
+                    made = await asyncio.to_thread(self.runtime.layers.newest, key)
+                    if made is not None and not force:
                         log("CACHED", step=tag)
+                        key = made
                     else:
+                        if made is not None:  # (forced: a new layer beside the old one)
+                            key = f"{key}-{time.time_ns()}"
                         image = Image(scratch_image, tuple(layers), dict(settings.env),
                                       settings.user, settings.workdir)  # fmt: skip
                         await self._make_layer(key, image, kind, args, step, template_id,
@@ -337,8 +343,8 @@ class Builder:
         layers = self.runtime.layers
         upper = self.runtime.records.dir(sandbox_id) / "disk" / "upper"
         with layers.lock(key):
-            if layers.has(key):
-                layers.remove(key)  # a forced rebuild of the same step
+            if layers.has(key):  # the same step, made meanwhile by another build
+                return
             scratch = layers.scratch(key)
             # Everything the step changed, ownership, modes, xattrs and overlay whiteouts kept.
             subprocess.run(["cp", "-a", f"{upper}/.", str(scratch)], check=True)
@@ -351,15 +357,31 @@ class Builder:
     async def _check_start(self, image: Image, limits: Limits, log: BuildLog) -> None:
         """Start the finished image once: its start command must come up and pass its check."""
         log(f"Starting: {image.start_cmd}", step="finalize")
-        await asyncio.to_thread(self.runtime.layers.save_image, image)
+        # Under a name of its own: the template's image is saved only once it passed.
+        trial = dataclasses.replace(image, name=f"{image.name}.start-check")
+        await asyncio.to_thread(self.runtime.layers.save_image, trial)
         try:
             info = await self.runtime.create(
-                SandboxSpec(template=image.name, limits=limits, access_token=secrets.token_hex(16))
+                SandboxSpec(template=trial.name, limits=limits, access_token=secrets.token_hex(16))
             )
         except RuntimeFailure as e:
             raise BuildFailed(f"the start command did not become ready: {e}", "finalize") from None
+        finally:
+            await asyncio.to_thread(self.runtime.layers.remove_image, trial.name)
         await self.runtime.kill(info.sandbox_id)
         log("Ready", step="finalize")
+
+
+def check_spec(spec: dict[str, Any]) -> None:
+    """Raise BuildFailed if ``spec`` is not a build request (before anything is built for it)."""
+    for name in ("fromImage", "fromTemplate"):
+        if spec.get(name) is not None and not isinstance(spec[name], str):
+            raise BuildFailed(f"{name} must be a name", "base")
+    chosen = spec.get("ociRuntime")
+    if chosen is not None and chosen not in RUNTIMES:
+        raise BuildFailed(f"ociRuntime must be one of {', '.join(RUNTIMES)}", "base")
+    if not isinstance(spec.get("steps") or [], list):
+        raise BuildFailed("steps must be a list", "base")
 
 
 def _host_debian_tags() -> set[str]:

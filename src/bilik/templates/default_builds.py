@@ -12,12 +12,14 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from ..runtime import LocalRuntime, RuntimeFailure
+from ..runtime import LocalRuntime, RuntimeFailure, debian_image
+from ..runtime.fsutil import lock_fd
 from ..runtime.spec import Limits
 from . import host_settings
 from .build import Builder, BuildLog
@@ -35,13 +37,18 @@ Log = Callable[[str], None]
 class DefaultBuilds:
     def __init__(self, builder: Builder, logs_dir: Path) -> None:
         self.builder = builder
-        self.layers = builder.runtime.layers
+        runtime = builder.runtime
+        self.layers = runtime.layers
         self.logs_dir = logs_dir
-        self._locks: dict[str, asyncio.Lock] = {}
+        # Builds under way in this process, so that every create waiting for one waits for
+        # the same build (and one that gives up waiting cuts it short for no one).
+        self._building: dict[str, tuple[asyncio.Task[str], BuildLog]] = {}
         # Each definition with this host's settings, worked out once per process: that reads
         # the host's pip settings (a pip run of a third of a second), which every create of a
         # default template would otherwise wait for. A change of them takes a restart.
         self._specs: dict[str, tuple[dict[str, Any], dict[str, bytes]]] = {}
+        # What the images also depend on: the host's Debian release and the uid shift.
+        self._host = debian_image.recipe_key(runtime.settings.uid_base, debian_image.host_release())
 
     async def resolve(self, spec: dict[str, Any], log: Log) -> dict[str, Any]:
         """``spec`` with its base pointing at the image of the bilik template it is built on
@@ -54,17 +61,38 @@ class DefaultBuilds:
 
     async def ensure(self, name: str, log: Log | None = None, *, rebuild: bool = False) -> str:
         """The image of the default template ``name`` as defined now, built first unless it
-        exists (every step again on ``rebuild``); one build at a time: a create that asked
-        for it waits, and so does any other. The build's lines go to ``log`` (else the
-        runtime's, the server's log) as well as to its log file."""
+        exists (every step again, from Debian up, on ``rebuild``). One build at a time: a
+        create that asks for it meanwhile waits for the same build, and so does another
+        process. The build's lines go to ``log`` (else the runtime's, the server's log) as
+        well as to its log file."""
         if not rebuild and (image_name := await self.built(name)) is not None:
             return image_name
-        async with self._locks.setdefault(name, asyncio.Lock()):
+        if name in self._building and not rebuild:
+            task, build_log = self._building[name]
+        else:
             build_log = BuildLog(self.logs_dir / f"default-{name}-{time.time_ns()}.jsonl")
-            build_log.listeners.append(log or self.builder.runtime.log)
-            spec, bundles = await self._spec(name)
-            spec = await self.resolve(spec, build_log)
-            image_name = _image_name(name, spec)
+            task = asyncio.create_task(self._build(name, build_log, rebuild))
+            self._building[name] = (task, build_log)
+            task.add_done_callback(lambda done: self._forget(name, done))
+        listener = log or self.builder.runtime.log
+        build_log.listeners.append(listener)
+        try:
+            # Shielded: a client that gives up waiting must not cut the build short.
+            return await asyncio.shield(task)
+        finally:
+            build_log.listeners.remove(listener)
+
+    def _forget(self, name: str, done: asyncio.Task[str]) -> None:
+        if self._building.get(name, (None,))[0] is done:
+            del self._building[name]
+
+    async def _build(self, name: str, build_log: BuildLog, rebuild: bool) -> str:
+        spec, bundles = await self._spec(name)
+        spec = await self.resolve(spec, build_log)
+        image_name = self._image_name(name, spec)
+        # Held by every bilik process that builds this template (a CLI beside the server).
+        lock = await asyncio.to_thread(lock_fd, self.layers.root / "locks" / f"default-{name}")
+        try:
             if not rebuild and await self._has(image_name):  # (built while this waited)
                 return image_name
             for files_hash, bundle in bundles.items():
@@ -72,26 +100,27 @@ class DefaultBuilds:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(bundle)
             build_log(f"building the default template {name}" + (" anew" if rebuild else ""))
-            # Shielded: a client that gives up waiting must not cut the build short.
-            image = await asyncio.shield(
-                self.builder.build(
-                    image_name,
-                    f"default-{name}",
-                    {**spec, "force": True} if rebuild else spec,
-                    BUILD_LIMITS,
-                    build_log,
-                )
+            image = await self.builder.build(
+                image_name,
+                f"default-{name}",
+                {**spec, "force": True} if rebuild else spec,
+                BUILD_LIMITS,
+                build_log,
+                rebuild_base=rebuild,
             )
-            for saved_as in (image_name, name):
+            # The plain name first: once the definition's name is there, both are.
+            for saved_as in (name, image_name):
                 await asyncio.to_thread(
                     self.layers.save_image, dataclasses.replace(image, name=saved_as)
                 )
-            # Older definitions' images go (their layers once no sandbox or template uses them).
-            for old in await asyncio.to_thread(self.layers.images):
-                if old.name.startswith(f"{name}:") and old.name != image_name:
-                    await asyncio.to_thread(self.layers.remove_image, old.name)
-            build_log(f"default template {name} ready")
-            return image_name
+        finally:
+            os.close(lock)
+        # Older definitions' images go (their layers once no sandbox or template uses them).
+        for old in await asyncio.to_thread(self.layers.images):
+            if old.name.startswith(f"{name}:") and old.name != image_name:
+                await asyncio.to_thread(self.layers.remove_image, old.name)
+        build_log(f"default template {name} ready")
+        return image_name
 
     async def built(self, name: str) -> str | None:
         """The image of the default template ``name`` as defined now, if it is built; builds
@@ -102,8 +131,14 @@ class DefaultBuilds:
             if base_image is None:
                 return None
             spec = {**_without_base(spec), "fromTemplate": base_image}
-        image_name = _image_name(name, spec)
+        image_name = self._image_name(name, spec)
         return image_name if await self._has(image_name) else None
+
+    def _image_name(self, name: str, spec: dict[str, Any]) -> str:
+        """A default template's image is named by its definition, its base's image and this
+        host's Debian: a new one of any is a new image."""
+        identity = json.dumps([spec, self._host], sort_keys=True).encode()
+        return f"{name}:{hashlib.sha256(identity).hexdigest()[:16]}"
 
     async def _spec(self, name: str) -> tuple[dict[str, Any], dict[str, bytes]]:
         if name not in self._specs:
@@ -145,13 +180,6 @@ def _default_base(spec: dict[str, Any]) -> str | None:
 def _without_base(spec: dict[str, Any]) -> dict[str, Any]:
     base_keys = ("fromImage", "fromImageRegistry", "fromTemplate")
     return {k: v for k, v in spec.items() if k not in base_keys}
-
-
-def _image_name(name: str, spec: dict[str, Any]) -> str:
-    """A default template's image is named by its definition (and its base's image): a new
-    one is a new image."""
-    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-    return f"{name}:{digest}"
 
 
 def _with_host_settings(spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, bytes]]:

@@ -13,7 +13,7 @@ from ..runtime import LocalRuntime
 from ..runtime.spec import Limits
 from ..store import Store
 from ..store.templates import BuildRow, TemplateRow
-from .build import Builder, BuildFailed, BuildLog
+from .build import Builder, BuildFailed, BuildLog, check_spec
 from .default_builds import DefaultBuilds
 from .defaults import DEFAULTS
 from .files import FileStore
@@ -52,6 +52,7 @@ class TemplateService:
         await self.store.templates.set_status(build, "building")
         limits = Limits(cpu=template.cpu_count, memory_mb=template.memory_mb)
         try:
+            check_spec(spec)
             base = spec.get("fromTemplate")
             if isinstance(base, str):
                 # Another template of the same key, by id or name, with a finished build; else
