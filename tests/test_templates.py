@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -87,6 +88,44 @@ def _build(
         **_params(server),
     )
     return logs, time.monotonic() - started
+
+
+def test_a_build_cut_short_by_a_crash_fails_cleanly_and_can_be_retried(
+    server: BilikServer,
+) -> None:
+    # (first in this module: a server of its own, before the module's starts)
+    first = server.start()
+    params = _params(server)
+    slow = Template().from_base_image().run_cmd(f"echo {uuid.uuid4().hex}; sleep 600")
+    info = Template.build_in_background(slow, alias="cut-short", **params)
+    deadline = time.monotonic() + 60
+    while not any(
+        "sleep 600" in entry.message
+        for entry in Template.get_build_status(info, logs_offset=0, **params).log_entries
+    ):
+        assert time.monotonic() < deadline, "the step never started"
+        time.sleep(0.2)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    scratch = SERVER_SETTINGS.data_dir / "images" / f"build-{info.build_id}.json"
+    assert scratch.exists()  # what the step ran on, left by the crash
+
+    server.start()
+    status = Template.get_build_status(info, logs_offset=0, **params)
+    assert status.status.value == "error" and "stopped during the build" in str(status.reason)
+    assert not scratch.exists()  # its layers can go
+    response = httpx.post(
+        f"{server.url}/sandboxes",
+        json={"templateID": "cut-short"},
+        headers={"X-API-Key": server.key},
+    )
+    assert response.status_code == 400 and "no finished build" in response.json()["message"]
+    # The build sandbox went with the restart.
+    assert json.loads(server.cli("sandbox", "list", "--json").stdout) == []
+    retried = Template().from_base_image().run_cmd("echo retried > ~/r")
+    _build(server, retried, "cut-short")
+    with Sandbox.create("cut-short", **params) as sbx:
+        assert sbx.files.read("/home/user/r") == "retried\n"
 
 
 def test_build_cache_and_sandboxes_from_it(built_server: BilikServer, tmp_path: Path) -> None:

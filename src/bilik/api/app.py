@@ -69,7 +69,7 @@ def create_app(settings: Settings) -> SandboxPlane:
         await runtime.start()
         await runtime.reconcile()
         app.state.templates = TemplateService(runtime, store, settings.data_dir)
-        for build_id in await store.templates.abandon_unfinished():
+        for build_id in await app.state.templates.abandon_unfinished():
             log.warning("build %s was cut short by a stop of the server", build_id)
         # The runtime's truth wins: forget sandboxes that no longer exist.
         live = {info.sandbox_id for info in await runtime.list()}

@@ -124,7 +124,7 @@ class Builder:
         force = bool(spec.get("force"))
         below = layer_key("image", list(layers))
         steps = spec.get("steps") or []
-        scratch_image = f"build-{build_id}"
+        scratch_image = scratch_image_of(build_id)
         try:
             for number, step in enumerate(steps, start=1):
                 tag = str(number)
@@ -175,7 +175,7 @@ class Builder:
                 ready_cmd=spec.get("readyCmd") or None,
             )
             if final.start_cmd:
-                await self._check_start(final, limits, log)
+                await self._check_start(dataclasses.replace(final, name=scratch_image), limits, log)
             return final
         finally:
             self.runtime.layers.remove_image(scratch_image)
@@ -355,21 +355,23 @@ class Builder:
             layers.publish(key, scratch)
 
     async def _check_start(self, image: Image, limits: Limits, log: BuildLog) -> None:
-        """Start the finished image once: its start command must come up and pass its check."""
+        """Start the finished image once (under the build's own name: the template's image is
+        saved only once it passed): its start command must come up and pass its check."""
         log(f"Starting: {image.start_cmd}", step="finalize")
-        # Under a name of its own: the template's image is saved only once it passed.
-        trial = dataclasses.replace(image, name=f"{image.name}.start-check")
-        await asyncio.to_thread(self.runtime.layers.save_image, trial)
+        await asyncio.to_thread(self.runtime.layers.save_image, image)
         try:
             info = await self.runtime.create(
-                SandboxSpec(template=trial.name, limits=limits, access_token=secrets.token_hex(16))
+                SandboxSpec(template=image.name, limits=limits, access_token=secrets.token_hex(16))
             )
         except RuntimeFailure as e:
             raise BuildFailed(f"the start command did not become ready: {e}", "finalize") from None
-        finally:
-            await asyncio.to_thread(self.runtime.layers.remove_image, trial.name)
         await self.runtime.kill(info.sandbox_id)
         log("Ready", step="finalize")
+
+
+def scratch_image_of(build_id: str) -> str:
+    """The image a build's steps and start check run on; gone when the build ends."""
+    return f"build-{build_id}"
 
 
 def check_spec(spec: dict[str, Any]) -> None:
