@@ -34,7 +34,7 @@ from bilik.sdk.template import (
     wait_for_url,
 )
 from helpers import make_wheel
-from server import BilikServer
+from server import SERVER_SETTINGS, BilikServer
 
 APP = """
 import http.server, os
@@ -544,9 +544,16 @@ def test_cli_build_list_delete(srv: BilikServer, tmp_path: Path) -> None:
     nothing = _cli(srv, "build", str(tmp_path / "none.py"))
     assert nothing.returncode == 2 and "defines no template" in nothing.stderr
 
+    web_app = next(row for row in json.loads(as_json.stdout) if row["name"] == "web_app")
+    data = SERVER_SETTINGS.data_dir
+    uploaded = data / "template-files" / web_app["templateID"]
+    log = data / "builds" / f"{web_app['buildID']}.jsonl"
+    assert uploaded.is_dir() and log.is_file()
     deleted = _cli(srv, "delete", "web_app")
     assert deleted.returncode == 0, deleted.stderr
     assert "web_app" not in _cli(srv, "list").stdout
+    # Nothing of it is left: the files uploaded for it, its builds' logs.
+    assert not uploaded.exists() and not log.exists()
     again = _cli(srv, "delete", "web_app")
     assert again.returncode == 1 and "not found" in again.stderr
 

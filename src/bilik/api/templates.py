@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Any
 
@@ -240,8 +241,8 @@ async def list_templates(request: Request) -> Response:
 
 async def delete_template(request: Request) -> Response:
     template = await _template(request)
-    await _store(request).templates.remove(template.id)
-    _service(request).forget(template.id)
+    build_ids = await _store(request).templates.remove(template.id)
+    await asyncio.to_thread(_service(request).forget, template.id, build_ids)
     return Response(status_code=204)
 
 

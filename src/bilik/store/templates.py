@@ -126,11 +126,17 @@ class TemplateStore:
             rows = await conn.execute(sa.select(templates).where(templates.c.key_id == key_id))
             return [_template(r) for r in rows]
 
-    async def remove(self, template_id: str) -> None:
+    async def remove(self, template_id: str) -> list[str]:
+        """Delete a template with its builds and tags; returns the builds' ids."""
         async with self.engine.begin() as conn:
+            builds = await conn.execute(
+                sa.select(template_builds.c.id).where(template_builds.c.template_id == template_id)
+            )
+            build_ids = [row.id for row in builds]
             for table in (template_builds, template_tags):
                 await conn.execute(table.delete().where(table.c.template_id == template_id))
             await conn.execute(templates.delete().where(templates.c.id == template_id))
+        return build_ids
 
     async def build(self, build_id: str) -> BuildRow | None:
         async with self.engine.connect() as conn:

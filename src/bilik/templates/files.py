@@ -12,6 +12,7 @@ import hmac
 import os
 import re
 import secrets
+import shutil
 import time
 from pathlib import Path
 
@@ -73,6 +74,10 @@ class FileStore:
         directory = self.root / template_id
         directory.mkdir(exist_ok=True)
         return directory / f".{files_hash}.{secrets.token_hex(4)}"
+
+    def forget(self, template_id: str) -> None:
+        """Drop every file uploaded for a template that is deleted."""
+        shutil.rmtree(self.root / template_id, ignore_errors=True)
 
     def keep(self, partial: Path, template_id: str, files_hash: str) -> None:
         os.replace(partial, self.path(template_id, files_hash))

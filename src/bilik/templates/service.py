@@ -91,12 +91,17 @@ class TemplateService:
             await asyncio.to_thread(self.runtime.layers.remove_image, scratch_image_of(build_id))
         return build_ids
 
-    def forget(self, template_id: str) -> None:
-        """Remove the images of a template that is deleted (its layers go once unused)."""
+    def forget(self, template_id: str, build_ids: list[str]) -> None:
+        """Remove what a deleted template leaves: its images (its layers go once unused), the
+        files uploaded for it, its builds' logs."""
         layers = self.runtime.layers
         for image in layers.images():
             if image.name == template_id or image.name.startswith(f"{template_id}:"):
                 layers.remove_image(image.name)
+        self.files.forget(template_id)
+        for build_id in build_ids:
+            self._logs.pop(build_id, None)
+            (self.logs_dir / f"{build_id}.jsonl").unlink(missing_ok=True)
 
     async def close(self) -> None:
         for task in list(self._tasks.values()):
