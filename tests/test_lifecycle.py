@@ -13,7 +13,7 @@ import pytest
 
 from bilik.runtime import LocalRuntime, SandboxSpec, StepFailed, oci
 from bilik.runtime.network import veth_name
-from helpers import SETTINGS, host_state, run_ok
+from helpers import EACH_OCI_RUNTIME, SETTINGS, host_state, run_ok
 from server import SERVER_SETTINGS, BilikServer
 
 
@@ -80,14 +80,15 @@ async def test_twenty_concurrent_creates_and_kills(runtime: LocalRuntime) -> Non
     assert host_state(SETTINGS) == before
 
 
-async def test_reconcile_releases_orphans(runtime: LocalRuntime) -> None:
+@EACH_OCI_RUNTIME
+async def test_reconcile_releases_orphans(runtime: LocalRuntime, oci_runtime: str) -> None:
     """A sandbox whose record is lost, and a record whose sandbox died, are both released."""
     before = host_state(SETTINGS)
-    unrecorded = await runtime.create(SandboxSpec())
-    dead = await runtime.create(SandboxSpec())
+    unrecorded = await runtime.create(SandboxSpec(), oci_runtime=oci_runtime)
+    dead = await runtime.create(SandboxSpec(), oci_runtime=oci_runtime)
     (runtime.records.dir(unrecorded.sandbox_id) / "record.json").unlink()
-    await runtime.oci().kill(dead.sandbox_id)
-    survivor = await runtime.create(SandboxSpec())
+    await runtime.oci(oci_runtime).kill(dead.sandbox_id)
+    survivor = await runtime.create(SandboxSpec(), oci_runtime=oci_runtime)
     try:
         await asyncio.sleep(0.2)
         await runtime.reconcile()
@@ -117,10 +118,12 @@ async def test_expired_sandboxes_are_reaped(runtime: LocalRuntime) -> None:
 # -- a real server, SIGKILLed and started again ----------------------------------------------
 
 
-def test_sigkilled_server_finds_its_sandboxes_again(server: BilikServer) -> None:
+@EACH_OCI_RUNTIME
+def test_sigkilled_server_finds_its_sandboxes_again(server: BilikServer, oci_runtime: str) -> None:
     first = server.start()
-    long_lived = server.cli("sandbox", "create", "--timeout", "600").stdout.strip()
-    short_lived = server.cli("sandbox", "create", "--timeout", "4").stdout.strip()
+    create = ("sandbox", "create", "--runtime", oci_runtime, "--timeout")
+    long_lived = server.cli(*create, "600").stdout.strip()
+    short_lived = server.cli(*create, "4").stdout.strip()
     created = time.time()
     first.send_signal(signal.SIGKILL)
     first.wait()
@@ -130,6 +133,7 @@ def test_sigkilled_server_finds_its_sandboxes_again(server: BilikServer) -> None
         row["sandboxId"]: row for row in json.loads(server.cli("sandbox", "list", "--json").stdout)
     }
     assert listed[long_lived]["state"] == "running"
+    assert listed[long_lived]["runtime"] == oci_runtime
     assert (
         server.cli("sandbox", "exec", long_lived, "--", "echo", "still here").stdout
         == "still here\n"
