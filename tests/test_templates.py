@@ -405,18 +405,25 @@ def test_from_debian_without_a_registry(built_server: BilikServer) -> None:
 
 def test_from_one_of_bilik_s_own_templates(built_server: BilikServer) -> None:
     """``from_template`` takes bilik's own templates by name, as ``from_base_image`` does
-    ``base``: they stand on the same layers."""
+    ``base``: they stand on the same layers. ``pip install`` works on ``base`` as on E2B's,
+    from the package index the host uses."""
     server = built_server
     word = uuid.uuid4().hex
-    logs, _ = _build(
-        server, Template().from_template("base").run_cmd(f"echo {word} > ~/w"), "on-base"
+    template = (
+        Template()
+        .from_template("base")
+        .run_cmd(f"echo {word} > ~/w")
+        .run_cmd("pip install --no-cache-dir -q six", user="root")
     )
+    logs, _ = _build(server, template, "on-base")
     assert any(line.startswith("FROM base:") for line in logs), logs
     with Sandbox.create("on-base", **_params(server)) as sbx:
         assert sbx.files.read("/home/user/w") == f"{word}\n"
-        assert sbx.commands.run("echo $PIP_BREAK_SYSTEM_PACKAGES; command -v git").stdout == (
-            "1\n/usr/bin/git\n"
+        assert sbx.commands.run("command -v git; python3 -c 'import six'").stdout == (
+            "/usr/bin/git\n"
         )
+        # In the sandbox too, as the user.
+        sbx.commands.run("pip install --no-cache-dir -q --user idna && python3 -c 'import idna'")
 
 
 def test_background_builds_and_exists(built_server: BilikServer) -> None:

@@ -168,7 +168,8 @@ BASE_TEMPLATE = (
         user="root",
     )
     # ``pip install`` works as on E2B's, not only in a venv (Debian refuses installs into its
-    # own Python otherwise).
+    # own Python otherwise), from the package index this host uses.
+    .copy(HOST_PIP_SETTINGS, "/", user="root")
     .set_envs({"PIP_BREAK_SYSTEM_PACKAGES": "1"})
     # (user ``user`` in /home/user, as ``debian`` has them)
 )
@@ -177,7 +178,6 @@ BASE_TEMPLATE = (
 CODE_INTERPRETER_TEMPLATE = (
     Template()
     .from_base_image()
-    .copy(HOST_PIP_SETTINGS, "/", user="root")
     # R with its kernel; the data stack; charts' data for every figure shown.
     .run_cmd(_apt(DEBIAN_PACKAGES), user="root")
     .run_cmd(_pip(PYTHON_PACKAGES), user="root")
