@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import shutil
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -71,7 +70,7 @@ def ensure(store: LayerStore, uid_base: int, log: Log, *, rebuild: bool = False)
     with store.lock(recipe):
         if not rebuild and (current := built(store, uid_base)):
             return current
-        key = f"{recipe}-{time.time_ns()}" if rebuild else recipe
+        key = store.remake(recipe) if rebuild else recipe
         if not store.has(key):
             _build(store, key, release, uid_base, log)
         image = Image(name=NAME, layers=(key,), env=dict(ENV), user="user", workdir="/home/user")

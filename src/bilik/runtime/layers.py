@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -76,9 +77,14 @@ class LayerStore:
     def has(self, key: str) -> bool:
         return self.path(key).is_dir()
 
+    @staticmethod
+    def remake(key: str) -> str:
+        """The key of ``key``'s layer made again: a new layer beside the old one, which
+        sandboxes and images may stand on (a published layer never changes)."""
+        return f"{key}-{time.time_ns()}"
+
     def newest(self, key: str) -> str | None:
-        """The newest layer made for ``key``: ``key`` itself or a remake of it (``key-<ns>``:
-        a forced rebuild makes a new layer beside the old one, which sandboxes may stand on)."""
+        """The newest layer made for ``key``: ``key`` itself or its newest :meth:`remake`."""
         remakes = [
             p.name for p in self.layers_dir.glob(f"{key}-*") if p.name[len(key) + 1 :].isdigit()
         ]

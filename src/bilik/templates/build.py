@@ -20,7 +20,6 @@ import secrets
 import shlex
 import subprocess
 import tarfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -154,8 +153,8 @@ class Builder:
                         log("CACHED", step=tag)
                         key = made
                     else:
-                        if made is not None:  # (forced: a new layer beside the old one)
-                            key = f"{key}-{time.time_ns()}"
+                        if made is not None:  # (forced)
+                            key = self.runtime.layers.remake(key)
                         image = Image(scratch_image, tuple(layers), dict(settings.env),
                                       settings.user, settings.workdir)  # fmt: skip
                         await self._make_layer(key, image, kind, args, step, template_id,
