@@ -58,7 +58,7 @@ class BilikServer:
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def start(self) -> subprocess.Popen[bytes]:
-        env = {**self._env(), "BILIK_PORT": str(self.port)}
+        env = {**self.env(), "BILIK_PORT": str(self.port)}
         # The server's log, for when a test fails.
         with open(SERVER_SETTINGS.data_dir / "server.log", "ab") as log:
             proc = subprocess.Popen(
@@ -89,7 +89,8 @@ class BilikServer:
         """The key the first start made."""
         return (SERVER_SETTINGS.data_dir / "api-key").read_text().strip()
 
-    def _env(self) -> dict[str, str]:
+    def env(self) -> dict[str, str]:
+        """What the server and its CLI run with."""
         return {
             **settings_env(SERVER_SETTINGS),
             "BILIK_DATABASE_URL": self.database_url,
@@ -103,7 +104,7 @@ class BilikServer:
     ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "bilik.cli", *args],
-            env=self._env(),
+            env=self.env(),
             capture_output=True,
             text=True,
             timeout=timeout,

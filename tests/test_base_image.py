@@ -4,6 +4,11 @@ builder, built once, rebuilt on request."""
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
+import time
+from typing import Any
 
 from bilik.runtime import LocalRuntime, SandboxInfo, SandboxSpec
 from bilik.templates.defaults import BASE
@@ -65,3 +70,30 @@ async def test_rebuild_runs_every_step_again_and_spares_running_sandboxes(
     assert (top in collected) == (not named), named
     assert runtime.layers.has(top) == bool(named)
     assert (await asyncio.to_thread(runtime.image, BASE)).layers == after.layers
+
+
+def test_a_default_build_cut_short_leaves_nothing_running(server: BilikServer) -> None:
+    """A ``build-default`` killed mid-step: the next server start ends its build sandbox."""
+    building = subprocess.Popen(
+        [sys.executable, "-m", "bilik.cli", "template", "build-default", BASE, "--rebuild"],
+        env=server.env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not any(row["template"] == f"build-default-{BASE}" for row in _listed(server)):
+            assert building.poll() is None, "the build ended first"
+            assert time.monotonic() < deadline, "no build sandbox started"
+            time.sleep(0.2)
+    finally:
+        building.kill()
+        building.wait()
+    assert _listed(server)  # left running by the killed build
+    server.start()
+    assert _listed(server) == []
+
+
+def _listed(server: BilikServer) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = json.loads(server.cli("sandbox", "list", "--json").stdout)
+    return rows

@@ -96,15 +96,18 @@ def test_a_build_cut_short_by_a_crash_fails_cleanly_and_can_be_retried(
     # (first in this module: a server of its own, before the module's starts)
     first = server.start()
     params = _params(server)
-    slow = Template().from_base_image().run_cmd(f"echo {uuid.uuid4().hex}; sleep 600")
+    word = uuid.uuid4().hex
+    slow = Template().from_base_image().run_cmd(f"echo {word}; sleep 600")
     info = Template.build_in_background(slow, alias="cut-short", **params)
     deadline = time.monotonic() + 60
+    # Until the step's command runs in its build sandbox (its output is in the log).
     while not any(
-        "sleep 600" in entry.message
+        entry.message == word
         for entry in Template.get_build_status(info, logs_offset=0, **params).log_entries
     ):
         assert time.monotonic() < deadline, "the step never started"
         time.sleep(0.2)
+    assert json.loads(server.cli("sandbox", "list", "--json").stdout) != []
     first.send_signal(signal.SIGKILL)
     first.wait()
     scratch = SERVER_SETTINGS.data_dir / "images" / f"build-{info.build_id}.json"
@@ -120,7 +123,7 @@ def test_a_build_cut_short_by_a_crash_fails_cleanly_and_can_be_retried(
         headers={"X-API-Key": server.key},
     )
     assert response.status_code == 400 and "no finished build" in response.json()["message"]
-    # The build sandbox went with the restart.
+    # The build sandbox went with the restart (it would have run on for the step's time limit).
     assert json.loads(server.cli("sandbox", "list", "--json").stdout) == []
     retried = Template().from_base_image().run_cmd("echo retried > ~/r")
     _build(server, retried, "cut-short")

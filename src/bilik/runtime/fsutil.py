@@ -71,6 +71,18 @@ def lock_fd(path: Path) -> int:
     return fd
 
 
+def try_lock_fd(path: Path) -> int | None:
+    """:func:`lock_fd` if no one holds the lock now, else None (without waiting)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
 @contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[None]:
     """An exclusive lock shared by every bilik process on this host (flock)."""

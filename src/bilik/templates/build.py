@@ -11,6 +11,7 @@ sandbox of the finished image, and the build is ready once its ready check passe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime
 import fnmatch
@@ -352,6 +353,16 @@ class Builder:
                 if path.is_dir() and not any(path.iterdir()):
                     path.rmdir()
             layers.publish(key, scratch)
+
+    async def abandon(self, build_id: str) -> None:
+        """Undo what a build that a crash cut short left: its sandboxes (they would run on for
+        the step's whole time limit) and the image they ran on (so its layers can go)."""
+        scratch_image = scratch_image_of(build_id)
+        for info in await self.runtime.list():
+            if info.template == scratch_image:
+                with contextlib.suppress(RuntimeFailure):
+                    await self.runtime.kill(info.sandbox_id)
+        await asyncio.to_thread(self.runtime.layers.remove_image, scratch_image)
 
     async def _check_start(self, image: Image, limits: Limits, log: BuildLog) -> None:
         """Start the finished image once (under the build's own name: the template's image is

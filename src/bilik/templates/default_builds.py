@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..runtime import LocalRuntime, RuntimeFailure, debian_image
-from ..runtime.fsutil import lock_fd
+from ..runtime.fsutil import lock_fd, try_lock_fd
 from ..runtime.spec import Limits
 from . import host_settings
 from .build import Builder, BuildLog
@@ -82,6 +82,16 @@ class DefaultBuilds:
         finally:
             build_log.listeners.remove(listener)
 
+    async def abandon_unfinished(self) -> None:
+        """Undo what builds that a crash cut short left (those no process runs now)."""
+        for name in DEFAULTS:
+            lock = await asyncio.to_thread(try_lock_fd, self._lock_path(name))
+            if lock is not None:
+                try:
+                    await self.builder.abandon(_build_id(name))
+                finally:
+                    os.close(lock)
+
     def _forget(self, name: str, done: asyncio.Task[str]) -> None:
         if self._building.get(name, (None,))[0] is done:
             del self._building[name]
@@ -91,7 +101,7 @@ class DefaultBuilds:
         spec = await self.resolve(spec, build_log)
         image_name = self._image_name(name, spec)
         # Held by every bilik process that builds this template (a CLI beside the server).
-        lock = await asyncio.to_thread(lock_fd, self.layers.root / "locks" / f"default-{name}")
+        lock = await asyncio.to_thread(lock_fd, self._lock_path(name))
         try:
             if not rebuild and await self._has(image_name):  # (built while this waited)
                 return image_name
@@ -102,7 +112,7 @@ class DefaultBuilds:
             build_log(f"building the default template {name}" + (" anew" if rebuild else ""))
             image = await self.builder.build(
                 image_name,
-                f"default-{name}",
+                _build_id(name),
                 {**spec, "force": True} if rebuild else spec,
                 BUILD_LIMITS,
                 build_log,
@@ -140,6 +150,9 @@ class DefaultBuilds:
         identity = json.dumps([spec, self._host], sort_keys=True).encode()
         return f"{name}:{hashlib.sha256(identity).hexdigest()[:16]}"
 
+    def _lock_path(self, name: str) -> Path:
+        return self.layers.root / "locks" / f"default-{name}"
+
     async def _spec(self, name: str) -> tuple[dict[str, Any], dict[str, bytes]]:
         if name not in self._specs:
             self._specs[name] = await asyncio.to_thread(_with_host_settings, DEFAULTS[name])
@@ -167,6 +180,10 @@ async def outside_a_server(runtime: LocalRuntime) -> AsyncIterator[DefaultBuilds
     finally:
         if dns is not None:
             await dns.close()
+
+
+def _build_id(name: str) -> str:
+    return f"default-{name}"
 
 
 def _default_base(spec: dict[str, Any]) -> str | None:

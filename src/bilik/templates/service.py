@@ -13,7 +13,7 @@ from ..runtime import LocalRuntime
 from ..runtime.spec import Limits
 from ..store import Store
 from ..store.templates import BuildRow, TemplateRow
-from .build import Builder, BuildFailed, BuildLog, check_spec, scratch_image_of
+from .build import Builder, BuildFailed, BuildLog, check_spec
 from .default_builds import DefaultBuilds
 from .defaults import DEFAULTS
 from .files import FileStore
@@ -84,11 +84,12 @@ class TemplateService:
         await self.store.templates.set_status(build, "ready")
 
     async def abandon_unfinished(self) -> list[str]:
-        """Fail the builds a stopped server left unfinished (their ids), and drop the images
-        they were running on, so that their layers can go."""
+        """Fail the builds a stopped server left unfinished (their ids) and undo what they
+        left (``Builder.abandon``), and the same for bilik's own templates' builds."""
         build_ids = await self.store.templates.abandon_unfinished()
         for build_id in build_ids:
-            await asyncio.to_thread(self.runtime.layers.remove_image, scratch_image_of(build_id))
+            await self.builder.abandon(build_id)
+        await self.defaults.abandon_unfinished()
         return build_ids
 
     def forget(self, template_id: str, build_ids: list[str]) -> None:
