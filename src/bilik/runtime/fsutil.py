@@ -61,8 +61,7 @@ def replace_dir(built: Path, target: Path) -> None:
 
 def lock_fd(path: Path) -> int:
     """Take an exclusive flock on ``path`` (blocking); closing the returned fd releases it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = _lock_file(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
     except BaseException:
@@ -73,14 +72,18 @@ def lock_fd(path: Path) -> int:
 
 def try_lock_fd(path: Path) -> int | None:
     """:func:`lock_fd` if no one holds the lock now, else None (without waiting)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = _lock_file(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         return None
     return fd
+
+
+def _lock_file(path: Path) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ from ..runtime import LocalRuntime
 from ..runtime.spec import Limits
 from ..store import Store
 from ..store.templates import BuildRow, TemplateRow
-from .build import Builder, BuildFailed, BuildLog, check_spec
+from .build import Builder, BuildFailed, BuildLog
 from .default_builds import DefaultBuilds
 from .defaults import DEFAULTS
 from .files import FileStore
@@ -43,6 +43,7 @@ class TemplateService:
         return self._logs[build_id]
 
     def start(self, template: TemplateRow, build: BuildRow, spec: dict[str, Any]) -> None:
+        """Run the build of ``spec`` (already through ``build.check_spec``) in the background."""
         task = asyncio.create_task(self._run(template, build, spec))
         self._tasks[build.id] = task
         task.add_done_callback(lambda _: self._tasks.pop(build.id, None))
@@ -52,7 +53,6 @@ class TemplateService:
         await self.store.templates.set_status(build, "building")
         limits = Limits(cpu=template.cpu_count, memory_mb=template.memory_mb)
         try:
-            check_spec(spec)
             base = spec.get("fromTemplate")
             if isinstance(base, str):
                 # Another template of the same key, by id or name, with a finished build; else
