@@ -3,6 +3,18 @@
 A request belongs to a sandbox when it carries ``E2b-Sandbox-Id`` (and ``E2b-Sandbox-Port``), or
 when its Host is ``{port}-{sandboxID}.{domain}``; everything else goes to the control plane.
 Bodies are passed through chunk by chunk in both directions, never held whole.
+
+Nothing here needs a key, so the plane is a boundary of its own:
+
+- A sandbox id and port are parsed strictly (the id's shape is bilik's, ASCII digits for the
+  port); anything else is a 400, before the id names a file or a route.
+- Only sandboxes a key owns are routed to (the store's, see :class:`OwnedSandboxes`): a
+  warm-pool sandbox not handed over yet, a template build's sandbox or no sandbox at all get one
+  and the same answer, so the answer tells nothing about which it was.
+- The upstream is the routed sandbox's own address, on the instance's network, and the URL is
+  built from parts: the request's target is only ever a path (it must start with ``/``), never
+  something that could name another host (``GET @127.0.0.1:80/``), and websockets are opened
+  to that address and port whatever the URL or a redirect says.
 """
 
 from __future__ import annotations
@@ -12,8 +24,12 @@ import base64
 import contextlib
 import hashlib
 import hmac
+import ipaddress
 import json
+import logging
+import math
 import re
+import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -24,6 +40,9 @@ import websockets.exceptions
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..runtime import LocalRuntime, SandboxNotFound
+from ..runtime.spec import is_sandbox_id
+
+log = logging.getLogger("bilik.plane")
 
 ENVD_PORT = 49983
 # Headers that belong to one connection, not to the message (RFC 9110 §7.6.1), plus Host.
@@ -31,27 +50,119 @@ HOP_BY_HOP = {
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
     "transfer-encoding", "upgrade", "host",
 }  # fmt: skip
-_HOST_RE = re.compile(r"^(\d{1,5})-([a-z0-9]{8,32})\.")
+# Bytes a request target may not carry on as they are (not printable ASCII, or a fragment).
+_UNSAFE_TARGET = re.compile(rb"[^\x21-\x7e]|#")
+
+
+class BadRoute(Exception):
+    """A request for a sandbox that names its sandbox, port or path in a way no client does
+    (answered 400, the same whatever sandbox it names)."""
+
+
+def parse_sandbox_id(text: str) -> str:
+    if not is_sandbox_id(text):
+        raise BadRoute("Invalid sandbox id")
+    return text
+
+
+def parse_port(text: str) -> int:
+    """A port from a header or a Host: ASCII digits only (``str.isdigit`` takes ``²``),
+    1-65535."""
+    if not (0 < len(text) <= 5 and text.isascii() and text.isdigit()):
+        raise BadRoute("Invalid sandbox port")
+    port = int(text)
+    if not 0 < port < 65536:
+        raise BadRoute("Invalid sandbox port")
+    return port
 
 
 def route(scope: Scope, domain: str) -> tuple[str, int] | None:
-    """``(sandbox id, port)`` if the request is for a sandbox, else None."""
+    """``(sandbox id, port)`` if the request is for a sandbox, else None; BadRoute if it is
+    for a sandbox but names it (or its port) malformed."""
     headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
     sandbox_id = headers.get("e2b-sandbox-id")
     # Some SDKs (2.20's connect, for one) send the sandbox headers to the control plane too;
     # its calls carry the API key, which nothing bound for a sandbox does.
     if sandbox_id and "x-api-key" not in headers:
-        port = headers.get("e2b-sandbox-port", str(ENVD_PORT))
-        return sandbox_id, int(port) if port.isdigit() else -1
-    host = headers.get("host", "").split(":")[0]
-    match = _HOST_RE.match(host)
-    if match and host.endswith(f".{domain}"):
-        return match.group(2), int(match.group(1))
+        port = headers.get("e2b-sandbox-port")
+        return parse_sandbox_id(sandbox_id), ENVD_PORT if port is None else parse_port(port)
+    host = headers.get("host", "").rpartition(":")[0] or headers.get("host", "")
+    label, dot, rest = host.lower().partition(".")
+    port_text, dash, sandbox_id = label.partition("-")
+    # {port}-{id}.{domain}: a first label that starts with digits (any digits: a malformed
+    # port is this form's 400, not the control plane's) and a hyphen.
+    if dot and rest == domain and dash and port_text.isdigit():
+        return parse_sandbox_id(sandbox_id), parse_port(port_text)
     return None
+
+
+def request_target(scope: Scope) -> bytes:
+    """The path and query to ask the sandbox for: the request's own, in origin form (a path
+    from ``/``); BadRoute for any other form (``@host:port/…``, ``http://host/…``, ``*``),
+    which string-built URLs would read as another host."""
+    raw = scope.get("raw_path")
+    if raw is None:
+        raw = urllib.parse.quote(scope["path"]).encode("ascii")
+    if not raw.startswith(b"/"):
+        raise BadRoute("The request target must be a path starting with /")
+    if query := scope.get("query_string", b""):
+        raw += b"?" + query
+    # (bytes a client should have escaped are escaped: the URL is built, not pasted)
+    return _UNSAFE_TARGET.sub(lambda m: b"%%%02X" % m.group()[0], raw)
+
+
+def upstream_url(scheme: str, host: str, port: int | None, target: bytes) -> httpx.URL:
+    """The URL to the sandbox, from parts: ``target`` is only ever its path and query."""
+    try:
+        return httpx.URL(scheme=scheme, host=host, port=port, raw_path=target)
+    except (httpx.InvalidURL, UnicodeDecodeError) as e:
+        raise BadRoute("Invalid request target") from e
 
 
 # Live sandboxes' envd access tokens, by sandbox id (from the store).
 Tokens = Callable[[], Awaitable[dict[str, str]]]
+
+
+class OwnedSandboxes:
+    """The sandboxes keys own (the store's, made by a create), with their envd access tokens:
+    the only ones the plane routes to. A warm-pool sandbox not handed over, a template build's
+    sandbox, one made from the command line: none is the store's, so none is reachable here.
+
+    Reading the store for every request would cost a query each: ids it knew are trusted for
+    ``max_age_s`` (a sandbox killed since is found gone by the runtime anyway), and an id or a
+    token it did not know makes it read again (a create that has just returned routes at once).
+    One read at a time, shared by every request that waits for it."""
+
+    def __init__(self, read: Tokens, max_age_s: float = 1.0) -> None:
+        self._read = read
+        self.max_age_s = max_age_s
+        self._tokens: dict[str, str] = {}
+        self._read_at = -math.inf  # (monotonic time the read of ``_tokens`` began)
+        self._reading: asyncio.Future[None] | None = None
+
+    async def tokens(self, *, fresh: bool = False) -> dict[str, str]:
+        """Tokens by sandbox id, read at most ``max_age_s`` ago, or since now if ``fresh``."""
+        now = time.monotonic()
+        return await self._read_since(now if fresh else now - self.max_age_s)
+
+    async def knows(self, sandbox_id: str) -> bool:
+        return sandbox_id in await self.tokens() or sandbox_id in await self.tokens(fresh=True)
+
+    async def _read_since(self, moment: float) -> dict[str, str]:
+        while self._read_at < moment:
+            if self._reading is None:
+                self._reading = asyncio.ensure_future(self._read_now())
+            # (a waiter that goes away leaves the read to the others)
+            await asyncio.shield(self._reading)
+        return self._tokens
+
+    async def _read_now(self) -> None:
+        started = time.monotonic()
+        try:
+            self._tokens = await self._read()
+            self._read_at = started
+        finally:
+            self._reading = None
 
 
 def _timeout() -> httpx.Timeout:
@@ -80,8 +191,8 @@ class SandboxPlane:
     def __init__(self, app: ASGIApp, runtime: LocalRuntime, domain: str, tokens: Tokens) -> None:
         self.app = app
         self.runtime = runtime
-        self.domain = domain
-        self.tokens = tokens
+        self.domain = domain.lower()
+        self.owned = OwnedSandboxes(tokens)
         # No connection to a sandbox's port is kept for reuse: addresses pass from killed
         # sandboxes to new ones, and a kept connection to a dead one would be reset by the new
         # one mid-request. (A connection over the veth costs a fraction of a millisecond.)
@@ -94,74 +205,106 @@ class SandboxPlane:
         self._envd: dict[str, httpx.AsyncClient] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "websocket":
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        try:
             target = route(scope, self.domain)
+            if target is None and scope["type"] == "http":
+                sandbox_id = await self._envd_by_credentials(scope)
+                target = (sandbox_id, ENVD_PORT) if sandbox_id else None
             if target is None:
                 await self.app(scope, receive, send)
-            else:
-                await self._websocket(scope, receive, send, *target)
-            return
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        target = route(scope, self.domain)
-        if target is None:
-            sandbox_id = await self._envd_by_credentials(scope)
-            target = (sandbox_id, ENVD_PORT) if sandbox_id else None
-        if target is None:
-            await self.app(scope, receive, send)
+                return
+            path = request_target(scope)
+        except BadRoute as e:
+            await _deny(scope, receive, send, 400, {"code": 400, "message": str(e)})
             return
         sandbox_id, port = target
+        address = await self._address(sandbox_id)
+        if address is None:
+            await self._drop_envd(sandbox_id)
+            await _deny(scope, receive, send, 502, _not_found(sandbox_id))
+            return
+        try:
+            if scope["type"] == "websocket":
+                url = upstream_url("ws", address, port, path)
+                await self._websocket(scope, receive, send, sandbox_id, address, port, url)
+                return
+            socket_path = self.runtime.envd_socket(sandbox_id) if port == ENVD_PORT else None
+            if socket_path is None:
+                url = upstream_url("http", address, port, path)
+                await self._proxy(scope, receive, send, sandbox_id, port, self.client, url)
+                return
+            url = upstream_url("http", "envd", None, path)
+        except BadRoute as e:
+            await _deny(scope, receive, send, 400, {"code": 400, "message": str(e)})
+            return
+        except SandboxNotFound:  # (killed this very moment)
+            await _deny(scope, receive, send, 502, _not_found(sandbox_id))
+            return
+        client = self._envd.get(sandbox_id)
+        if client is None:
+            client = self._envd[sandbox_id] = httpx.AsyncClient(
+                transport=httpx.AsyncHTTPTransport(uds=str(socket_path)),
+                timeout=_timeout(),
+                trust_env=False,
+            )
+        await self._proxy(scope, receive, send, sandbox_id, port, client, url)
+
+    async def _address(self, sandbox_id: str) -> str | None:
+        """The address to reach the sandbox at, if it is one to route to: a key owns it, it
+        has a record (not a pooled one), and its address is one of the instance's sandbox
+        addresses. None otherwise, whichever the reason."""
+        if not await self.owned.knows(sandbox_id):
+            return None
         try:
             address = self.runtime.address(sandbox_id)
-            socket_path = self.runtime.envd_socket(sandbox_id) if port == ENVD_PORT else None
         except SandboxNotFound:
-            address = None
-        if address is None or not 0 < port < 65536:
-            await self._drop_envd(sandbox_id)
-            await _not_found(send, sandbox_id)
-            return
-        if socket_path is not None:
-            client = self._envd.get(sandbox_id)
-            if client is None:
-                client = self._envd[sandbox_id] = httpx.AsyncClient(
-                    transport=httpx.AsyncHTTPTransport(uds=str(socket_path)),
-                    timeout=_timeout(),
-                    trust_env=False,
-                )
-            await self._proxy(scope, receive, send, sandbox_id, port, client, "http://envd")
-        else:
-            base = f"http://{address}:{port}"
-            await self._proxy(scope, receive, send, sandbox_id, port, self.client, base)
+            return None
+        network = self.runtime.network
+        try:
+            ip = ipaddress.IPv4Address(address)
+        except ValueError:
+            return None
+        reserved = (
+            network.gateway,
+            network.network.network_address,
+            network.network.broadcast_address,
+        )
+        if ip not in network.network or ip in reserved:
+            return None
+        return str(ip)
 
     async def _envd_by_credentials(self, scope: Scope) -> str | None:
         """The sandbox whose envd a request names no sandbox for, yet proves it is meant for:
         a signed file URL, or (from SDKs that send no sandbox headers after a connect) the
         sandbox's own access token. Both are secrets of one sandbox."""
         if scope["path"] == "/files" and b"signature=" in scope.get("query_string", b""):
-            return signed_file_target(scope, await self.tokens())
+            return signed_file_target(scope, await self.owned.tokens()) or signed_file_target(
+                scope, await self.owned.tokens(fresh=True)
+            )
         headers = dict((k.lower(), v) for k, v in scope["headers"])
         token = headers.get(b"x-access-token")
         if not token or b"x-api-key" in headers:
             return None
-        for sandbox_id, known in (await self.tokens()).items():
-            if hmac.compare_digest(known.encode(), token):
-                return sandbox_id
+        for fresh in (False, True):
+            for sandbox_id, known in (await self.owned.tokens(fresh=fresh)).items():
+                if hmac.compare_digest(known.encode(), token):
+                    return sandbox_id
         return None
 
     async def _websocket(
-        self, scope: Scope, receive: Receive, send: Send, sandbox_id: str, port: int
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        sandbox_id: str,
+        address: str,
+        port: int,
+        url: httpx.URL,
     ) -> None:
         """Relay a websocket to the sandbox's port, message by message, both ways."""
-        await receive()  # websocket.connect
-        try:
-            address = self.runtime.address(sandbox_id)
-        except SandboxNotFound:
-            await send({"type": "websocket.close", "code": 1011, "reason": "sandbox not found"})
-            return
-        path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
-        query = scope.get("query_string", b"").decode("latin-1")
-        url = f"ws://{address}:{port}{path}" + (f"?{query}" if query else "")
         headers = [
             (k.decode("latin-1"), v.decode("latin-1"))
             for k, v in scope["headers"]
@@ -170,16 +313,23 @@ class SandboxPlane:
         ]
         try:
             upstream = await websockets.asyncio.client.connect(
-                url,
+                str(url),
                 additional_headers=headers,
                 subprotocols=scope.get("subprotocols") or None,
                 open_timeout=5,
                 max_size=None,
                 compression=None,
+                # To the sandbox's address and port, whatever the URL or a redirect says (a
+                # redirect elsewhere fails), and never through a proxy of the environment.
+                proxy=None,
+                host=address,
+                port=port,
             )
-        except (OSError, TimeoutError, websockets.exceptions.WebSocketException):
-            await send({"type": "websocket.close", "code": 1011, "reason": "port is not open"})
+        except (OSError, TimeoutError, ValueError, websockets.exceptions.WebSocketException) as e:
+            log.debug("websocket to %s:%d failed: %s", sandbox_id, port, e)
+            await _deny(scope, receive, send, 502, _port_closed(sandbox_id, port))
             return
+        await receive()  # websocket.connect
         await send({"type": "websocket.accept", "subprotocol": upstream.subprotocol})
 
         async def to_sandbox() -> None:
@@ -221,11 +371,8 @@ class SandboxPlane:
         sandbox_id: str,
         port: int,
         client: httpx.AsyncClient,
-        base: str,
+        url: httpx.URL,
     ) -> None:
-        path = scope.get("raw_path") or scope["path"].encode()
-        query = scope.get("query_string", b"")
-        url = base + path.decode("latin-1") + (f"?{query.decode('latin-1')}" if query else "")
         names = {k.decode("latin-1").lower() for k, _ in scope["headers"]}
         headers = [
             (k, v) for k, v in scope["headers"] if k.decode("latin-1").lower() not in HOP_BY_HOP
@@ -245,21 +392,13 @@ class SandboxPlane:
                     raise
                 response = await client.send(request, stream=True)
         except httpx.HTTPError as e:
+            # (what went wrong is the server's to know, not the client's)
+            log.debug("request to %s:%d failed: %s %s", sandbox_id, port, type(e).__name__, e)
             if not await self.runtime.is_running(sandbox_id):
                 await self._drop_envd(sandbox_id)
-                await _not_found(send, sandbox_id)
+                await _json(send, 502, _not_found(sandbox_id))
                 return
-            await _json(
-                send,
-                502,
-                {
-                    "sandboxId": sandbox_id,
-                    "code": 502,
-                    "message": "The sandbox is running but port is not open: "
-                    + f"{type(e).__name__} {e}".strip(),
-                    "port": port,
-                },
-            )
+            await _json(send, 502, _port_closed(sandbox_id, port))
             return
         # A client that hangs up ends the request upstream too (the code interpreter stops
         # the code then): the server drops writes to a gone client without a word, so watch.
@@ -319,10 +458,44 @@ async def _body(receive: Receive) -> AsyncIterator[bytes]:
             return
 
 
-async def _not_found(send: Send, sandbox_id: str) -> None:
-    await _json(
-        send, 502, {"sandboxId": sandbox_id, "message": "The sandbox was not found", "code": 502}
+def _not_found(sandbox_id: str) -> dict[str, Any]:
+    """The one answer for a sandbox that is not there to route to, whatever the reason."""
+    return {"sandboxId": sandbox_id, "message": "The sandbox was not found", "code": 502}
+
+
+def _port_closed(sandbox_id: str, port: int) -> dict[str, Any]:
+    return {
+        "sandboxId": sandbox_id,
+        "message": "The sandbox is running but port is not open",
+        "code": 502,
+        "port": port,
+    }
+
+
+async def _deny(
+    scope: Scope, receive: Receive, send: Send, status: int, body: dict[str, Any]
+) -> None:
+    """Answer with an error instead of passing the request on: a JSON response, for a
+    websocket too where the server can send one before the handshake (else a close)."""
+    if scope["type"] == "http":
+        await _json(send, status, body)
+        return
+    await receive()  # websocket.connect
+    if "websocket.http.response" not in scope.get("extensions", {}):
+        await send({"type": "websocket.close", "code": 1008, "reason": body["message"][:100]})
+        return
+    payload = json.dumps(body).encode()
+    await send(
+        {
+            "type": "websocket.http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+            ],
+        }
     )
+    await send({"type": "websocket.http.response.body", "body": payload})
 
 
 async def _json(send: Send, status: int, body: dict[str, Any]) -> None:

@@ -8,11 +8,17 @@ names: then those names, and only those, are answered.
 
 A sandbox that allows a domain may reach the addresses its answers hold, for their lifetime:
 the forwarder adds them to the sandbox's rules before the answer goes back (``learn``).
+
+Only what the policy judged is forwarded: a standard query with exactly one question (a
+message with several would have the others pass unjudged), nothing else. Each sandbox (each
+source address) has its own bound on what it can make the forwarder hold, so one sandbox
+flooding it cannot keep the others from resolving.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -24,9 +30,9 @@ from pathlib import Path
 log = logging.getLogger("bilik.dns")
 
 QUERY_TIMEOUT_S = 4.0
-# Sandboxes share one forwarder in the server's process: bound what they can make it hold.
-MAX_PENDING_QUERIES = 256
-MAX_TCP_CLIENTS = 64
+# Sandboxes share one forwarder in the server's process: bound what each can make it hold.
+MAX_PENDING_PER_SOURCE = 64
+MAX_TCP_PER_SOURCE = 8
 TCP_IDLE_S = 10.0
 # How long an address learned from an answer stays reachable, whatever the answer's TTL says.
 LEARN_TTL_S = (30, 3600)
@@ -43,27 +49,46 @@ class DnsPolicy:
         return any(name.endswith(d[1:]) if d.startswith("*.") else name == d for d in self.domains)
 
 
-def query_name(message: bytes) -> str | None:
-    """The name asked in a DNS message (lowercase, no trailing dot), if it is well formed."""
+@dataclasses.dataclass(frozen=True)
+class Question:
+    """The one question of a query: its name (lowercase, no trailing dot) and where it ends."""
+
+    name: str
+    end: int
+
+
+def question(message: bytes) -> Question | None:
+    """The question of a standard query (QR 0, opcode QUERY) that asks exactly one and carries
+    no records but additional ones (EDNS); None for anything else, which is never forwarded."""
+    if len(message) < 12:
+        return None
+    flags, questions, answers, authority = struct.unpack("!HHHH", message[2:10])
+    if flags & 0xF800 or questions != 1 or answers or authority:
+        return None
     labels, at = [], 12
     try:
         while message[at]:
             length = message[at]
-            if length > 63:
+            label = message[at + 1 : at + 1 + length]
+            # (no compression in a question; a dot inside a label would read as two labels)
+            if length > 63 or len(label) != length or b"." in label:
                 return None
-            labels.append(message[at + 1 : at + 1 + length].decode("ascii").lower())
+            labels.append(label.decode("ascii").lower())
             at += 1 + length
     except (IndexError, UnicodeDecodeError):
         return None
-    return ".".join(labels)
+    end = at + 5  # the root label, type and class
+    if end > len(message):
+        return None
+    return Question(".".join(labels), end)
 
 
-def refused(query: bytes) -> bytes:
-    """A REFUSED answer to ``query`` (its header and question, no records)."""
+def refused(query: bytes, asked: Question | None = None) -> bytes:
+    """A REFUSED answer to ``query``: its header, and its question if it has one to echo."""
     ident, flags = struct.unpack("!HH", query[:4])
-    name_end = query.index(b"\0", 12) + 5
-    header = struct.pack("!HHHHHH", ident, 0x8000 | (flags & 0x7900) | 5, 1, 0, 0, 0)
-    return header + query[12:name_end]
+    count = 1 if asked else 0
+    header = struct.pack("!HHHHHH", ident, 0x8000 | (flags & 0x7900) | 5, count, 0, 0, 0)
+    return header + (query[12 : asked.end] if asked else b"")
 
 
 def _skip_name(message: bytes, at: int) -> int:
@@ -170,7 +195,9 @@ class DnsForwarder:
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._tcp_clients = 0
+        # Queries being answered and TCP connections open, per source address (sandbox).
+        self._pending: collections.Counter[str] = collections.Counter()
+        self._tcp_clients: collections.Counter[str] = collections.Counter()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -181,11 +208,13 @@ class DnsForwarder:
                 self.transport = transport
 
             def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-                if len(forwarder._tasks) >= MAX_PENDING_QUERIES:
+                source = addr[0]
+                if forwarder._pending[source] >= MAX_PENDING_PER_SOURCE:
                     return  # dropped: the client retries, as it would on a lossy network
+                forwarder._pending[source] += 1
                 task = loop.create_task(forwarder._answer_udp(self.transport, data, addr))
                 forwarder._tasks.add(task)
-                task.add_done_callback(forwarder._tasks.discard)
+                task.add_done_callback(lambda done: forwarder._settled(done, source))
 
         transport, _ = await loop.create_datagram_endpoint(
             Server, local_addr=(self.address, 53), reuse_port=False
@@ -194,14 +223,22 @@ class DnsForwarder:
         self._tcp = await asyncio.start_server(self._answer_tcp, self.address, 53)
         log.info("DNS forwarder on %s:53 → %s", self.address, ", ".join(self.upstreams))
 
+    def _settled(self, task: asyncio.Task[None], source: str) -> None:
+        self._tasks.discard(task)
+        self._pending[source] -= 1
+        if self._pending[source] <= 0:
+            del self._pending[source]
+
     async def _answer(self, source: str, query: bytes, *, tcp: bool) -> bytes | None:
-        policy = self.policy(source) if self.policy else None
-        name = query_name(query)
-        if name is None:
-            return None
-        allowed = policy is not None and policy.allows(name)
-        if policy is not None and not policy.internet and not allowed:
+        if len(query) < 12:
+            return None  # not even a header to answer
+        asked = question(query)
+        if asked is None:
             return refused(query)
+        policy = self.policy(source) if self.policy else None
+        allowed = policy is not None and policy.allows(asked.name)
+        if policy is not None and not policy.internet and not allowed:
+            return refused(query, asked)
         answer = await _resolve(self.upstreams, query, tcp=tcp)
         if answer is not None and allowed and self.learn is not None:
             found, ttl = addresses(answer)
@@ -220,16 +257,16 @@ class DnsForwarder:
             transport.sendto(answer, addr)  # type: ignore[attr-defined]
 
     async def _answer_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._tcp_clients >= MAX_TCP_CLIENTS:
+        source = writer.get_extra_info("peername")[0]
+        if self._tcp_clients[source] >= MAX_TCP_PER_SOURCE:
             writer.close()
             return
-        self._tcp_clients += 1
+        self._tcp_clients[source] += 1
         try:
             while True:
                 header = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE_S)
                 (length,) = struct.unpack("!H", header)
                 query = await asyncio.wait_for(reader.readexactly(length), TCP_IDLE_S)
-                source = writer.get_extra_info("peername")[0]
                 answer = await self._answer(source, query, tcp=True)
                 if answer is None:
                     return
@@ -238,7 +275,9 @@ class DnsForwarder:
         except (asyncio.IncompleteReadError, OSError, TimeoutError):
             pass
         finally:
-            self._tcp_clients -= 1
+            self._tcp_clients[source] -= 1
+            if self._tcp_clients[source] <= 0:
+                del self._tcp_clients[source]
             writer.close()
 
     async def close(self) -> None:

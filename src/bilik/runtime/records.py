@@ -2,6 +2,11 @@
 
 The runtime's truth is what runs; these records say what *should* run, so a restarted server can
 re-adopt its sandboxes and tell orphans (running with no record, or recorded but not running).
+
+Ids reach here from requests: a path is built only from an id of the shape bilik makes
+(``is_sandbox_id``), so an id is one directory under the root and never a path into a sandbox's
+own files (``<id>/rootfs``) or anywhere else (an absolute path). A record is read without
+following a link.
 """
 
 from __future__ import annotations
@@ -13,8 +18,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .errors import SandboxNotFound
 from .fsutil import write_json_atomic
-from .spec import Limits
+from .spec import Limits, is_sandbox_id
 
 
 @dataclasses.dataclass
@@ -62,25 +68,38 @@ class RecordStore:
         self._cache: dict[str, tuple[tuple[int, int], SandboxRecord]] = {}
 
     def dir(self, sandbox_id: str) -> Path:
+        """The sandbox's directory; SandboxNotFound for anything that is not an id (no such
+        sandbox can exist), before any path is made of it."""
+        if not is_sandbox_id(sandbox_id):
+            raise SandboxNotFound(str(sandbox_id))
         return self.root / sandbox_id
 
     def save(self, record: SandboxRecord) -> None:
         write_json_atomic(self.dir(record.sandbox_id) / "record.json", record.to_json())
 
     def load(self, sandbox_id: str) -> SandboxRecord | None:
+        """The sandbox's record; None if there is none, or ``sandbox_id`` is not an id."""
+        if not is_sandbox_id(sandbox_id):
+            return None
         path = os.path.join(self.root, sandbox_id, "record.json")
         try:
-            st = os.stat(path)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            self._cache.pop(sandbox_id, None)
+            return None
+        except OSError:  # (ELOOP: a link, which bilik never makes there)
+            return None
+        with os.fdopen(fd) as f:
+            st = os.fstat(fd)
             identity = (st.st_ino, st.st_mtime_ns)  # an atomic save is a new inode
             cached = self._cache.get(sandbox_id)
             if cached and cached[0] == identity:
                 return copy.copy(cached[1])  # callers may change theirs
-            with open(path) as f:
+            try:
                 record = SandboxRecord.from_json(json.load(f))
-        except (FileNotFoundError, NotADirectoryError):
-            self._cache.pop(sandbox_id, None)
-            return None
-        except (json.JSONDecodeError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError):  # (JSON, text and shape errors)
+                return None
+        if record.sandbox_id != sandbox_id:  # (a record names the sandbox it is filed under)
             return None
         self._cache[sandbox_id] = (identity, record)
         return copy.copy(record)

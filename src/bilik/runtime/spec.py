@@ -11,7 +11,7 @@ import string
 from .errors import InvalidSpec
 
 _ID_ALPHABET = string.ascii_lowercase + string.digits
-_ID_RE = re.compile(r"^[a-z0-9]{8,32}$")
+_ID_RE = re.compile(r"[a-z0-9]{8,32}")
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 # E2B's defaults.
@@ -30,8 +30,11 @@ def new_sandbox_id() -> str:
     return "".join(secrets.choice(_ID_ALPHABET) for _ in range(20))
 
 
-def is_sandbox_id(text: str) -> bool:
-    return bool(_ID_RE.match(text))
+def is_sandbox_id(text: object) -> bool:
+    """Whether ``text`` has the shape of an id bilik makes: 8-32 of ``[a-z0-9]`` (ASCII only,
+    nothing else, not even a trailing newline). Every id from outside passes here before it
+    names a file, a lock or a route: such an id is safe as one path component."""
+    return isinstance(text, str) and _ID_RE.fullmatch(text) is not None
 
 
 @dataclasses.dataclass(frozen=True)
