@@ -1,9 +1,14 @@
-"""``python -I -m bilik.envd [CONTROL_DIR]``: serve on CONTROL_DIR/envd.sock and port 49983."""
+"""``python -I -m bilik.envd [CONTROL_DIR] [--listen-fd=N]``: serve on port 49983, and on the
+listening unix socket at fd N when one is given.
+
+Under crun the zygote makes that socket on the host (the host reaches envd through it); under
+gVisor the host reaches envd at the sandbox's address, and no socket is made: the control
+directory is read-only inside every sandbox.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
 import sys
@@ -11,31 +16,23 @@ import sys
 import uvicorn
 
 from .app import Envd
-from .config import CONFIG_FILE, CONTROL_DIR, SOCKET_FILE, EnvdConfig
+from .config import CONFIG_FILE, CONTROL_DIR, EnvdConfig
 
 
-def _sockets(control_dir: str, port: int) -> list[socket.socket]:
-    path = os.path.join(control_dir, SOCKET_FILE)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    # Bound under a temporary name and renamed: the socket appears only once it listens.
-    temporary = f"{path}.{os.getpid()}"
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(temporary)
-    unix.bind(temporary)
-    os.chmod(temporary, 0o600)
-    unix.listen(128)
+def _sockets(port: int, listen_fd: int | None) -> list[socket.socket]:
     tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     tcp.bind(("0.0.0.0", port))
     tcp.listen(128)
-    os.rename(temporary, path)
-    return [unix, tcp]
+    if listen_fd is None:
+        return [tcp]
+    return [socket.socket(fileno=listen_fd), tcp]
 
 
 def main() -> None:
-    control_dir = sys.argv[1] if len(sys.argv) > 1 else CONTROL_DIR
+    args = [a for a in sys.argv[1:] if not a.startswith("--listen-fd=")]
+    fds = [int(a.split("=", 1)[1]) for a in sys.argv[1:] if a.startswith("--listen-fd=")]
+    control_dir = args[0] if args else CONTROL_DIR
     config = EnvdConfig.load(os.path.join(control_dir, CONFIG_FILE))
     server = uvicorn.Server(
         uvicorn.Config(
@@ -49,7 +46,7 @@ def main() -> None:
             timeout_keep_alive=60,
         )
     )
-    asyncio.run(_serve(server, _sockets(control_dir, config.port)))
+    asyncio.run(_serve(server, _sockets(config.port, fds[0] if fds else None)))
 
 
 async def _serve(server: uvicorn.Server, sockets: list[socket.socket]) -> None:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-# Where the per-sandbox directory (config and socket) appears inside the sandbox.
+# Where the per-sandbox directory (envd's config) appears, read-only, inside the sandbox.
 CONTROL_DIR = "/run/bilik"
 CONFIG_FILE = "envd.json"
-SOCKET_FILE = "envd.sock"
 PORT = 49983
 
 

@@ -10,9 +10,16 @@ The zygote is started by the server (``runtime.envd_zygote``) with the host's Py
 interpreter the sandboxes' copy was made from) and dies with it; the envds it forked live on.
 Its configuration (the sandboxes' capabilities and seccomp profile, and the fd of its end of a
 socket pair) comes as one JSON line on stdin. Requests arrive on the socket one JSON line at a
-time, ``{"pid": <the sandbox's PID 1 on the host>, "control_dir": "/run/bilik"}``, and each is
-answered with ``{"pid": <envd's host pid>}`` or ``{"error": "..."}``. The zygote exits when the
-server closes its end.
+time, ``{"pid": <the sandbox's PID 1 on the host>, "start": <its start time>, "control_dir":
+"/run/bilik", "socket": <host path>, "log": <host path>}``, and each is answered with
+``{"pid": <envd's host pid>}`` or ``{"error": "..."}``. The zygote exits when the server closes
+its end.
+
+envd's unix socket and its log are made here, on the host, before the joiner enters the sandbox,
+at paths only the host can change: envd gets them as open descriptors. The host reaches envd
+through that socket, so nothing in the sandbox can point the host's connection elsewhere (a
+socket file in a directory the sandbox could write could be replaced by a link to any host
+socket).
 
 Inside the sandbox the interpreter's files are those of ``/.bilik/python`` and
 ``/.bilik/agents``, copies of the host files the zygote loaded: ``sys.path`` is pointed there,
@@ -27,10 +34,15 @@ import gc
 import json
 import os
 import signal
+import socket
 import sys
 import traceback
 
 from . import enter
+
+# envd's listening socket, in envd (``python -m bilik.envd --listen-fd``).
+LISTEN_FD = 3
+_NO_LINKS = os.O_NOFOLLOW | os.O_CLOEXEC
 
 # sys.path inside sandboxes, entry for entry the zygote's own (see ``EnvdZygote``).
 IN_SANDBOX_PATH = [
@@ -89,8 +101,9 @@ def _relocate(moves: dict[str, str]) -> None:
     sys.path_importer_cache.clear()
 
 
-def _become_envd(control_dir: str) -> None:
-    """In the forked envd, inside the sandbox: a clean process, then envd's main loop."""
+def _become_envd(control_dir: str, listener: int, log: int) -> None:
+    """In the forked envd, inside the sandbox: a clean process (stdout and stderr to ``log``,
+    the listening socket ``listener`` as fd 3), then envd's main loop."""
     os.setsid()
     for signum in range(1, signal.NSIG):
         with contextlib.suppress(OSError, ValueError):  # uncatchable or unused numbers
@@ -98,21 +111,41 @@ def _become_envd(control_dir: str) -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
     os.umask(0o022)
     null = os.open("/dev/null", os.O_RDWR)
-    log = os.open(
-        os.path.join(control_dir, "envd.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600
-    )
     os.dup2(null, 0)
     os.dup2(log, 1)
     os.dup2(log, 2)
-    os.closerange(3, 65536)
+    os.dup2(listener, LISTEN_FD)
+    os.closerange(LISTEN_FD + 1, 65536)
     os.environ.clear()
     os.environ["PATH"] = "/usr/bin:/bin"
     _relocate(dict(zip(sys.path, IN_SANDBOX_PATH, strict=True)))
     enter.set_name("envd")
     from .__main__ import main
 
-    sys.argv = ["envd", control_dir]
+    sys.argv = ["envd", control_dir, f"--listen-fd={LISTEN_FD}"]
     main()
+
+
+def _listen(path: str) -> int:
+    """A unix socket listening at ``path`` (on the host, in a directory only the host writes);
+    bound under a temporary name and renamed, so it appears only once it listens."""
+    unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    temporary = f"{path}.{os.getpid()}"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temporary)
+    unix.bind(temporary)
+    os.chmod(temporary, 0o600)
+    unix.listen(128)
+    os.rename(temporary, path)
+    return unix.detach()
+
+
+def _close_all_but(keep: set[int]) -> None:
+    low = 3
+    for fd in sorted(keep):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 65536)
 
 
 def _spawn(
@@ -121,6 +154,7 @@ def _spawn(
     """Fork a process that joins the sandbox and forks envd in it; returns envd's host pid."""
     pid = int(request["pid"])  # type: ignore[call-overload]
     control_dir = str(request.get("control_dir", "/run/bilik"))
+    socket_path, log_path = str(request["socket"]), str(request["log"])
     start = int(request["start"])  # type: ignore[call-overload]
     target = enter.Target(pid, start, cgroup_procs(pid))
     read_end, write_end = os.pipe()
@@ -129,20 +163,22 @@ def _spawn(
         status = 1
         try:
             os.close(read_end)
-            # Nothing of the zygote's may cross into the sandbox: not its channel to the
+            # Made while still on the host (see the module's docstring).
+            listener = _listen(socket_path)
+            log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | _NO_LINKS, 0o600)
+            # Nothing else of the zygote's may cross into the sandbox: not its channel to the
             # server (which can start envds anywhere), not its stdio.
             null = os.open("/dev/null", os.O_RDWR)
             for fd in (0, 1, 2):
                 os.dup2(null, fd)
-            os.closerange(3, write_end)
-            os.closerange(write_end + 1, 65536)
+            _close_all_but({write_end, listener, log})
             enter.enter(target, capabilities, seccomp)
             envd = os.fork()  # only a child is in the sandbox's pid namespace
             if envd == 0:
                 code = 0
                 try:
                     os.close(write_end)
-                    _become_envd(control_dir)
+                    _become_envd(control_dir, listener, log)
                 except BaseException:
                     traceback.print_exc()  # to envd.log, once it is stderr
                     code = 1

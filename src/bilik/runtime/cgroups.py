@@ -97,6 +97,22 @@ def sandbox_cgroup_dirs(instance: str, sandbox_id: str) -> list[Path]:
     return [CGROUP_ROOT / c / instance / sandbox_id for c in V1_CONTROLLERS]
 
 
+def holds(instance: str, sandbox_id: str, pid: int) -> bool:
+    """Whether process ``pid`` is in the sandbox's cgroup (or one the sandbox made below it)."""
+    own = f"/{instance}/{sandbox_id}"
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return False
+    v2 = is_v2()
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if (controllers == "") if v2 else ("pids" in controllers.split(",")):
+            return path == own or path.startswith(own + "/")
+    return False
+
+
 def leftover_cgroups(instance: str) -> list[str]:
     """Sandbox ids that still have a cgroup directory under ``instance``."""
     parents = (

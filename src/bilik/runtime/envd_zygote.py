@@ -73,14 +73,24 @@ class EnvdZygote:
             raise StepFailed("envd-zygote", f"the zygote did not start (exit {code})")
         self._reader, self._writer = await asyncio.open_connection(sock=ours)
 
-    async def spawn(self, init_pid: int, init_start: int, control_dir: str) -> int:
+    async def spawn(
+        self, init_pid: int, init_start: int, control_dir: str, socket: Path, log: Path
+    ) -> int:
         """Start envd in the sandbox whose PID 1 is ``init_pid`` (started at ``init_start``,
-        clock ticks after boot); returns envd's host pid."""
+        clock ticks after boot), listening on the unix socket made at ``socket`` and writing
+        its log to ``log`` (both host paths in directories the sandbox cannot change); returns
+        envd's host pid."""
         async with self._lock:
             if self._proc is None or self._proc.returncode is not None:
                 await self._start()
             assert self._reader is not None and self._writer is not None
-            request = {"pid": init_pid, "start": init_start, "control_dir": control_dir}
+            request = {
+                "pid": init_pid,
+                "start": init_start,
+                "control_dir": control_dir,
+                "socket": str(socket),
+                "log": str(log),
+            }
             self._writer.write(json.dumps(request).encode() + b"\n")
             await self._writer.drain()
             line = await self._reader.readline()

@@ -54,9 +54,15 @@ LAYER_GRACE_S = 600.0
 # the agents' Python, see agent_python).
 RUNTIME_FILES = {"tini": "/usr/bin/tini-static", "busybox": "/bin/busybox"}
 
-# envd's files in the sandbox's control directory (named alike in ``bilik.envd.config``).
+# envd's config, in the sandbox's control directory (named alike in ``bilik.envd.config``).
 ENVD_CONFIG = "envd.json"
+# envd's unix socket (crun only) and its log, and PID 1's output: host paths the sandbox cannot
+# reach. The socket lies in the sandbox's directory, which only the host writes; the logs lie
+# on the sandbox's own disk (beside its upper layer, out of its view), so what it writes there
+# counts against its disk, never the host's.
 ENVD_SOCKET = "envd.sock"
+ENVD_LOG = "disk/envd.log"
+CONSOLE_LOG = "disk/console.log"
 ENVD_PORT = 49983
 # How long a new sandbox's envd may take to listen before the create fails.
 ENVD_START_S = 30.0
@@ -278,13 +284,13 @@ class LocalRuntime:
                     )
                     bundle = self.records.dir(sandbox_id)
                     pid = await oci_cli.run_detached(
-                        sandbox_id, bundle, bundle / "console.log", cgroup_procs
+                        sandbox_id, bundle, bundle / CONSOLE_LOG, cgroup_procs
                     )
                     record.init_pid, record.init_start = pid, _start_time(pid)
                     await asyncio.to_thread(self.records.save, record)
                     self._follow_init(record)
                     if oci_cli.name != "runsc":
-                        await self.zygote.spawn(pid, record.init_start, oci.CONTROL_MOUNT)
+                        await self._spawn_envd(record)
                     await self._wait_for_envd(record)
                     if image.start_cmd:
                         await self._start_workload(record, image)
@@ -340,7 +346,18 @@ class LocalRuntime:
         record = self._record(sandbox_id)
         if record.oci_runtime == "runsc":
             return None
-        return self.records.dir(sandbox_id) / "control" / ENVD_SOCKET
+        return self.records.dir(sandbox_id) / ENVD_SOCKET
+
+    async def _spawn_envd(self, record: SandboxRecord) -> None:
+        """Have the zygote start envd in the crun sandbox ``record``, on a socket it makes at
+        the host path :meth:`envd_socket` names. Only into that sandbox's own PID 1: the record
+        is the host's, and the pid must still be in the sandbox's cgroup."""
+        d = self.records.dir(record.sandbox_id)
+        if not cgroups.holds(self.settings.instance, record.sandbox_id, record.init_pid):
+            raise StepFailed("start-envd", "the sandbox's init is gone")
+        await self.zygote.spawn(
+            record.init_pid, record.init_start, oci.CONTROL_MOUNT, d / ENVD_SOCKET, d / ENVD_LOG
+        )
 
     async def revive_envd(self, sandbox_id: str) -> bool:
         """Start envd again in a running sandbox where it no longer answers (it crashed, or
@@ -356,15 +373,21 @@ class LocalRuntime:
                 writer.close()
                 return True
             self.log(f"envd of {sandbox_id} is gone: starting it again")
-            await self.zygote.spawn(record.init_pid, record.init_start, oci.CONTROL_MOUNT)
-            await self._wait_for_envd(record)
+            try:
+                await self._spawn_envd(record)
+                await self._wait_for_envd(record)
+            except StepFailed as e:  # (the server's to know; callers answer as for no envd)
+                self.log(f"envd of {sandbox_id} could not be started again: {e}")
+                return False
             return True
 
     def envd(self, sandbox_id: str) -> EnvdClient:
         """A client of the sandbox's envd, for the runtime's own work inside it."""
         record = self._record(sandbox_id)
-        control = self.records.dir(sandbox_id) / "control"
-        token = json.loads((control / ENVD_CONFIG).read_text()).get("access_token", "")
+        config = self.records.dir(sandbox_id) / "control" / ENVD_CONFIG
+        # (read-only inside the sandbox; opened without following a link all the same)
+        with os.fdopen(os.open(config, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)) as f:
+            token = json.load(f).get("access_token", "")
         return EnvdClient(self.envd_socket(sandbox_id), record.address, token)
 
     async def _start_workload(self, record: SandboxRecord, image: Image) -> None:
@@ -412,7 +435,11 @@ class LocalRuntime:
 
     @contextlib.asynccontextmanager
     async def _locked(self, sandbox_id: str) -> AsyncIterator[None]:
-        """Exclusive hold on one sandbox across every bilik process of this host."""
+        """Exclusive hold on one sandbox across every bilik process of this host.
+        SandboxNotFound for what is not a sandbox id: every method on one sandbox takes this
+        first, so no path is made of anything else."""
+        if not is_sandbox_id(sandbox_id):
+            raise SandboxNotFound(sandbox_id)
         path = self.state_root / "locks" / sandbox_id
         fd = await asyncio.to_thread(lock_fd, path)
         try:
@@ -622,6 +649,49 @@ class LocalRuntime:
         async with self._locked(sandbox_id):
             await self._release_locked(sandbox_id, self._record(sandbox_id))
 
+    async def stop(self, sandbox_id: str) -> None:
+        """End every process of the sandbox and return once none is left, its disk still
+        mounted: what the sandbox wrote then stays as it is while the host reads it (a build
+        keeps a step's upper directory). Nothing runs in it again; :meth:`kill` releases the
+        rest. StepFailed if a process of it outlives the wait.
+
+        The container goes first (its pid namespace with it: envd, and whatever a command left
+        running; under gVisor the Sentry and its gofer); then whatever is still in the
+        sandbox's cgroups, the only place its processes can be, is killed until none is left.
+        """
+        from signal import SIGKILL, pidfd_send_signal  # (stop's alone)
+
+        instance = self.settings.instance
+
+        def members() -> builtins.list[int]:
+            pids: set[int] = set()
+            for top in cgroups.sandbox_cgroup_dirs(instance, sandbox_id):
+                with contextlib.suppress(OSError, ValueError):  # (gone meanwhile: empty)
+                    for procs in top.rglob("cgroup.procs"):
+                        pids.update(int(p) for p in procs.read_text().split())
+            return sorted(pids)
+
+        def kill_members(pids: builtins.list[int]) -> None:
+            for pid in pids:
+                with contextlib.suppress(OSError):
+                    fd = os.pidfd_open(pid)
+                    try:  # (the pidfd holds the process: its pid cannot be another's here)
+                        if cgroups.holds(instance, sandbox_id, pid):
+                            pidfd_send_signal(fd, SIGKILL)
+                    finally:
+                        os.close(fd)
+
+        async with self._locked(sandbox_id):
+            record = self._record(sandbox_id)
+            self._unfollow_init(sandbox_id)
+            await self.oci(record.oci_runtime).delete(sandbox_id)
+            deadline = time.monotonic() + 30
+            while pids := await asyncio.to_thread(members):
+                if time.monotonic() > deadline:
+                    raise StepFailed("stop", f"processes {pids} of {sandbox_id} would not end")
+                await asyncio.to_thread(kill_members, pids)
+                await asyncio.sleep(0.01)
+
     def _record(self, sandbox_id: str) -> SandboxRecord:
         record = self.records.load(sandbox_id)
         if record is None:
@@ -699,7 +769,7 @@ class LocalRuntime:
     async def console(self, sandbox_id: str, limit_bytes: int = 1 << 20) -> builtins.list[str]:
         """The last ``limit_bytes`` of what the sandbox's PID 1 wrote, as lines."""
         self._record(sandbox_id)
-        path = self.records.dir(sandbox_id) / "console.log"
+        path = self.records.dir(sandbox_id) / CONSOLE_LOG
 
         def tail() -> builtins.list[str]:
             try:

@@ -42,7 +42,8 @@ CPU_PERIOD_US = 100_000
 
 # Where the runtime directory (init, and later envd) appears inside every sandbox.
 RUNTIME_MOUNT = "/.bilik"
-# The sandbox's own control directory (envd's config and socket), shared with the host.
+# The sandbox's own control directory (envd's config), read-only inside: the host trusts what
+# is there, so the sandbox must not change it (nor fill the host's disk through it).
 CONTROL_MOUNT = "/run/bilik"
 
 
@@ -137,7 +138,7 @@ def config(
                 "destination": CONTROL_MOUNT,
                 "type": "bind",
                 "source": str(control_dir),
-                "options": ["rbind", "rw", "nosuid", "nodev", "noexec"],
+                "options": ["rbind", "ro", "nosuid", "nodev", "noexec"],
             },
         ],
         "linux": {
