@@ -252,15 +252,16 @@ async def test_envd_is_confined_like_the_sandbox_itself(
 
 
 async def test_the_zygote_joins_only_sandboxes(
-    runtime: LocalRuntime, envd: tuple[SandboxInfo, httpx.AsyncClient]
+    runtime: LocalRuntime, envd: tuple[SandboxInfo, httpx.AsyncClient], tmp_path: Path
 ) -> None:
     """Asked to start envd beside a host process, or beside a process that merely took a
     sandbox PID 1's number, the zygote refuses."""
     me = os.getpid()
+    files = (tmp_path / "envd.sock", tmp_path / "envd.log")
     with pytest.raises(StepFailed, match="host's user namespace"):
-        await runtime.zygote.spawn(me, start_time(me), "/run/bilik")
+        await runtime.zygote.spawn(me, start_time(me), "/run/bilik", *files)
     info, _ = envd
     record = runtime.records.load(info.sandbox_id)
     assert record is not None
     with pytest.raises(StepFailed, match="not the sandbox's PID 1"):
-        await runtime.zygote.spawn(record.init_pid, record.init_start + 1, "/run/bilik")
+        await runtime.zygote.spawn(record.init_pid, record.init_start + 1, "/run/bilik", *files)

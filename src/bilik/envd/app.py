@@ -1,12 +1,18 @@
-"""envd's ASGI application: authentication, then plain HTTP or one of the Connect services."""
+"""envd's ASGI application: authentication, then plain HTTP or one of the Connect services.
+
+``/files`` takes either the sandbox's access token (``X-Access-Token``: the holder may act as
+any user, named by ``username`` or an ``Authorization: Basic`` header) or a signed URL. A signed
+URL grants exactly what was signed: one operation (``read`` for GET, ``write`` for POST, from
+the method alone), on one path, as one user (``username``; none signed means the sandbox's
+default user), until the expiration if one was signed. The ``Authorization`` header is not
+signed and is ignored; a signed upload writes only its path (``files.upload``).
+
+The signature and what makes it unambiguous: ``signing``.
+"""
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import hmac
-import time
-import urllib.parse
 from typing import Any
 
 from connectrpc.code import Code
@@ -22,17 +28,8 @@ from .filesystem_service import FilesystemService
 from .http import Receive, Scope, Send, header, json_error, no_content, send_json
 from .process_service import ProcessService
 from .processes import ProcessTable
+from .signing import UNAUTHORIZED, parse_query, signature_problem
 from .users import UnknownUser, from_basic_auth, lookup
-
-UNAUTHORIZED = (
-    "unauthorized access, please provide a valid access token or method signing if supported"
-)
-
-
-def signature(path: str, operation: str, user: str, token: str, expiration: str | None) -> str:
-    raw = f"{path}:{operation}:{user}:{token}" + (f":{expiration}" if expiration else "")
-    digest = hashlib.sha256(raw.encode()).digest()
-    return "v1_" + base64.b64encode(digest).rstrip(b"=").decode()
 
 
 class _Strict(Codec[Message, Any]):
@@ -96,31 +93,36 @@ class Envd:
         if method not in ("GET", "POST"):
             await json_error(send, 405, f"method {method} is not allowed on /files")
             return
-        query = dict(urllib.parse.parse_qsl(scope.get("query_string", b"").decode()))
-        path = query.get("path")
-        username = query.get("username") or ""
-        if not self._token_ok(scope):
-            given = query.get("signature")
-            expiration = query.get("signature_expiration")
+        try:
+            query = parse_query(scope.get("query_string", b""))
+        except ValueError as e:  # (UnicodeDecodeError too)
+            await json_error(send, 400, f"malformed query: {e}")
+            return
+        path = query.get("path", "")
+        if "\0" in path:
+            await json_error(send, 400, "a path holds no NUL character")
+            return
+        signed_path = None
+        if self._token_ok(scope):
+            # The token's holder may act as anyone: the user it names, however it names it.
+            name = query.get("username") or from_basic_auth(header(scope, "authorization"))
+        else:
             operation = "read" if method == "GET" else "write"
-            want = signature(path or "", operation, username, self.config.access_token, expiration)
-            if not given or not hmac.compare_digest(given.encode(), want.encode()):
-                await json_error(send, 401, UNAUTHORIZED)
+            problem = signature_problem(query, operation, self.config.access_token)
+            if problem is not None:
+                await json_error(send, 401, problem)
                 return
-            if expiration and (not expiration.isdigit() or int(expiration) < time.time()):
-                await json_error(send, 401, "signature is already expired")
-                return
-        name = username or from_basic_auth(header(scope, "authorization"))
+            name = query.get("username")
+            signed_path = path
         try:
             user = lookup(name or self.config.default_user)
         except UnknownUser as e:
             await json_error(send, 401, str(e))
             return
         workdir = self.config.default_workdir
-        if method == "GET":
-            if not path:
-                await json_error(send, 400, "the path query parameter is required")
-                return
+        if not path and (method == "GET" or signed_path is not None):
+            await json_error(send, 400, "the path query parameter is required")
+        elif method == "GET":
             await files.download(scope, send, path, user, workdir)
         else:
-            await files.upload(scope, receive, send, path, user, workdir)
+            await files.upload(scope, receive, send, path or None, user, workdir, signed_path)

@@ -1,6 +1,8 @@
 """The ``filesystem.Filesystem`` Connect service.
 
-envd runs as the sandbox's root; what it creates is given to the requesting user.
+envd runs as the sandbox's root, but every operation acts as the requesting user: it runs in
+one of that user's threads (``credentials``), so the kernel checks it with the user's
+permissions, follows links as the user would, and gives what it creates to the user.
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ from protobuf.wkt.google.protobuf import timestamp_pb
 
 from ..proto import filesystem_pb as pb
 from ..proto.filesystem_connect import Filesystem
+from . import credentials
 from .config import EnvdConfig
 from .inotify import Change, Watch
 from .process_service import keepalive_s, request_user
-from .users import User, make_parents, own, resolve
+from .users import User, make_parents, resolve
 
 METADATA_PREFIX = "user.e2b."
 WATCHER_QUEUE = 10_000
@@ -109,37 +112,98 @@ def entry(path: str) -> pb.EntryInfo:
     )
 
 
-async def in_thread(path: str, fn: Callable[[], T]) -> T:
+async def as_user(user: User, path: str, fn: Callable[[], T]) -> T:
+    """``fn()`` with ``user``'s credentials; its OSError is the Connect error of ``path``."""
     try:
-        return await asyncio.to_thread(fn)
+        return await credentials.run_as(user, fn)
     except OSError as e:
         raise os_error(e, path) from None
 
 
 class _Watcher:
+    """A watch, read by a thread with the watching user's credentials, and the events it saw
+    (until someone takes them)."""
+
     def __init__(self, path: str, recursive: bool, include_entry: bool) -> None:
         self.include_entry = include_entry
         self.events: asyncio.Queue[pb.FilesystemEvent] = asyncio.Queue(WATCHER_QUEUE)
-        self.watch = Watch(path, recursive, self._emit)
+        self.loop = asyncio.get_running_loop()
+        self.watch = Watch(path, recursive, self._deliver)
 
-    def _emit(self, change: Change) -> None:
+    async def start(self, user: User) -> None:
+        """Start watching as ``user``; fails as the user's own watch would."""
+        ready: asyncio.Future[BaseException | None] = self.loop.create_future()
+
+        def settle(error: BaseException | None) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+                self.loop.call_soon_threadsafe(_settle, ready, error)
+
+        def failed(error: BaseException) -> None:
+            self.watch.release()
+            settle(error)
+
+        def main() -> None:
+            try:
+                _check_watchable(self.watch.root)
+                self.watch.open()
+            except BaseException as e:
+                failed(e)
+                return
+            settle(None)
+            self.watch.run()
+
+        credentials.thread_as(user, main, failed, "watch")
+        try:
+            error = await ready
+        except BaseException:
+            self.watch.close()  # the thread stops as soon as it is running
+            raise
+        if isinstance(error, OSError):
+            raise os_error(error, self.watch.root)
+        if error is not None:
+            raise error
+
+    def _deliver(self, changes: list[Change]) -> None:
+        """In the watching thread (as the user): describe the changes, queue them in the loop."""
+        events = [self._event(change) for change in changes]
+        try:
+            self.loop.call_soon_threadsafe(self._queue, events)
+        except RuntimeError:  # envd is shutting down
+            self.watch.close()
+
+    def _event(self, change: Change) -> pb.FilesystemEvent:
         info = None
         if self.include_entry and change.kind not in ("remove", "rename"):
             with contextlib.suppress(OSError):
                 info = entry(change.path)
-        event = pb.FilesystemEvent(
+        return pb.FilesystemEvent(
             name=os.path.relpath(change.path, self.watch.root),
             type=EVENT_TYPES[change.kind],
             entry=info,
         )
-        with contextlib.suppress(asyncio.QueueFull):  # nobody polls: drop, never grow
-            self.events.put_nowait(event)
+
+    def _queue(self, events: list[pb.FilesystemEvent]) -> None:
+        for event in events:
+            with contextlib.suppress(asyncio.QueueFull):  # nobody polls: drop, never grow
+                self.events.put_nowait(event)
 
     def drain(self) -> list[pb.FilesystemEvent]:
         out = []
         while not self.events.empty():
             out.append(self.events.get_nowait())
         return out
+
+
+def _settle(future: asyncio.Future[BaseException | None], error: BaseException | None) -> None:
+    if not future.done():
+        future.set_result(error)
+
+
+def _check_watchable(path: str) -> None:
+    if not os.path.isdir(path):
+        if not os.path.lexists(path):
+            raise ConnectError(Code.NOT_FOUND, f"path '{path}' does not exist")
+        raise ConnectError(Code.INVALID_ARGUMENT, f"path '{path}' is not a directory")
 
 
 def _watch_event(kind: str, value: object) -> pb.WatchDirResponse:
@@ -155,13 +219,15 @@ class FilesystemService(Filesystem):
         user = request_user(self.config, ctx)
         if not raw:
             raise ConnectError(Code.INVALID_ARGUMENT, "path is required")
+        if "\0" in raw:
+            raise ConnectError(Code.INVALID_ARGUMENT, "a path holds no NUL character")
         return resolve(raw, user, self.config.default_workdir), user
 
     async def stat(
         self, request: pb.StatRequest, ctx: RequestContext[pb.StatRequest, pb.StatResponse]
     ) -> pb.StatResponse:
-        path, _ = self._path(request.path, ctx)
-        return pb.StatResponse(entry=await in_thread(path, lambda: entry(path)))
+        path, user = self._path(request.path, ctx)
+        return pb.StatResponse(entry=await as_user(user, path, lambda: entry(path)))
 
     async def make_dir(
         self, request: pb.MakeDirRequest, ctx: RequestContext[pb.MakeDirRequest, pb.MakeDirResponse]
@@ -173,12 +239,11 @@ class FilesystemService(Filesystem):
                 if os.path.isdir(path):
                     raise FileExistsError(errno.EEXIST, "exists")
                 raise NotADirectoryError(errno.ENOTDIR, "a file is in the way")
-            make_parents(path, user)
+            make_parents(path)
             os.mkdir(path)
-            own(path, user)
             return entry(path)
 
-        return pb.MakeDirResponse(entry=await in_thread(path, make))
+        return pb.MakeDirResponse(entry=await as_user(user, path, make))
 
     async def move(
         self, request: pb.MoveRequest, ctx: RequestContext[pb.MoveRequest, pb.MoveResponse]
@@ -188,25 +253,27 @@ class FilesystemService(Filesystem):
 
         def move() -> pb.EntryInfo:
             os.lstat(source)
-            make_parents(destination, user)
+            make_parents(destination)
             os.rename(source, destination)
             return entry(destination)
 
         try:
-            return pb.MoveResponse(entry=await asyncio.to_thread(move))
+            return pb.MoveResponse(entry=await credentials.run_as(user, move))
         except OSError as e:
             raise os_error(e, source if e.errno == errno.ENOENT else destination) from None
 
     async def list_dir(
         self, request: pb.ListDirRequest, ctx: RequestContext[pb.ListDirRequest, pb.ListDirResponse]
     ) -> pb.ListDirResponse:
-        path, _ = self._path(request.path, ctx)
+        path, user = self._path(request.path, ctx)
         depth = request.depth or 1
 
         def walk() -> list[pb.EntryInfo]:
             if not os.path.isdir(path):
                 os.lstat(path)  # missing: not_found
                 raise NotADirectoryError(errno.ENOTDIR, "not a directory")
+            with os.scandir(path):  # one the user may not read is an error, not an empty list
+                pass
             found: list[pb.EntryInfo] = []
             level = [path]
             for _ in range(depth):
@@ -221,12 +288,12 @@ class FilesystemService(Filesystem):
                 level = below
             return found
 
-        return pb.ListDirResponse(entries=await in_thread(path, walk))
+        return pb.ListDirResponse(entries=await as_user(user, path, walk))
 
     async def remove(
         self, request: pb.RemoveRequest, ctx: RequestContext[pb.RemoveRequest, pb.RemoveResponse]
     ) -> pb.RemoveResponse:
-        path, _ = self._path(request.path, ctx)
+        path, user = self._path(request.path, ctx)
 
         def remove() -> None:
             if os.path.isdir(path) and not os.path.islink(path):
@@ -234,26 +301,23 @@ class FilesystemService(Filesystem):
             else:
                 os.unlink(path)
 
-        await in_thread(path, remove)
+        await as_user(user, path, remove)
         return pb.RemoveResponse()
 
-    def _watcher(self, path: str, recursive: bool, include_entry: bool) -> _Watcher:
-        if not os.path.isdir(path):
-            if not os.path.lexists(path):
-                raise ConnectError(Code.NOT_FOUND, f"path '{path}' does not exist")
-            raise ConnectError(Code.INVALID_ARGUMENT, f"path '{path}' is not a directory")
-        try:
-            return _Watcher(path, recursive, include_entry)
-        except OSError as e:
-            raise os_error(e, path) from None
+    async def _watcher(
+        self, path: str, user: User, recursive: bool, include_entry: bool
+    ) -> _Watcher:
+        watcher = _Watcher(path, recursive, include_entry)
+        await watcher.start(user)
+        return watcher
 
     async def watch_dir(
         self,
         request: pb.WatchDirRequest,
         ctx: RequestContext[pb.WatchDirRequest, pb.WatchDirResponse],
     ) -> AsyncIterator[pb.WatchDirResponse]:
-        path, _ = self._path(request.path, ctx)
-        watcher = self._watcher(path, request.recursive, request.include_entry)
+        path, user = self._path(request.path, ctx)
+        watcher = await self._watcher(path, user, request.recursive, request.include_entry)
         keepalive = keepalive_s(ctx)
         try:
             yield _watch_event("start", pb.WatchDirResponse.StartEvent())
@@ -272,8 +336,8 @@ class FilesystemService(Filesystem):
         request: pb.CreateWatcherRequest,
         ctx: RequestContext[pb.CreateWatcherRequest, pb.CreateWatcherResponse],
     ) -> pb.CreateWatcherResponse:
-        path, _ = self._path(request.path, ctx)
-        watcher = self._watcher(path, request.recursive, request.include_entry)
+        path, user = self._path(request.path, ctx)
+        watcher = await self._watcher(path, user, request.recursive, request.include_entry)
         watcher_id = secrets.token_hex(8)
         self.watchers[watcher_id] = watcher
         return pb.CreateWatcherResponse(watcher_id=watcher_id)

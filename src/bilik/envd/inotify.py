@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
+import errno
 import os
+import select
 import struct
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -48,43 +50,120 @@ class Change:
 
 def _check(result: int) -> int:
     if result < 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, os.strerror(errno))
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
     return result
 
 
-class Watch:
-    """Changes under ``root`` (its subdirectories too when recursive), reported to ``emit``."""
+def _stat_or_none(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
 
-    def __init__(self, root: str, recursive: bool, emit: Callable[[Change], None]) -> None:
+
+class Watch:
+    """Changes under ``root`` (its subdirectories too when recursive), read by a thread of its
+    own and handed to ``deliver`` in that thread, a batch at a time.
+
+    The thread is the watching user's (``credentials.thread_as``): the watches, those added
+    for directories made later included, are placed with that user's permissions, and
+    ``deliver`` describes the changed entries as that user sees them.
+    """
+
+    def __init__(self, root: str, recursive: bool, deliver: Callable[[list[Change]], None]) -> None:
         self.root = root
         self.recursive = recursive
-        self.emit = emit
-        self.fd = _check(_libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC))
+        self.deliver = deliver
+        self.fd = -1
         self.dirs: dict[int, str] = {}
+        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
+        # Whoever comes second of ``close`` and the thread's end must not touch a descriptor
+        # the other one closed (its number may be another file's by then).
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def open(self) -> None:
+        """Watch ``root`` (and what is below it): in the watching thread, before ``run``."""
+        self.fd = _check(_libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC))
         try:
-            self._add(root)
-            if recursive:
-                for path, subdirs, _ in os.walk(root):
+            self._add(self.root)
+            if self.recursive:
+                for path, subdirs, _ in os.walk(self.root):
                     for d in subdirs:
                         self._add(os.path.join(path, d))
         except BaseException:
-            os.close(self.fd)
+            self.release()
             raise
-        asyncio.get_running_loop().add_reader(self.fd, self._read)
+
+    def run(self) -> None:
+        """Read and deliver changes until ``close``; then let go of everything."""
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        poller.register(self._stop_r, select.POLLIN)
+        try:
+            while True:
+                ready = {fd for fd, _ in poller.poll()}
+                if self._stop_r in ready:
+                    return
+                changes = self._read()
+                if changes:
+                    self.deliver(changes)
+        finally:
+            self.release()
+
+    def close(self) -> None:
+        """Stop the watching thread (from any thread; more than once is fine)."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                os.write(self._stop_w, b"x")
+
+    def release(self) -> None:
+        """Close every descriptor: by the watching thread as it ends (or fails to start)."""
+        with self._lock:
+            self._closed = True
+            for fd in (self.fd, self._stop_r, self._stop_w):
+                if fd >= 0:
+                    os.close(fd)
+            self.fd = self._stop_r = self._stop_w = -1
 
     def _add(self, path: str) -> None:
-        wd = _libc.inotify_add_watch(self.fd, os.fsencode(path), MASK)
-        if wd >= 0:
+        """Watch the directory ``path``, if the watching user may read it. Linux checks that
+        itself; gVisor does not, so it is checked here too, on a descriptor opened with the
+        same credentials, and the watch is kept only if it is on that same directory (a path
+        swapped in between is refused; one swapped and swapped back is beyond this check)."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            if path == self.root:
+                raise
+            return
+        try:
+            wd = _libc.inotify_add_watch(self.fd, os.fsencode(path), MASK)
+            if wd < 0:
+                if path == self.root:
+                    _check(wd)
+                return
+            opened, watched = os.fstat(fd), _stat_or_none(path)
+            if watched is None or (watched.st_dev, watched.st_ino) != (
+                opened.st_dev,
+                opened.st_ino,
+            ):
+                _libc.inotify_rm_watch(self.fd, wd)
+                if path == self.root:
+                    raise PermissionError(errno.EACCES, "the directory changed while watched")
+                return
             self.dirs[wd] = path
-        elif path == self.root:
-            _check(wd)
+        finally:
+            os.close(fd)
 
-    def _read(self) -> None:
+    def _read(self) -> list[Change]:
         try:
             data = os.read(self.fd, 64 * 1024)
         except BlockingIOError:
-            return
+            return []
+        changes: list[Change] = []
         offset = 0
         while offset + _HEADER.size <= len(data):
             wd, mask, _cookie, length = _HEADER.unpack_from(data, offset)
@@ -102,24 +181,19 @@ class Watch:
             path = os.path.join(directory, name)
             is_dir = bool(mask & IN_ISDIR)
             if mask & IN_CREATE:
-                self.emit(Change(path, "create", is_dir))
+                changes.append(Change(path, "create", is_dir))
                 if is_dir and self.recursive:
                     self._add(path)
             if mask & IN_MOVED_TO:
-                self.emit(Change(path, "create", is_dir))
+                changes.append(Change(path, "create", is_dir))
                 if is_dir and self.recursive:
                     self._add(path)
             if mask & IN_MODIFY:
-                self.emit(Change(path, "write", is_dir))
+                changes.append(Change(path, "write", is_dir))
             if mask & IN_ATTRIB:
-                self.emit(Change(path, "chmod", is_dir))
+                changes.append(Change(path, "chmod", is_dir))
             if mask & IN_MOVED_FROM:
-                self.emit(Change(path, "rename", is_dir))
+                changes.append(Change(path, "rename", is_dir))
             if mask & IN_DELETE:
-                self.emit(Change(path, "remove", is_dir))
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            asyncio.get_running_loop().remove_reader(self.fd)
-            os.close(self.fd)
-            self.fd = -1
+                changes.append(Change(path, "remove", is_dir))
+        return changes

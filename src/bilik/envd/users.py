@@ -5,9 +5,13 @@ from __future__ import annotations
 import base64
 import os
 import posixpath
+import re
 from dataclasses import dataclass
 
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# What a user name may be (useradd's portable set, at most 32 characters): never a ':', the
+# separator of /etc/passwd and of the fields a file URL's signature covers.
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.$-]{0,31}")
 
 
 class UnknownUser(Exception):
@@ -24,6 +28,10 @@ class User:
 
     def env(self) -> dict[str, str]:
         return {"PATH": PATH, "HOME": self.home, "USER": self.name, "LOGNAME": self.name}
+
+
+def valid_name(name: str) -> bool:
+    return _NAME.fullmatch(name) is not None
 
 
 def lookup(name: str) -> User:
@@ -76,19 +84,16 @@ def resolve(path: str, user: User, workdir: str = "") -> str:
     return posixpath.normpath(path) if path != "/" else "/"
 
 
-def own(path: str, user: User) -> None:
-    """Give ``path`` (just made by envd, as root) to ``user``."""
-    if user.uid != 0:
-        os.lchown(path, user.uid, user.gid)
-
-
-def make_parents(path: str, user: User) -> None:
-    """Create the missing parents of ``path``, owned by ``user``."""
+def make_parents(path: str) -> None:
+    """Create the missing parents of ``path`` (as the calling thread's user, who owns them)."""
     parent = posixpath.dirname(path)
     missing = []
     while parent and not os.path.isdir(parent):
         missing.append(parent)
         parent = posixpath.dirname(parent)
     for d in reversed(missing):
-        os.mkdir(d)
-        own(d, user)
+        try:
+            os.mkdir(d)
+        except FileExistsError:  # made meanwhile: fine, if it is a directory
+            if not os.path.isdir(d):
+                raise

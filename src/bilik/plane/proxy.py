@@ -20,9 +20,8 @@ Nothing here needs a key, so the plane is a boundary of its own:
 from __future__ import annotations
 
 import asyncio
-import base64
+import collections
 import contextlib
-import hashlib
 import hmac
 import ipaddress
 import json
@@ -39,12 +38,17 @@ import websockets.asyncio.client
 import websockets.exceptions
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..envd import signing
 from ..runtime import LocalRuntime, SandboxNotFound
 from ..runtime.spec import is_sandbox_id
 
 log = logging.getLogger("bilik.plane")
 
 ENVD_PORT = 49983
+# Websockets relayed to one sandbox at once (its ports are reached without a key), and the
+# largest message relayed either way (uvicorn's own limit for what clients send).
+WEBSOCKETS_PER_SANDBOX = 64
+WEBSOCKET_MAX_MESSAGE = 16 << 20
 # Headers that belong to one connection, not to the message (RFC 9110 §7.6.1), plus Host.
 HOP_BY_HOP = {
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
@@ -171,16 +175,17 @@ def _timeout() -> httpx.Timeout:
 
 def signed_file_target(scope: Scope, tokens: dict[str, str]) -> str | None:
     """The sandbox a signed ``/files`` URL (which names none) was signed for: the one whose
-    token reproduces the signature."""
-    query = dict(urllib.parse.parse_qsl(scope.get("query_string", b"").decode("latin-1")))
-    given = query.get("signature", "")
+    token reproduces the signature, read exactly as envd reads it (``bilik.envd.signing``).
+    An expired one is routed too: envd says it expired."""
+    try:
+        query = signing.parse_query(scope.get("query_string", b""))
+    except ValueError:
+        return None
+    if signing.malformed(query):
+        return None
     operation = "read" if scope["method"] == "GET" else "write"
     for sandbox_id, token in tokens.items():
-        raw = f"{query.get('path', '')}:{operation}:{query.get('username', '')}:{token}"
-        if expiration := query.get("signature_expiration"):
-            raw += f":{expiration}"
-        digest = base64.b64encode(hashlib.sha256(raw.encode()).digest()).rstrip(b"=").decode()
-        if hmac.compare_digest(given.encode(), f"v1_{digest}".encode()):
+        if signing.signed_with(query, operation, token):
             return sandbox_id
     return None
 
@@ -203,6 +208,7 @@ class SandboxPlane:
         )
         # envd is reached over its unix socket: one pooled client per sandbox.
         self._envd: dict[str, httpx.AsyncClient] = {}
+        self._websockets: collections.Counter[str] = collections.Counter()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -305,6 +311,28 @@ class SandboxPlane:
         url: httpx.URL,
     ) -> None:
         """Relay a websocket to the sandbox's port, message by message, both ways."""
+        if self._websockets[sandbox_id] >= WEBSOCKETS_PER_SANDBOX:
+            message = f"the sandbox has {WEBSOCKETS_PER_SANDBOX} websockets open, its cap"
+            await _deny(scope, receive, send, 429, {"code": 429, "message": message})
+            return
+        self._websockets[sandbox_id] += 1
+        try:
+            await self._relay_websocket(scope, receive, send, sandbox_id, address, port, url)
+        finally:
+            self._websockets[sandbox_id] -= 1
+            if not self._websockets[sandbox_id]:
+                del self._websockets[sandbox_id]
+
+    async def _relay_websocket(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        sandbox_id: str,
+        address: str,
+        port: int,
+        url: httpx.URL,
+    ) -> None:
         headers = [
             (k.decode("latin-1"), v.decode("latin-1"))
             for k, v in scope["headers"]
@@ -317,7 +345,7 @@ class SandboxPlane:
                 additional_headers=headers,
                 subprotocols=scope.get("subprotocols") or None,
                 open_timeout=5,
-                max_size=None,
+                max_size=WEBSOCKET_MAX_MESSAGE,
                 compression=None,
                 # To the sandbox's address and port, whatever the URL or a redirect says (a
                 # redirect elsewhere fails), and never through a proxy of the environment.
