@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from collections.abc import Iterator
@@ -157,3 +158,33 @@ def test_websockets_pass_through(served: tuple[BilikServer, str, str]) -> None:
         connect(url, additional_headers=closed, open_timeout=5) as bad,
     ):
         bad.recv(timeout=5)
+
+
+def test_websockets_to_one_sandbox_are_capped(served: tuple[BilikServer, str, str]) -> None:
+    """Sandbox ports take no key: one client cannot hold unbounded websockets through the
+    server (the echo server of the test above still runs)."""
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    from bilik.plane.proxy import WEBSOCKETS_PER_SANDBOX
+
+    server, sandbox_id, _ = served
+    headers = {"E2b-Sandbox-Id": sandbox_id, "E2b-Sandbox-Port": "8765"}
+    url = server.url.replace("http://", "ws://") + "/echo"
+    with contextlib.ExitStack() as held:
+        for _ in range(WEBSOCKETS_PER_SANDBOX):
+            held.enter_context(connect(url, additional_headers=headers, open_timeout=5))
+        with pytest.raises(InvalidStatus) as refused:
+            connect(url, additional_headers=headers, open_timeout=5)
+        assert refused.value.response.status_code == 429
+    # Once they close, the sandbox takes websockets again.
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with connect(url, additional_headers=headers, open_timeout=5) as ws:
+                ws.send("again")
+                assert ws.recv(timeout=5) == "niaga"
+            break
+        except InvalidStatus:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)

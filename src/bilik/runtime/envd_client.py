@@ -3,11 +3,15 @@
 Used for what the runtime does inside sandboxes on its own behalf (a template's start command
 and ready check, template build steps), over envd's socket (or address, under gVisor), with the
 same protocol the SDKs speak.
+
+A process's output is passed on as it comes and only its end is kept (``OUTPUT_KEPT``): what a
+process in a sandbox prints is the sandbox's choice, and must not grow the server.
 """
 
 from __future__ import annotations
 
 import base64
+import collections
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -19,12 +23,17 @@ import httpx
 from .errors import StepFailed
 
 ENVD_PORT = 49983
+# The end of a process's output :meth:`EnvdClient.run` keeps (for error messages), characters.
+OUTPUT_KEPT = 64 << 10
+# The largest envelope taken from envd (its own are tens of KiB); envd answers from inside a
+# sandbox, so one it did not send may claim any size.
+MAX_FRAME = 4 << 20
 
 
 @dataclass
 class Finished:
     exit_code: int
-    output: str  # stdout and stderr, interleaved as they came
+    output: str  # the end of stdout and stderr, interleaved as they came (OUTPUT_KEPT)
 
 
 def _envelope(message: dict[str, object]) -> bytes:
@@ -77,8 +86,9 @@ class EnvdClient:
         on_output: Callable[[str], None] | None = None,
     ) -> Finished:
         """Run ``cmd`` with ``/bin/sh -c`` to its end; ``on_output`` gets its output (stdout
-        and stderr) as it comes."""
-        output: list[str] = []
+        and stderr) as it comes, the result keeps its last ``OUTPUT_KEPT`` characters."""
+        output: collections.deque[str] = collections.deque()
+        kept = 0
         code = None
         message: dict[str, object] = {"process": self._process(cmd, cwd, env)}
         async for frame in self._start_stream(message, self._headers(user, timeout_s)):
@@ -87,14 +97,17 @@ class EnvdClient:
             for stream in ("stdout", "stderr"):
                 if stream in data:
                     text = base64.b64decode(data[stream]).decode(errors="replace")
-                    output.append(text)
+                    output.append(text[-OUTPUT_KEPT:])
+                    kept += len(output[-1])
+                    while kept - len(output[0]) >= OUTPUT_KEPT:
+                        kept -= len(output.popleft())
                     if on_output is not None:
                         on_output(text)
             if "end" in event:
                 code = int(event["end"].get("exitCode", 0))
         if code is None:
             raise StepFailed("envd", f"'{cmd}' ended without an exit status")
-        return Finished(code, "".join(output))
+        return Finished(code, "".join(output)[-OUTPUT_KEPT:])
 
     async def start(
         self,
@@ -130,6 +143,8 @@ class EnvdClient:
                 buffer += chunk
                 while len(buffer) >= 5:
                     size = int.from_bytes(buffer[1:5], "big")
+                    if size > MAX_FRAME:
+                        raise StepFailed("envd", f"an envelope of {size} bytes is too large")
                     if len(buffer) < 5 + size:
                         break
                     frame = json.loads(buffer[5 : 5 + size] or b"{}")

@@ -115,3 +115,29 @@ def _shift_one(path: str, offset: int) -> None:
     os.lchown(path, st.st_uid + offset, st.st_gid + offset)
     if not stat.S_ISLNK(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
         os.chmod(path, stat.S_IMODE(st.st_mode))
+
+
+def read_beneath(root: Path, relative: str, limit: int = 1 << 20) -> bytes | None:
+    """The regular file at ``relative`` under ``root`` (at most ``limit`` bytes), reached
+    without following any link on the way (a tree a sandbox made may hold links anywhere);
+    None where there is no such file."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    *dirs, name = relative.split("/")
+    try:
+        fd = os.open(root, flags | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        for part in dirs:
+            inner = os.open(part, flags | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        file_fd = os.open(name, flags | os.O_NONBLOCK, dir_fd=fd)  # (a FIFO would block)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    with os.fdopen(file_fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            return None
+        return f.read(limit)

@@ -5,16 +5,24 @@ made it (its parent layer, the step, and the files the step copied), so an uncha
 never rebuilt. An image is an ordered list of layers plus the config sandboxes start with; a
 template name points at an image. Layers are only ever published whole, by renaming a finished
 build directory into place, so nothing half-built is ever used.
+
+A layer made from a sandbox's writable directory is copied by :func:`copy_tree`, as host root,
+from a tree the sandbox wrote: everything in it is the sandbox's choice (links to host paths,
+names that clash, device nodes). The copy walks it by directory file descriptors, one name at
+a time, never following a link and never leaving the tree (no ``..``, no other file system);
+the caller makes sure nothing can change the tree while it is read (``LocalRuntime.stop``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
 import shutil
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -164,3 +172,168 @@ class LayerStore:
 def _image_file(name: str) -> str:
     # Template names may hold '/' and ':' (team/name:tag); keep them one flat file each.
     return name.replace("/", "%2F").replace(":", "%3A")
+
+
+class BadTree(Exception):
+    """A tree that :func:`copy_tree` will not copy (changed while read, or too deep)."""
+
+
+# Deeper trees are refused: each level holds two descriptors while its subtree is copied.
+MAX_DEPTH = 256
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+
+
+def copy_tree(source: int, target: Path) -> None:
+    """Copy the directory open at descriptor ``source`` into the empty directory ``target``
+    with ownership, modes, times, extended attributes (overlay's whiteouts and opaque marks
+    among them), hard links and holes kept.
+
+    Links are copied as links, never followed; sockets and device nodes other than overlay's
+    whiteouts (character device 0:0) are left out; nothing on another file system is entered.
+    """
+    target_fd = os.open(target, _DIR)
+    try:
+        top = os.fstat(source)
+        _copy_dir(_Walk(target_fd, top.st_dev), source, target_fd, "", 0)
+        _meta_by_fd(source, target_fd, top)
+    finally:
+        os.close(target_fd)
+
+
+@dataclasses.dataclass
+class _Walk:
+    target: int
+    device: int
+    # Hard links: the (device, inode) of a file already copied → its path in the target.
+    copied: dict[tuple[int, int], str] = dataclasses.field(default_factory=dict)
+
+
+def _copy_dir(walk: _Walk, src: int, dst: int, prefix: str, depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise BadTree(f"{prefix}: deeper than {MAX_DEPTH} directories")
+    with os.scandir(src) as entries:
+        names = [entry.name for entry in entries]
+    for name in names:
+        st = os.stat(name, dir_fd=src, follow_symlinks=False)
+        if st.st_dev != walk.device:
+            continue  # (a mount: not part of the tree)
+        mode = st.st_mode
+        if stat.S_ISDIR(mode):
+            os.mkdir(name, 0o700, dir_fd=dst)
+            child_src = _open_same(name, src, _DIR, st)
+            try:
+                child_dst = os.open(name, _DIR, dir_fd=dst)
+                try:
+                    _copy_dir(walk, child_src, child_dst, f"{prefix}{name}/", depth + 1)
+                    _meta_by_fd(child_src, child_dst, st)
+                finally:
+                    os.close(child_dst)
+            finally:
+                os.close(child_src)
+        elif stat.S_ISREG(mode):
+            seen = walk.copied.get((st.st_dev, st.st_ino)) if st.st_nlink > 1 else None
+            if seen is not None:
+                os.link(seen, name, src_dir_fd=walk.target, dst_dir_fd=dst,
+                        follow_symlinks=False)  # fmt: skip
+                continue
+            _copy_file(src, dst, name, st)
+            if st.st_nlink > 1:
+                walk.copied[(st.st_dev, st.st_ino)] = prefix + name
+        elif stat.S_ISLNK(mode):
+            os.symlink(os.readlink(name, dir_fd=src), name, dir_fd=dst)
+            _meta_by_name(src, dst, name, st)
+        elif stat.S_ISFIFO(mode) or (stat.S_ISCHR(mode) and st.st_rdev == 0):
+            os.mknod(name, stat.S_IFMT(mode) | 0o600, st.st_rdev, dir_fd=dst)
+            _meta_by_name(src, dst, name, st)
+        # (sockets, and devices other than whiteouts, are not part of an image)
+
+
+def _open_same(name: str, src: int, flags: int, st: os.stat_result) -> int:
+    """Open ``name`` (never through a link) and check it is still what was listed."""
+    fd = os.open(name, flags, dir_fd=src)
+    now = os.fstat(fd)
+    if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+        os.close(fd)
+        raise BadTree(f"{name!r} changed while it was copied")
+    return fd
+
+
+def _copy_file(src: int, dst: int, name: str, st: os.stat_result) -> None:
+    fd_in = _open_same(name, src, _FILE, st)
+    try:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd_out = os.open(name, flags, 0o600, dir_fd=dst)
+        try:
+            _copy_data(fd_in, fd_out, st.st_size)
+            _meta_by_fd(fd_in, fd_out, st)
+        finally:
+            os.close(fd_out)
+    finally:
+        os.close(fd_in)
+
+
+def _copy_data(fd_in: int, fd_out: int, size: int) -> None:
+    """Copy the data of a file, its holes left holes (a sparse file stays small)."""
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd_in, offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # only a hole is left
+                break
+            raise
+        end = min(os.lseek(fd_in, start, os.SEEK_HOLE), size)
+        _copy_range(fd_in, fd_out, start, end - start)
+        offset = end
+    os.ftruncate(fd_out, size)
+
+
+def _copy_range(fd_in: int, fd_out: int, offset: int, count: int) -> None:
+    done = 0
+    while done < count:
+        at = offset + done
+        try:
+            n = os.copy_file_range(fd_in, fd_out, count - done, at, at)
+        except OSError as e:  # (across file systems of different kinds: copied by sendfile)
+            if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            os.lseek(fd_out, at, os.SEEK_SET)
+            n = os.sendfile(fd_out, fd_in, at, count - done)
+        if n == 0:
+            raise BadTree("a file got shorter while it was copied")
+        done += n
+
+
+def _meta_by_fd(src: int, dst: int, st: os.stat_result) -> None:
+    """Give the open copy ``dst`` the owner, mode, extended attributes and times of ``src``
+    (``st``)."""
+    os.fchown(dst, st.st_uid, st.st_gid)  # (before the mode: a chown clears set-id bits)
+    os.fchmod(dst, stat.S_IMODE(st.st_mode))
+    _copy_xattrs(src, dst)
+    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _meta_by_name(src: int, dst: int, name: str, st: os.stat_result) -> None:
+    """The same for what is not opened (links, fifos, whiteouts): ``name`` in the
+    directories ``src`` and ``dst``, never followed."""
+    os.chown(name, st.st_uid, st.st_gid, dir_fd=dst, follow_symlinks=False)
+    if not stat.S_ISLNK(st.st_mode):
+        os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=dst)
+    # (the directory's /proc link leads to the directory itself; ``name`` is not followed)
+    _copy_xattrs(f"/proc/self/fd/{src}/{name}", f"/proc/self/fd/{dst}/{name}")
+    os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst, follow_symlinks=False)
+
+
+def _copy_xattrs(src: int | str, dst: int | str) -> None:
+    """Copy every extended attribute; a path (never a descriptor) is not followed."""
+    follow = {} if isinstance(src, int) else {"follow_symlinks": False}
+    try:
+        names = os.listxattr(src, **follow)
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EPERM):
+            return
+        raise
+    for attr in names:
+        with contextlib.suppress(OSError):  # (one the target cannot hold: as cp -a, go on)
+            os.setxattr(dst, attr, os.getxattr(src, attr, **follow), **follow)

@@ -38,7 +38,7 @@ from .dns import DnsForwarder, DnsPolicy, host_resolvers
 from .envd_client import EnvdClient
 from .envd_zygote import EnvdZygote
 from .errors import InvalidSpec, SandboxExists, SandboxNotFound, StepFailed
-from .fsutil import file_lock, lock_fd, write_bytes_atomic, write_text
+from .fsutil import file_lock, lock_fd, read_beneath, write_bytes_atomic, write_text
 from .layers import Image, LayerStore
 from .network import HostNetwork
 from .ocicli import RUNTIMES, OciCli
@@ -989,9 +989,9 @@ def _lookup_user(layers: list[Path], name: str) -> tuple[int, int, str]:
     sandbox's to change, and the host must not follow a link it planted.
     """
     for layer in reversed(layers):
-        passwd = layer / "etc" / "passwd"
-        if not passwd.is_symlink() and passwd.is_file():
-            for line in passwd.read_text(errors="replace").splitlines():
+        passwd = read_beneath(layer, "etc/passwd")
+        if passwd is not None:
+            for line in passwd.decode(errors="replace").splitlines():
                 fields = line.split(":")
                 if len(fields) >= 6 and fields[0] == name and fields[2].isdigit():
                     return int(fields[2]), int(fields[3] or 0), fields[5]

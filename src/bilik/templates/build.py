@@ -6,6 +6,21 @@ keyed by the hash of the key below, the step and the image settings it ran with,
 hash of the files it copied. A step whose key exists is not run again. ENV, WORKDIR and USER
 change the image's settings (and so the keys above them). Then the start command runs in a
 sandbox of the finished image, and the build is ready once its ready check passes.
+
+A COPY step's files are known by the hash this server computed over them as they arrived
+(``files``), never by the client's ``filesHash``: the layer cache is shared by every key.
+
+The upper directory is the sandbox's own work, copied by host root: no host code walks it
+while anything can change it. A step's sandbox is stopped first (``LocalRuntime.stop``: every
+process in it, envd and what a step left running included, is gone, under crun and gVisor
+alike, while its disk stays mounted), so the tree is still; then ``layers.copy_tree`` reads it
+by directory descriptors, name by name, never following a link and never leaving the tree; only
+then is the sandbox released. (``cp -a`` does not follow links in a still tree either, but it
+walks by paths, so one directory swapped for a link while it runs sends it anywhere.)
+
+What a build logs is bounded: its steps' output is kept up to ``LOG_OUTPUT_BYTES`` (then one
+line says the log was cut), its own messages up to ``LOG_BYTES``, in memory and on disk alike;
+a failed step's message quotes the end of its output.
 """
 
 from __future__ import annotations
@@ -16,17 +31,18 @@ import dataclasses
 import datetime
 import fnmatch
 import json
+import os
 import posixpath
 import secrets
 import shlex
-import subprocess
+import shutil
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from ..runtime import LocalRuntime, RuntimeFailure, SandboxSpec, debian_image
-from ..runtime.layers import Image, layer_key
+from ..runtime.layers import BadTree, Image, copy_tree, layer_key
 from ..runtime.ocicli import RUNTIMES
 from ..runtime.spec import Limits
 from . import registries
@@ -38,7 +54,16 @@ DEBIAN_TAGS = {"debian", "debian:stable", "debian:latest", "debian:stable-slim"}
 STEP_TIMEOUT_S = 3600
 BUILD_DISK_MB = 8192
 # Raised when what a COPY step makes changes (so copies cached the old way are not reused).
-COPY_VERSION = 3
+# 4: keyed by the server's hash of the files (layers keyed by a client's hash are never reused).
+COPY_VERSION = 4
+# A build's log keeps this much of its steps' output, and this much in all; a message is cut
+# to MESSAGE_BYTES. Each entry counts ENTRY_COST more (what keeping it costs beyond its text).
+LOG_OUTPUT_BYTES = 4 << 20
+LOG_BYTES = 8 << 20
+MESSAGE_BYTES = 64 << 10
+ENTRY_COST = 256
+# A COPY upload is read on the host for its names only, at most this many.
+MAX_COPY_ENTRIES = 1_000_000
 
 
 class BuildFailed(Exception):
@@ -48,7 +73,7 @@ class BuildFailed(Exception):
         self.step = step
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class LogEntry:
     timestamp: str
     level: str
@@ -64,27 +89,81 @@ class LogEntry:
 
 class BuildLog:
     """A build's log: in memory for the status endpoint, and a JSON-lines file that outlives
-    the server."""
+    the server; both bounded (see the module's docstring)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.entries: list[LogEntry] = []
         # Also told each message as it comes (the CLI prints them).
         self.listeners: list[Callable[[str], None]] = []
+        self._size = 0  # what the entries cost, as counted against LOG_BYTES
+        self._output = 0  # of that, the steps' output
+        self._cut: set[str | None] = set()  # steps whose output was cut
         if path.exists():
-            for line in path.read_text().splitlines():
-                with_fields = json.loads(line)
-                self.entries.append(LogEntry(**with_fields))
+            self._load()
+
+    def _load(self) -> None:
+        with self.path.open() as f:
+            for line in f:
+                try:
+                    entry = LogEntry(**json.loads(line))
+                except (ValueError, TypeError):
+                    continue
+                self._size += len(line) + ENTRY_COST
+                if self._size > LOG_BYTES:  # (a log written before logs were bounded)
+                    self.entries.append(dataclasses.replace(entry, message=_CUT_ON_LOAD))
+                    break
+                self.entries.append(entry)
 
     def __call__(self, message: str, level: str = "info", step: str | None = None) -> None:
+        """Log one of the build's own messages."""
+        text = message.rstrip("\n")
+        if len(text) > MESSAGE_BYTES:
+            text = text[: MESSAGE_BYTES // 2] + " [...] " + text[-MESSAGE_BYTES // 2 :]
+        self._add(self._entry(text, level, step), essential=level == "error")
+
+    def output(self, text: str, step: str | None) -> None:
+        """Log what a step printed, while the log has room for it."""
+        room = LOG_OUTPUT_BYTES - self._output
+        if room > ENTRY_COST:
+            kept = self._add(self._entry(text.rstrip("\n")[: room - ENTRY_COST], "info", step))
+            self._output += kept
+            if kept:
+                return
+        if step not in self._cut:
+            self._cut.add(step)
+            self._add(
+                self._entry(
+                    f"log truncated: a build's log keeps {LOG_OUTPUT_BYTES >> 20} MiB of its "
+                    "steps' output; the rest of this step's is not kept",
+                    "warn",
+                    step,
+                ),
+                essential=True,
+            )
+
+    @staticmethod
+    def _entry(message: str, level: str, step: str | None) -> LogEntry:
         now = datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
-        entry = LogEntry(now, level, message.rstrip("\n"), step)
+        return LogEntry(now, level, message, step)
+
+    def _add(self, entry: LogEntry, *, essential: bool = False) -> int:
+        """Keep ``entry`` (past LOG_BYTES only if ``essential``); what it cost."""
+        line = json.dumps(dataclasses.asdict(entry)) + "\n"
+        cost = len(line) + ENTRY_COST
+        if self._size + cost > LOG_BYTES and not essential:
+            return 0
+        self._size += cost
         self.entries.append(entry)
         for listener in self.listeners:
             listener(entry.message)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
-            f.write(json.dumps(dataclasses.asdict(entry)) + "\n")
+            f.write(line)
+        return cost
+
+
+_CUT_ON_LOAD = f"log truncated: only its first {LOG_BYTES >> 20} MiB are shown"
 
 
 @dataclasses.dataclass
@@ -146,7 +225,12 @@ class Builder:
                         if not args:
                             raise BuildFailed("WORKDIR takes a path", tag)
                         settings.workdir = posixpath.join(settings.workdir, args[0])
-                    key = layer_key(below, kind, args, step.get("filesHash"), settings.identity())
+                    files = None
+                    if kind == "COPY":
+                        files = await asyncio.to_thread(
+                            self._files_of, template_id, args, step, tag
+                        )
+                    key = layer_key(below, kind, args, files, settings.identity())
                     if kind == "COPY":  # (cached copies made the old way are not reused)
                         key = layer_key(key, COPY_VERSION)
                     made = await asyncio.to_thread(self.runtime.layers.newest, key)
@@ -158,7 +242,7 @@ class Builder:
                             key = self.runtime.layers.remake(key)
                         image = Image(scratch_image, tuple(layers), dict(settings.env),
                                       settings.user, settings.workdir)  # fmt: skip
-                        await self._make_layer(key, image, kind, args, step, template_id,
+                        await self._make_layer(key, image, kind, args, files, template_id,
                                                limits, log, tag)  # fmt: skip
                     layers.append(key)
                     below = key
@@ -226,13 +310,28 @@ class Builder:
         settings = Settings(dict(image.env), image.user, image.workdir)
         return list(image.layers), settings, image.oci_runtime
 
+    def _files_of(self, template_id: str, args: list[str], step: dict[str, Any], tag: str) -> str:
+        """The server's hash of a COPY step's files (uploaded to the template's own slot that
+        the step's ``filesHash`` names)."""
+        source = args[0] if args else ""
+        files_hash = step.get("filesHash")
+        if not isinstance(files_hash, str):
+            raise BuildFailed(f"COPY {source}: the step carries no files hash", tag)
+        try:
+            digest = self.files.digest(template_id, files_hash)
+        except ValueError:
+            raise BuildFailed(f"COPY {source}: {files_hash!r} is not a files hash", tag) from None
+        if digest is None:
+            raise BuildFailed(f"COPY {source}: its files were never uploaded", tag)
+        return digest
+
     async def _make_layer(
         self,
         key: str,
         image: Image,
         kind: str,
         args: list[str],
-        step: dict[str, Any],
+        files: str | None,
         template_id: str,
         limits: Limits,
         log: BuildLog,
@@ -261,7 +360,7 @@ class Builder:
                         cwd=image.workdir,
                         env=image.env,
                         timeout_s=STEP_TIMEOUT_S,
-                        on_output=lambda text: log(text, step=tag),
+                        on_output=lambda text: log.output(text, step=tag),
                     )
                     if finished.exit_code != 0:
                         tail = finished.output.strip()[-2000:]
@@ -273,8 +372,17 @@ class Builder:
                 elif kind == "WORKDIR":
                     await _must(envd.run(f"mkdir -p {shlex.quote(image.workdir)}"), tag)
                 else:
-                    await self._copy(envd, template_id, args, step, image, tag)
-            await asyncio.to_thread(self._keep_upper, info.sandbox_id, key)
+                    assert files is not None
+                    await self._copy(envd, template_id, args, files, image, tag)
+            # Nothing of the step may run on while its upper directory is read.
+            try:
+                await runtime.stop(info.sandbox_id)
+            except RuntimeFailure as e:
+                raise BuildFailed(f"could not stop the build sandbox: {e}", tag) from None
+            try:
+                await asyncio.to_thread(self._keep_upper, info.sandbox_id, key)
+            except BadTree as e:
+                raise BuildFailed(f"what the step left cannot be kept: {e}", tag) from None
         finally:
             await runtime.kill(info.sandbox_id)
 
@@ -283,7 +391,7 @@ class Builder:
         envd: Any,
         template_id: str,
         args: list[str],
-        step: dict[str, Any],
+        files: str,
         image: Image,
         tag: str,
     ) -> None:
@@ -292,14 +400,14 @@ class Builder:
         src, dest = args[0], args[1]
         user = args[2] if len(args) > 2 and args[2] else image.user
         mode = args[3] if len(args) > 3 and args[3] else ""
-        files_hash = str(step.get("filesHash") or "")
-        try:
-            archive = self.files.path(template_id, files_hash)
-        except ValueError:
-            raise BuildFailed(f"COPY {src}: the step carries no files hash", tag) from None
+        # The very files the layer's key was made of (a blob is never changed once there).
+        archive = self.files.blob(template_id, files)
         if not archive.is_file():
             raise BuildFailed(f"COPY {src}: its files were never uploaded", tag)
-        moves = await asyncio.to_thread(_copy_plan, archive, src, dest, image.workdir)
+        try:
+            moves = await asyncio.to_thread(_copy_plan, archive, src, dest, image.workdir)
+        except BuildFailed as e:
+            raise BuildFailed(f"COPY {src}: {e.message}", tag) from None
         if not moves:
             raise BuildFailed(f"COPY {src}: nothing in the upload matches it", tag)
         staging = f"/tmp/.bilik-copy-{secrets.token_hex(4)}"
@@ -340,18 +448,27 @@ class Builder:
             raise BuildFailed(f"COPY {src} → {dest} failed: {finished.output.strip()}", tag)
 
     def _keep_upper(self, sandbox_id: str, key: str) -> None:
+        """Keep a stopped build sandbox's upper directory as layer ``key``."""
         layers = self.runtime.layers
-        upper = self.runtime.records.dir(sandbox_id) / "disk" / "upper"
+        disk = self.runtime.records.dir(sandbox_id) / "disk"
         with layers.lock(key):
             if layers.has(key):  # the same step, made meanwhile by another build
                 return
             scratch = layers.scratch(key)
-            # Everything the step changed, ownership, modes, xattrs and overlay whiteouts kept.
-            subprocess.run(["cp", "-a", f"{upper}/.", str(scratch)], check=True)
-            for stub in ("run/bilik",):  # the sandbox's control mount point
-                path = scratch / stub
-                if path.is_dir() and not any(path.iterdir()):
-                    path.rmdir()
+            disk_fd = os.open(disk, _DIR_FLAGS)
+            try:
+                upper = os.open("upper", _DIR_FLAGS, dir_fd=disk_fd)
+            finally:
+                os.close(disk_fd)
+            try:
+                # Everything the step changed: ownership, modes, xattrs, overlay's whiteouts.
+                copy_tree(upper, scratch)
+            except BaseException:
+                shutil.rmtree(scratch, ignore_errors=True)
+                raise
+            finally:
+                os.close(upper)
+            _drop_empty_dir(scratch, "run", "bilik")  # the sandbox's control mount point
             layers.publish(key, scratch)
 
     async def abandon(self, build_id: str) -> None:
@@ -408,6 +525,19 @@ async def _must(run: Any, tag: str) -> None:
         raise BuildFailed(finished.output.strip(), tag)
 
 
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _drop_empty_dir(root: Path, parent: str, name: str) -> None:
+    """Remove ``root/parent/name`` if it is an empty directory (never through a link)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(root / parent, _DIR_FLAGS)
+        try:
+            os.rmdir(name, dir_fd=fd)  # (fails on anything but an empty directory)
+        finally:
+            os.close(fd)
+
+
 def _is_gzip(path: Path) -> bool:
     with path.open("rb") as f:
         return f.read(2) == b"\x1f\x8b"
@@ -419,19 +549,43 @@ def _copy_plan(archive: Path, src: str, dest: str, workdir: str) -> list[tuple[s
     A file goes to ``dest`` (or into it, when ``dest`` ends with "/"); a directory's contents go
     into ``dest``; each file a pattern matches goes into ``dest``.
     """
-    with tarfile.open(archive) as tar:
-        names = [m.name.rstrip("/") for m in tar.getmembers()]
     target = dest if dest.startswith("/") else posixpath.join(workdir, dest)
     clean = posixpath.normpath(src).lstrip("./") if src not in (".", "./") else ""
-    if any(c in src for c in "*?["):
-        matched = [n for n in names if fnmatch.fnmatch(n, clean) and "/" not in n[len(clean) :]]
+    pattern = any(c in src for c in "*?[")
+    matched, found, exact, inside = [], False, False, False
+    for name in _names(archive):
+        found = True
+        if pattern:
+            if fnmatch.fnmatch(name, clean) and "/" not in name[len(clean) :]:
+                matched.append(name)
+        elif clean:
+            exact = exact or name == clean
+            inside = inside or name.startswith(clean + "/")
+    if pattern:
         return [(n, posixpath.join(target, posixpath.basename(n)), False) for n in matched]
     if clean == "":
-        return [(".", target, True)] if names else []
-    if clean in names and not any(n.startswith(clean + "/") for n in names):
+        return [(".", target, True)] if found else []
+    if exact and not inside:
         into = dest.endswith("/")
         return [(clean, posixpath.join(target, posixpath.basename(clean)) if into else target,
                  False)]  # fmt: skip
-    if any(n.startswith(clean + "/") for n in names):
+    if inside:
         return [(clean, target, True)]
     return []
+
+
+def _names(archive: Path) -> Iterator[str]:
+    """The names in an upload, read as a stream: at most MAX_COPY_ENTRIES of them, and no more
+    of it than a build sandbox's disk could hold unpacked (BuildFailed past either)."""
+    try:
+        with tarfile.open(archive, "r|*") as tar:
+            for count, member in enumerate(tar, start=1):
+                if count > MAX_COPY_ENTRIES:
+                    raise BuildFailed(f"the upload holds more than {MAX_COPY_ENTRIES} files")
+                if tar.offset > BUILD_DISK_MB << 20:
+                    raise BuildFailed(f"the upload unpacks to more than {BUILD_DISK_MB} MiB")
+                # (kept by TarFile for a later getmembers(), which a stream never needs)
+                tar.members.clear()  # type: ignore[attr-defined]
+                yield member.name.rstrip("/")
+    except tarfile.TarError as e:
+        raise BuildFailed(f"the upload is not a tar archive ({e})") from None

@@ -106,9 +106,7 @@ class DefaultBuilds:
             if not rebuild and await self._has(image_name):  # (built while this waited)
                 return image_name
             for files_hash, bundle in bundles.items():
-                path = self.builder.files.path(image_name, files_hash)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(bundle)
+                await asyncio.to_thread(self.builder.files.put, image_name, files_hash, bundle)
             build_log(f"building the default template {name}" + (" anew" if rebuild else ""))
             image = await self.builder.build(
                 image_name,

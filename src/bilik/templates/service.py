@@ -20,6 +20,9 @@ from .files import FileStore
 
 log = logging.getLogger("bilik.templates")
 
+# Logs of builds that ended kept in memory (for status calls); older ones are read again.
+LOGS_KEPT = 16
+
 
 def build_image(template_id: str, build_id: str) -> str:
     """The name of the image one build of a template made."""
@@ -30,7 +33,10 @@ class TemplateService:
     def __init__(self, runtime: LocalRuntime, store: Store, data_dir: Path) -> None:
         self.runtime = runtime
         self.store = store
-        self.files = FileStore(data_dir)
+        caps = runtime.settings.caps
+        self.files = FileStore(
+            data_dir, max_file_bytes=caps.upload_mb << 20, max_key_bytes=caps.uploads_mb << 20
+        )
         self.builder = Builder(runtime, self.files)
         self.logs_dir = data_dir / "builds"
         self._logs: dict[str, BuildLog] = {}
@@ -38,15 +44,28 @@ class TemplateService:
         self.defaults = DefaultBuilds(self.builder, self.logs_dir)
 
     def log_of(self, build_id: str) -> BuildLog:
-        if build_id not in self._logs:
-            self._logs[build_id] = BuildLog(self.logs_dir / f"{build_id}.jsonl")
-        return self._logs[build_id]
+        build_log = self._logs.pop(build_id, None)
+        if build_log is None:
+            build_log = BuildLog(self.logs_dir / f"{build_id}.jsonl")
+        self._logs[build_id] = build_log  # (the most recently used last)
+        ended = [b for b in self._logs if b not in self._tasks]
+        for old in ended[: max(0, len(ended) - LOGS_KEPT)]:
+            del self._logs[old]
+        return build_log
 
-    def start(self, template: TemplateRow, build: BuildRow, spec: dict[str, Any]) -> None:
-        """Run the build of ``spec`` (already through ``build.check_spec``) in the background."""
+    def running(self, build_id: str) -> bool:
+        """Whether this server runs the build now."""
+        return build_id in self._tasks
+
+    def start(
+        self, template: TemplateRow, build: BuildRow, spec: dict[str, Any]
+    ) -> asyncio.Task[None]:
+        """Run the build of ``spec`` (already through ``build.check_spec``) in the background;
+        the task ends when the build does (the API counts it against the key's caps)."""
         task = asyncio.create_task(self._run(template, build, spec))
         self._tasks[build.id] = task
         task.add_done_callback(lambda _: self._tasks.pop(build.id, None))
+        return task
 
     async def _run(self, template: TemplateRow, build: BuildRow, spec: dict[str, Any]) -> None:
         build_log = self.log_of(build.id)
