@@ -32,6 +32,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         domain=getattr(args, "domain", None),
         warm_pool=getattr(args, "warm_pool", None),
         **{name: getattr(args, name, None) for name in _CAP_FLAGS},
+        **{name: getattr(args, name, None) for name in _CONNECTION_FLAGS},
     )
 
 
@@ -42,6 +43,15 @@ _CAP_FLAGS = {
     "max_disk_mb": "most disk a create may ask for, MiB",
     "max_pids": "most processes a sandbox may run",
     "max_lifetime_s": "longest a sandbox may live, s",
+    "max_upload_mb": "largest file upload of a template's COPY step, MiB",
+    "max_uploads_mb": "most that one key's uploaded template files may take in all, MiB",
+}
+
+# ``bilik serve`` flags for how long clients may take and how many connections they may hold.
+_CONNECTION_FLAGS = {
+    "header_timeout_s": "longest a client may take to send a request's headers, s (default 10)",
+    "body_timeout_s": "longest a request's body may stall, s (default 30)",
+    "max_connections": "most connections held at once; past it, 503 (default 1000)",
 }
 
 
@@ -292,13 +302,12 @@ async def _keys_revoke(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import logging
 
-    import uvicorn
-
     from .api.app import create_app
+    from .api.serving import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     settings = _settings(args)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    serve(create_app(settings), settings)
     return 0
 
 
@@ -346,7 +355,7 @@ def _parser() -> argparse.ArgumentParser:
         help="sandboxes kept ready per template, e.g. code-interpreter-v1=2,base=1; '' for "
         "none (BILIK_WARM_POOL, default code-interpreter-v1=1)",
     )
-    for name, help_text in _CAP_FLAGS.items():
+    for name, help_text in (_CAP_FLAGS | _CONNECTION_FLAGS).items():
         flag = "--" + name.replace("_", "-")
         serve.add_argument(flag, type=int, help=f"{help_text} (BILIK_{name.upper()})")
     serve.set_defaults(func=_serve, sync=True)

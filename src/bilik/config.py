@@ -14,13 +14,16 @@ class InvalidSettings(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Caps:
-    """Operator caps: the largest values a create may ask for."""
+    """Operator caps: the largest values a create may ask for, and what a key may upload."""
 
     cpu: int = 4
     memory_mb: int = 8192
     disk_mb: int = 20480
     pids: int = 32768
     lifetime_s: int = 3600
+    # Template files (COPY steps' uploads): one upload, and all of one key's kept at once, MiB.
+    upload_mb: int = 1024
+    uploads_mb: int = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +53,14 @@ class Settings:
     # exactly what they were made with: ``name=count,...`` (default templates only; "": none).
     # A pool fills only once its template is built: a pool never starts a build.
     warm_pool: str = "code-interpreter-v1=1"
+    # A client has this long to send a request's headers (from connecting, or from the end of
+    # the previous response), and may leave its body this long without a byte; then it is cut
+    # off. Without them a client sending a byte at a time holds a connection for ever.
+    header_timeout_s: int = 10
+    body_timeout_s: int = 30
+    # Connections held at once (idle, half-sent and websockets alike); past it, requests are
+    # answered 503. The timeouts above are what frees the connections of slow clients.
+    max_connections: int = 1000
     caps: Caps = dataclasses.field(default_factory=Caps)
 
     @classmethod
@@ -91,6 +102,9 @@ class Settings:
                 "starting with a letter"
             )
         self.warm_pool_sizes()  # (raises on a malformed value)
+        for name in ("header_timeout_s", "body_timeout_s", "max_connections"):
+            if getattr(self, name) < 1:
+                raise InvalidSettings(f"{name} must be at least 1, got {getattr(self, name)}")
 
     def warm_pool_sizes(self) -> dict[str, int]:
         """``warm_pool`` as template name → how many to keep ready (0s left out)."""

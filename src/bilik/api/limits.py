@@ -1,7 +1,14 @@
-"""Per-key caps on creates: how many sandboxes at once, how many creates a minute, how long."""
+"""Per-key caps: how many sandboxes at once, how many starts a minute, how long, how large.
+
+Every path that starts or extends a sandbox goes through here: a create, a template build (its
+build sandbox counts as one of the key's running sandboxes while the build runs, and its start
+as one of the key's creates of the minute), and a timeout set by ``timeout`` or ``connect``
+(which could otherwise move a sandbox's end past what the key may ask for at create).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import math
@@ -15,7 +22,8 @@ WINDOW_S = 60.0
 
 
 class CreateLimiter:
-    """Sliding one-minute windows of create times, one per key (this server's memory)."""
+    """Sliding one-minute windows of start times, one per key, and what each key has under way
+    (this server's memory)."""
 
     def __init__(self) -> None:
         self._creates: dict[str, collections.deque[float]] = collections.defaultdict(
@@ -23,6 +31,8 @@ class CreateLimiter:
         )
         # Creates under way, per key: not yet in the store, yet already running or about to.
         self.pending: collections.Counter[str] = collections.Counter()
+        # Builds under way, per key: each runs build sandboxes until its task ends.
+        self._builds: dict[str, set[asyncio.Task[None]]] = collections.defaultdict(set)
 
     @contextlib.contextmanager
     def creating(self, key_id: str) -> Iterator[None]:
@@ -32,21 +42,42 @@ class CreateLimiter:
         finally:
             self.pending[key_id] -= 1
 
-    def check(self, key: ApiKey, running: int, timeout_s: int, cpu: float, memory_mb: int) -> None:
-        """Raise a 429 (or 400) when a create by ``key`` would go past one of its caps."""
+    def building(self, key_id: str, task: asyncio.Task[None]) -> None:
+        """Count the build ``task`` as one of ``key_id``'s running sandboxes until it ends."""
+        tasks = self._builds[key_id]
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    def under_way(self, key_id: str) -> int:
+        """The key's creates and builds that the store does not list among its sandboxes."""
+        return self.pending[key_id] + len(self._builds[key_id])
+
+    def check_size(
+        self,
+        key: ApiKey,
+        timeout_s: int | None = None,
+        cpu: float | None = None,
+        memory_mb: int | None = None,
+    ) -> None:
+        """Raise a 400 when what is asked for is more than ``key`` may ask for."""
         caps = key.caps
         for asked, cap, what in (
             (timeout_s, caps.max_timeout_s, "timeout (s)"),
             (cpu, caps.max_cpu, "vCPUs"),
             (memory_mb, caps.max_memory_mb, "memory (MiB)"),
         ):
-            if cap is not None and asked > cap:
+            if asked is not None and cap is not None and asked > cap:
                 raise ApiError(400, f"{what} {asked} is more than this key may ask for ({cap})")
+
+    def check_start(self, key: ApiKey, running: int) -> None:
+        """Raise a 429 when one more sandbox (or build) started by ``key``, which runs
+        ``running`` now, would go past its caps; else count the start in its minute."""
+        caps = key.caps
         if caps.max_sandboxes is not None and running >= caps.max_sandboxes:
             # Waiting helps only once a sandbox ends: tell clients not to retry on their own.
             raise ApiError(
                 429,
-                f"this key already runs {running} sandboxes, its cap",
+                f"this key already runs {running} sandboxes (builds included), its cap",
                 {"Should-Retry": "false"},
             )
         if caps.creates_per_minute is not None:
@@ -59,7 +90,12 @@ class CreateLimiter:
                 raise ApiError(
                     429,
                     f"this key may create {caps.creates_per_minute} sandboxes "
-                    f"a minute; try again in {wait} s",
+                    f"a minute (builds included); try again in {wait} s",
                     {"Retry-After": str(wait)},
                 )
             window.append(now)
+
+    def check(self, key: ApiKey, running: int, timeout_s: int, cpu: float, memory_mb: int) -> None:
+        """Raise a 429 (or 400) when a create by ``key`` would go past one of its caps."""
+        self.check_size(key, timeout_s, cpu, memory_mb)
+        self.check_start(key, running)

@@ -67,7 +67,10 @@ _CONNECT = {
     "summary": "Connect to a running sandbox (and optionally set its timeout)",
     "parameters": [_ID],
     "requestBody": _TIMEOUT_BODY,
-    "responses": {"200": _json({"$ref": "#/components/schemas/Sandbox"}), **_errors(400, 401, 404)},
+    "responses": {
+        "200": _json({"$ref": "#/components/schemas/Sandbox"}),
+        **_errors(400, 401, 404, 413),
+    },
 }
 
 DOCUMENT: dict[str, Any] = {
@@ -128,7 +131,7 @@ DOCUMENT: dict[str, Any] = {
         "/sandboxes/{sandboxID}/timeout": {"post": {
             "summary": "Set the sandbox to end this many seconds from now",
             "parameters": [_ID], "requestBody": _TIMEOUT_BODY,
-            "responses": {"204": {"description": "set"}, **_errors(400, 401, 404)}}},
+            "responses": {"204": {"description": "set"}, **_errors(400, 401, 404, 413)}}},
         "/sandboxes/{sandboxID}/metrics": {"get": {
             "summary": "Current CPU, memory and disk use", "parameters": [_ID],
             "responses": {"200": _json({"type": "array", "items": {

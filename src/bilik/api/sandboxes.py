@@ -24,19 +24,19 @@ from ..runtime import (
     SandboxSpec,
 )
 from ..runtime.pool import WarmPool
-from ..store import Store
+from ..store import ApiKey, Store
 from ..store.sandboxes import SandboxRow
 from ..templates import BuildFailed, TemplateService, build_image
 from ..templates.defaults import DEFAULTS, default_limits
 from .auth import authenticate
 from .errors import ApiError, from_runtime
 from .limits import CreateLimiter
+from .parse import json_object, path_sandbox_id, template_ref
 
 # The envd protocol version sandboxes answer to. The in-sandbox agent is not there yet; this is
 # the lowest version the SDKs accept, and it grows with what envd implements.
 ENVD_VERSION = "0.6.4"
 CLIENT_ID = "bilik"
-MAX_BODY = 1 << 20
 MAX_METADATA = 64 << 10
 MAX_PAGE = 100
 
@@ -45,23 +45,10 @@ def _rfc3339(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
 
 
-async def _json_object(request: Request, *, required: bool = True) -> dict[str, Any]:
-    body = await request.body()
-    if len(body) > MAX_BODY:
-        raise ApiError(413, f"request body is larger than {MAX_BODY} bytes")
-    if not body and not required:
-        return {}
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"request body is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "request body must be a JSON object")
-    return data
-
-
 def _strings(data: dict[str, Any], field: str) -> dict[str, str]:
-    value = data.get(field) or {}
+    value = data.get(field)
+    if value is None:
+        return {}
     if not isinstance(value, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in value.items()
     ):
@@ -70,9 +57,11 @@ def _strings(data: dict[str, Any], field: str) -> dict[str, str]:
 
 
 def _timeout(data: dict[str, Any], default: int | None) -> int | None:
-    value = data.get("timeout", default)
-    if value is None:
-        return None
+    """The body's ``timeout``, else ``default``; given, it must be a number of seconds (a
+    ``null`` is no number)."""
+    if "timeout" not in data:
+        return default
+    value = data["timeout"]
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ApiError(400, f"timeout must be a whole number of seconds, at least 0; got {value!r}")
     return value
@@ -80,12 +69,14 @@ def _timeout(data: dict[str, Any], default: int | None) -> int | None:
 
 def _egress(data: dict[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """E2B's ``network.allowOut`` and ``network.denyOut`` (checked in full by the runtime)."""
-    network = data.get("network") or {}
+    network = data.get("network")
+    network = {} if network is None else network
     if not isinstance(network, dict):
         raise ApiError(400, "network must be an object")
     rules = []
     for name in ("allowOut", "denyOut"):
-        value = network.get(name) or []
+        value = network.get(name)
+        value = [] if value is None else value
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ApiError(400, f"network.{name} must be a list of strings")
         rules.append(tuple(value))
@@ -140,10 +131,10 @@ def _store(request: Request) -> Store:
     return store
 
 
-async def _owned(request: Request) -> tuple[SandboxInfo, SandboxRow]:
+async def _owned(request: Request, key: ApiKey | None = None) -> tuple[SandboxInfo, SandboxRow]:
     """The sandbox named in the path, if the caller's key owns it and it still runs."""
-    key = await authenticate(request)
-    sandbox_id = request.path_params["sandbox_id"]
+    key = key or await authenticate(request)
+    sandbox_id = path_sandbox_id(request)
     row = await _store(request).sandboxes.get(sandbox_id, key.id)
     if row is None:
         raise ApiError(404, f"sandbox {sandbox_id!r} not found")
@@ -159,7 +150,7 @@ async def _image_of(request: Request, key_id: str, template: str) -> tuple[str, 
     """The runtime image a create's ``templateID`` names, and the limits it starts with: the
     key's own template (by id or name, and tag) with a finished build, else one of bilik's
     defaults (built on first use)."""
-    name, _, tag = template.partition(":")
+    name, tag = template_ref(template, "templateID")
     row = await _store(request).templates.get(name, key_id)
     if row is None:
         if template not in DEFAULTS:
@@ -196,10 +187,12 @@ async def create(request: Request) -> Response:
             return done
         # Its sandbox is gone (or there never was one): this create starts afresh.
         await store.sandboxes.forget_idempotency_key(key.id, idempotency_key)
-    data = await _json_object(request)
+    data = await json_object(request)
     template = data.get("templateID")
-    if not isinstance(template, str) or not template:
+    if template is None or template == "":
         raise ApiError(400, "templateID is required")
+    name, tag = template_ref(template, "templateID")  # (a 400 if it is no template's name)
+    template = f"{name}:{tag}" if tag else name
     metadata = _strings(data, "metadata")
     if len(json.dumps(metadata)) > MAX_METADATA:
         raise ApiError(400, f"metadata is larger than {MAX_METADATA} bytes")
@@ -207,13 +200,15 @@ async def create(request: Request) -> Response:
     if not isinstance(internet, bool):
         raise ApiError(400, "allow_internet_access must be true or false")
     timeout = _timeout(data, 300)
-    assert timeout is not None
-    running = sum(1 for r in await store.sandboxes.of_key(key.id) if _recorded(request, r.id))
+    if timeout is None:
+        raise ApiError(400, "timeout must be a whole number of seconds")
+    recorded = await recorded_sandboxes(request, key.id)
     image, default = await _image_of(request, key.id, template)
     limits = _limits(data, default)
-    limiter: CreateLimiter = request.app.state.limiter
-    # Creates of this key still under way count too, or concurrent ones could pass the cap.
-    limiter.check(key, running + limiter.pending[key.id], timeout, limits.cpu, limits.memory_mb)
+    limiter = _limiter(request)
+    # Creates and builds of this key still under way count too, or concurrent ones could pass
+    # the cap.
+    limiter.check(key, recorded + limiter.under_way(key.id), timeout, limits.cpu, limits.memory_mb)
     allow_out, deny_out = _egress(data)
     spec = SandboxSpec(
         template=image,
@@ -310,10 +305,13 @@ async def kill(request: Request) -> Response:
 
 
 async def set_timeout(request: Request) -> Response:
-    info, _row = await _owned(request)
-    timeout = _timeout(await _json_object(request), None)
+    key = await authenticate(request)
+    info, _row = await _owned(request, key)
+    timeout = _timeout(await json_object(request), None)
     if timeout is None:
         raise ApiError(400, "timeout is required")
+    # The key's cap on a create's timeout caps every later one too.
+    _limiter(request).check_size(key, timeout_s=timeout)
     try:
         await _runtime(request).set_timeout(info.sandbox_id, timeout)
     except RuntimeFailure as e:
@@ -322,9 +320,11 @@ async def set_timeout(request: Request) -> Response:
 
 
 async def connect(request: Request) -> Response:
-    info, row = await _owned(request)
-    timeout = _timeout(await _json_object(request, required=False), None)
+    key = await authenticate(request)
+    info, row = await _owned(request, key)
+    timeout = _timeout(await json_object(request, required=False), None)
     if timeout is not None:
+        _limiter(request).check_size(key, timeout_s=timeout)
         try:
             info = await _runtime(request).set_timeout(info.sandbox_id, timeout)
         except RuntimeFailure as e:
@@ -404,6 +404,18 @@ async def _listed(
 def _recorded(request: Request, sandbox_id: str) -> bool:
     """Whether the runtime still knows the sandbox (running, or being created)."""
     return _runtime(request).records.load(sandbox_id) is not None
+
+
+async def recorded_sandboxes(request: Request, key_id: str) -> int:
+    """How many of the key's sandboxes the runtime still knows (creates and builds under way
+    are the limiter's to count)."""
+    rows = await _store(request).sandboxes.of_key(key_id)
+    return sum(1 for r in rows if _recorded(request, r.id))
+
+
+def _limiter(request: Request) -> CreateLimiter:
+    limiter: CreateLimiter = request.app.state.limiter
+    return limiter
 
 
 async def list_v1(request: Request) -> Response:
