@@ -75,6 +75,9 @@ class GuardedH11Protocol(H11Protocol):
         # When the current request's headers are due (None: not waiting for headers).
         self._headers_due: float | None = None
         self._last_data = 0.0
+        # Whether part of the awaited request came (a connection that sent nothing is closed
+        # without an answer: a client reusing an idle one must not read a 408 as its reply).
+        self._partial = False
         self._over_cap = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -88,6 +91,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._last_data = self.loop.time()
+        self._partial = True
         super().data_received(data)
         self._watch()
 
@@ -130,6 +134,7 @@ class GuardedH11Protocol(H11Protocol):
             # Waiting for a request's headers: one deadline, which bytes do not move.
             if self._headers_due is None:
                 self._headers_due = self.loop.time() + self.header_timeout_s
+                self._partial = bool(self.conn.trailing_data[0])
                 self._arm(self.header_timeout_s)
         elif state is h11.SEND_BODY:
             self._headers_due = None
@@ -149,13 +154,14 @@ class GuardedH11Protocol(H11Protocol):
                 self._arm(self._headers_due - now)
                 return
             self.logger.debug("closing a connection that sent no whole request in time")
-            self.transport.write(
-                _raw_json(
-                    408,
-                    "Request Timeout",
-                    f"the request's headers took longer than {self.header_timeout_s:g} s",
+            if self._partial:
+                self.transport.write(
+                    _raw_json(
+                        408,
+                        "Request Timeout",
+                        f"the request's headers took longer than {self.header_timeout_s:g} s",
+                    )
                 )
-            )
             self.transport.close()
         elif state is h11.SEND_BODY:
             if self.flow.read_paused:
