@@ -38,8 +38,12 @@ async def _empty_database(url: str) -> None:
 class BilikServer:
     """Start (and restart) the server; every run begins as a first start, with no key."""
 
-    def __init__(self, database_url: str = "", warm_pool: str = "") -> None:
+    def __init__(
+        self, database_url: str = "", warm_pool: str = "", env: dict[str, str] | None = None
+    ) -> None:
         self.database_url = database_url
+        # More settings of the server's own (BILIK_* variables).
+        self.extra_env = dict(env or {})
         # Off unless a test asks: pooled sandboxes would change what other tests count and time.
         self.warm_pool = warm_pool
         data = SERVER_SETTINGS.data_dir
@@ -97,6 +101,7 @@ class BilikServer:
             "BILIK_WARM_POOL": self.warm_pool,
             # Templates whose ready check never passes fail in seconds, not a minute.
             "BILIK_READY_TIMEOUT_S": "5",
+            **self.extra_env,
         }
 
     def cli(

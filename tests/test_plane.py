@@ -13,11 +13,14 @@ from e2b import Sandbox
 
 from server import BilikServer
 
+# The cap on requests through the server to one key's sandboxes, for this module's server.
+STREAMS_PER_KEY = 16
+
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[tuple[BilikServer, str, str]]:
     """A server and a sandbox running a web server on port 8000, with a 64 MiB file to fetch."""
-    server = BilikServer()
+    server = BilikServer(env={"BILIK_MAX_STREAMS_PER_KEY": str(STREAMS_PER_KEY)})
     server.start()
     sbx = Sandbox.create("base", timeout=300, api_key=server.key, api_url=server.url)
     script = (
@@ -160,24 +163,27 @@ def test_websockets_pass_through(served: tuple[BilikServer, str, str]) -> None:
         bad.recv(timeout=5)
 
 
-def test_websockets_to_one_sandbox_are_capped(served: tuple[BilikServer, str, str]) -> None:
-    """Sandbox ports take no key: one client cannot hold unbounded websockets through the
-    server (the echo server of the test above still runs)."""
+def test_streams_to_one_keys_sandboxes_are_capped(served: tuple[BilikServer, str, str]) -> None:
+    """Sandbox ports take no key: one key's sandboxes cannot hold unbounded connections of the
+    server (here websockets held open; a port that never answers holds them alike). The echo
+    server of the test above still runs."""
     from websockets.exceptions import InvalidStatus
     from websockets.sync.client import connect
-
-    from bilik.plane.proxy import WEBSOCKETS_PER_SANDBOX
 
     server, sandbox_id, _ = served
     headers = {"E2b-Sandbox-Id": sandbox_id, "E2b-Sandbox-Port": "8765"}
     url = server.url.replace("http://", "ws://") + "/echo"
     with contextlib.ExitStack() as held:
-        for _ in range(WEBSOCKETS_PER_SANDBOX):
+        for _ in range(STREAMS_PER_KEY):
             held.enter_context(connect(url, additional_headers=headers, open_timeout=5))
         with pytest.raises(InvalidStatus) as refused:
             connect(url, additional_headers=headers, open_timeout=5)
         assert refused.value.response.status_code == 429
-    # Once they close, the sandbox takes websockets again.
+        plain = httpx.get(server.url + "/", headers={**headers, "E2b-Sandbox-Port": "8000"})
+        assert plain.status_code == 429 and plain.json()["code"] == 429
+        # The control plane is not the sandboxes': it still answers.
+        assert httpx.get(server.url + "/health").status_code == 200
+    # Once they close, the sandbox takes requests again.
     deadline = time.monotonic() + 10
     while True:
         try:

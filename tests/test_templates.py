@@ -253,6 +253,11 @@ def test_build_errors_are_clear(built_server: BilikServer, tmp_path: Path) -> No
         ({"name": "raw-bad"}, {"fromImage": ["x"]}, "fromImage must be a name"),
         ({"name": "raw-bad"}, {"fromImage": "e2bdev/base", "ociRuntime": "kata"}, "ociRuntime"),
         ({"name": "raw-bad"}, {"steps": {"type": "RUN"}}, "steps must be a list"),
+        (
+            {"name": "raw-bad"},
+            {"fromImage": "e2bdev/base", "steps": [{"type": "RUN", "args": ["true"]}] * 257},
+            "at most 256 steps",
+        ),
     ],
 )
 def test_bad_build_requests_get_json_errors(

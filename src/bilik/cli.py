@@ -52,6 +52,8 @@ _CONNECTION_FLAGS = {
     "header_timeout_s": "longest a client may take to send a request's headers, s (default 10)",
     "body_timeout_s": "longest a request's body may stall, s (default 30)",
     "max_connections": "most connections held at once; past it, 503 (default 1000)",
+    "max_streams_per_key": "most requests to one key's sandboxes at once; past it, 429 "
+    "(default 256)",
 }
 
 

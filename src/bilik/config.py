@@ -61,6 +61,9 @@ class Settings:
     # Connections held at once (idle, half-sent and websockets alike); past it, requests are
     # answered 503. The timeouts above are what frees the connections of slow clients.
     max_connections: int = 1000
+    # Requests and websockets relayed to the sandboxes of one key at once (their ports take no
+    # key, so without it one tenant's hanging ports could hold every connection); past it, 429.
+    max_streams_per_key: int = 256
     caps: Caps = dataclasses.field(default_factory=Caps)
 
     @classmethod
@@ -102,7 +105,12 @@ class Settings:
                 "starting with a letter"
             )
         self.warm_pool_sizes()  # (raises on a malformed value)
-        for name in ("header_timeout_s", "body_timeout_s", "max_connections"):
+        for name in (
+            "header_timeout_s",
+            "body_timeout_s",
+            "max_connections",
+            "max_streams_per_key",
+        ):
             if getattr(self, name) < 1:
                 raise InvalidSettings(f"{name} must be at least 1, got {getattr(self, name)}")
 

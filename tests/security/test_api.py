@@ -180,12 +180,31 @@ def test_a_slowloris_does_not_starve_other_clients(server: BilikServer) -> None:
             sock.close()
 
 
+def test_a_body_answered_unread_cannot_be_trickled_for_ever(server: BilikServer) -> None:
+    """Refused before its body is read (no key here), a request whose client goes on sending a
+    byte now and then, slower than any timeout of a body being read, is cut off all the same."""
+    server.start()
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(
+            b"POST /templates/tags HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 100000000\r\n\r\n{"
+        )
+        status, _ = _read_response(sock, b"", time.monotonic() + 10)
+        assert status == 401
+        started = time.monotonic()
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            while time.monotonic() - started < 20:
+                sock.send(b" ")
+                readable, _, _ = select.select([sock], [], [], 1)
+                if readable and not sock.recv(65536):
+                    break
+        assert time.monotonic() - started < 10, "the connection was held for the whole trickle"
+
+
 def test_connections_past_the_cap_get_a_json_503_until_slow_ones_time_out(
-    server: BilikServer, monkeypatch: pytest.MonkeyPatch
+    server: BilikServer,
 ) -> None:
-    env = server.env()
-    extra = {"BILIK_MAX_CONNECTIONS": "64", "BILIK_HEADER_TIMEOUT_S": "3"}
-    monkeypatch.setattr(server, "env", lambda: {**env, **extra})
+    server.extra_env.update({"BILIK_MAX_CONNECTIONS": "64", "BILIK_HEADER_TIMEOUT_S": "3"})
     server.start()
     held = [_slow_socket(server) for _ in range(80)]
     try:

@@ -117,9 +117,9 @@ def create_app(settings: Settings) -> SandboxPlane:
     app.state.limiter = CreateLimiter()
     app.state.pool = None  # (until the server has started)
 
-    async def tokens() -> dict[str, str]:
-        return await app.state.store.sandboxes.access_tokens()  # type: ignore[no-any-return]
+    async def owners() -> dict[str, tuple[str, str]]:
+        return await app.state.store.sandboxes.owners()  # type: ignore[no-any-return]
 
-    plane = SandboxPlane(app, runtime, settings.domain, tokens)
+    plane = SandboxPlane(app, runtime, settings.domain, owners, settings.max_streams_per_key)
     app.state.plane = plane
     return plane

@@ -266,6 +266,8 @@ async def _create(
         raise ApiError(
             409, "a concurrent create with this Idempotency-Key did not finish; try again"
         ) from None
+    # (routed by the sandbox plane from now, before its next read of the store)
+    request.app.state.plane.owned.add(info.sandbox_id, token, key_id)
     return JSONResponse(_sandbox(info, row), status_code=201)
 
 

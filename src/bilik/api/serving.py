@@ -61,6 +61,10 @@ async def _busy(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+# How long a client may go on sending a body the server answered without reading.
+UNREAD_BODY_GRACE_S = 2.0
+
+
 class GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with a header deadline, a body inactivity timeout and a cap on
     connections (the class attributes; ``guarded_protocol`` makes a class with them set)."""
@@ -97,7 +101,22 @@ class GuardedH11Protocol(H11Protocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
+        if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
+            # Answered before its body was read (a 401, a 404, a 413): what is left of the body
+            # is no one's. The client has a moment to finish sending it (so it reads the
+            # answer, not a reset), then the connection goes, however slowly bytes come.
+            self._stop()
+            self._timer = self.loop.call_later(UNREAD_BODY_GRACE_S, self._drop_unread)
+            return
         self._watch()
+
+    def _drop_unread(self) -> None:
+        self._timer = None
+        if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
+            self.logger.debug("closing a connection whose unread request body went on")
+            self.transport.close()
+        else:
+            self._watch()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop()

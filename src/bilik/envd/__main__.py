@@ -20,13 +20,21 @@ from .config import CONFIG_FILE, CONTROL_DIR, EnvdConfig
 
 
 def _sockets(port: int, listen_fd: int | None) -> list[socket.socket]:
+    unix = [] if listen_fd is None else [socket.socket(fileno=listen_fd)]
     tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    tcp.bind(("0.0.0.0", port))
+    try:
+        tcp.bind(("0.0.0.0", port))
+    except OSError as e:
+        if not unix:
+            raise
+        # An envd of a bilik before the host made envd's socket may still hold the port (its
+        # sandbox outlived an upgrade): the host reaches this one through its socket.
+        print(f"envd: port {port} is taken ({e}); serving the host's socket only", flush=True)
+        tcp.close()
+        return unix
     tcp.listen(128)
-    if listen_fd is None:
-        return [tcp]
-    return [socket.socket(fileno=listen_fd), tcp]
+    return [*unix, tcp]
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ import re
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import websockets.asyncio.client
@@ -45,9 +45,7 @@ from ..runtime.spec import is_sandbox_id
 log = logging.getLogger("bilik.plane")
 
 ENVD_PORT = 49983
-# Websockets relayed to one sandbox at once (its ports are reached without a key), and the
-# largest message relayed either way (uvicorn's own limit for what clients send).
-WEBSOCKETS_PER_SANDBOX = 64
+# The largest websocket message relayed from a sandbox (uvicorn's own limit for clients').
 WEBSOCKET_MAX_MESSAGE = 16 << 20
 # Headers that belong to one connection, not to the message (RFC 9110 §7.6.1), plus Host.
 HOP_BY_HOP = {
@@ -123,48 +121,63 @@ def upstream_url(scheme: str, host: str, port: int | None, target: bytes) -> htt
         raise BadRoute("Invalid request target") from e
 
 
-# Live sandboxes' envd access tokens, by sandbox id (from the store).
-Tokens = Callable[[], Awaitable[dict[str, str]]]
+class Owner(NamedTuple):
+    """What the plane knows of a sandbox a key owns."""
+
+    access_token: str
+    key_id: str
+
+
+# The store's live sandboxes: (envd access token, owning key) by sandbox id.
+Owners = Callable[[], Awaitable[dict[str, tuple[str, str]]]]
 
 
 class OwnedSandboxes:
-    """The sandboxes keys own (the store's, made by a create), with their envd access tokens:
-    the only ones the plane routes to. A warm-pool sandbox not handed over, a template build's
-    sandbox, one made from the command line: none is the store's, so none is reachable here.
+    """The sandboxes keys own (the store's, made by a create), with their envd access tokens
+    and keys: the only ones the plane routes to. A warm-pool sandbox not handed over, a
+    template build's sandbox, one made from the command line: none is the store's, so none is
+    reachable here.
 
-    Reading the store for every request would cost a query each: ids it knew are trusted for
-    ``max_age_s`` (a sandbox killed since is found gone by the runtime anyway), and an id or a
-    token it did not know makes it read again (a create that has just returned routes at once).
-    One read at a time, shared by every request that waits for it."""
+    The store is read at most once per ``max_age_s``, whatever comes (a request for an id no
+    one owns costs no query: anyone may send those); a create tells :meth:`add` what it made,
+    so a sandbox routes as soon as its create returns. (A sandbox killed since the last read
+    is found gone by the runtime.) One read at a time, shared by every request that waits."""
 
-    def __init__(self, read: Tokens, max_age_s: float = 1.0) -> None:
+    def __init__(self, read: Owners, max_age_s: float = 1.0) -> None:
         self._read = read
         self.max_age_s = max_age_s
-        self._tokens: dict[str, str] = {}
-        self._read_at = -math.inf  # (monotonic time the read of ``_tokens`` began)
+        self._owners: dict[str, Owner] = {}
+        # Made since the read of ``_owners`` began: (when it was added, its owner).
+        self._added: dict[str, tuple[float, Owner]] = {}
+        self._read_at = -math.inf  # (monotonic time the read of ``_owners`` began)
         self._reading: asyncio.Future[None] | None = None
 
-    async def tokens(self, *, fresh: bool = False) -> dict[str, str]:
-        """Tokens by sandbox id, read at most ``max_age_s`` ago, or since now if ``fresh``."""
-        now = time.monotonic()
-        return await self._read_since(now if fresh else now - self.max_age_s)
+    def add(self, sandbox_id: str, access_token: str, key_id: str) -> None:
+        """A sandbox the store has just recorded (routes before the next read)."""
+        self._added[sandbox_id] = (time.monotonic(), Owner(access_token, key_id))
 
-    async def knows(self, sandbox_id: str) -> bool:
-        return sandbox_id in await self.tokens() or sandbox_id in await self.tokens(fresh=True)
-
-    async def _read_since(self, moment: float) -> dict[str, str]:
+    async def all(self) -> dict[str, Owner]:
+        """Owners by sandbox id, read at most ``max_age_s`` ago, with those added since."""
+        moment = time.monotonic() - self.max_age_s
         while self._read_at < moment:
             if self._reading is None:
                 self._reading = asyncio.ensure_future(self._read_now())
             # (a waiter that goes away leaves the read to the others)
             await asyncio.shield(self._reading)
-        return self._tokens
+        if not self._added:
+            return self._owners
+        return {**self._owners, **{i: owner for i, (_, owner) in self._added.items()}}
+
+    async def owner(self, sandbox_id: str) -> Owner | None:
+        return (await self.all()).get(sandbox_id)
 
     async def _read_now(self) -> None:
         started = time.monotonic()
         try:
-            self._tokens = await self._read()
+            self._owners = {i: Owner(*row) for i, row in (await self._read()).items()}
             self._read_at = started
+            # (what was added before this read began, it has read)
+            self._added = {i: a for i, a in self._added.items() if a[0] >= started}
         finally:
             self._reading = None
 
@@ -173,7 +186,7 @@ def _timeout() -> httpx.Timeout:
     return httpx.Timeout(None, connect=5.0)
 
 
-def signed_file_target(scope: Scope, tokens: dict[str, str]) -> str | None:
+def signed_file_target(scope: Scope, owners: dict[str, Owner]) -> str | None:
     """The sandbox a signed ``/files`` URL (which names none) was signed for: the one whose
     token reproduces the signature, read exactly as envd reads it (``bilik.envd.signing``).
     An expired one is routed too: envd says it expired."""
@@ -184,8 +197,8 @@ def signed_file_target(scope: Scope, tokens: dict[str, str]) -> str | None:
     if signing.malformed(query):
         return None
     operation = "read" if scope["method"] == "GET" else "write"
-    for sandbox_id, token in tokens.items():
-        if signing.signed_with(query, operation, token):
+    for sandbox_id, owner in owners.items():
+        if signing.signed_with(query, operation, owner.access_token):
             return sandbox_id
     return None
 
@@ -193,11 +206,19 @@ def signed_file_target(scope: Scope, tokens: dict[str, str]) -> str | None:
 class SandboxPlane:
     """ASGI middleware: sandbox traffic to the sandbox, the rest to ``app``."""
 
-    def __init__(self, app: ASGIApp, runtime: LocalRuntime, domain: str, tokens: Tokens) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        runtime: LocalRuntime,
+        domain: str,
+        owners: Owners,
+        max_streams_per_key: int,
+    ) -> None:
         self.app = app
         self.runtime = runtime
         self.domain = domain.lower()
-        self.owned = OwnedSandboxes(tokens)
+        self.owned = OwnedSandboxes(owners)
+        self.max_streams_per_key = max_streams_per_key
         # No connection to a sandbox's port is kept for reuse: addresses pass from killed
         # sandboxes to new ones, and a kept connection to a dead one would be reset by the new
         # one mid-request. (A connection over the veth costs a fraction of a millisecond.)
@@ -208,7 +229,8 @@ class SandboxPlane:
         )
         # envd is reached over its unix socket: one pooled client per sandbox.
         self._envd: dict[str, httpx.AsyncClient] = {}
-        self._websockets: collections.Counter[str] = collections.Counter()
+        # Requests and websockets under way, by the key owning their sandbox.
+        self._streams: collections.Counter[str] = collections.Counter()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -227,11 +249,37 @@ class SandboxPlane:
             await _deny(scope, receive, send, 400, {"code": 400, "message": str(e)})
             return
         sandbox_id, port = target
-        address = await self._address(sandbox_id)
-        if address is None:
+        owner = await self.owned.owner(sandbox_id)
+        address = await self._address(sandbox_id) if owner is not None else None
+        if owner is None or address is None:
             await self._drop_envd(sandbox_id)
             await _deny(scope, receive, send, 502, _not_found(sandbox_id))
             return
+        if self._streams[owner.key_id] >= self.max_streams_per_key:
+            message = (
+                f"this key's sandboxes have {self.max_streams_per_key} requests under way "
+                "through the server, its cap"
+            )
+            await _deny(scope, receive, send, 429, {"code": 429, "message": message})
+            return
+        self._streams[owner.key_id] += 1
+        try:
+            await self._route(scope, receive, send, sandbox_id, port, address, path)
+        finally:
+            self._streams[owner.key_id] -= 1
+            if not self._streams[owner.key_id]:
+                del self._streams[owner.key_id]
+
+    async def _route(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        sandbox_id: str,
+        port: int,
+        address: str,
+        path: bytes,
+    ) -> None:
         try:
             if scope["type"] == "websocket":
                 url = upstream_url("ws", address, port, path)
@@ -259,11 +307,9 @@ class SandboxPlane:
         await self._proxy(scope, receive, send, sandbox_id, port, client, url)
 
     async def _address(self, sandbox_id: str) -> str | None:
-        """The address to reach the sandbox at, if it is one to route to: a key owns it, it
-        has a record (not a pooled one), and its address is one of the instance's sandbox
-        addresses. None otherwise, whichever the reason."""
-        if not await self.owned.knows(sandbox_id):
-            return None
+        """The address to reach the sandbox at, if it is one to route to: it has a record (not
+        a pooled one), and its address is one of the instance's sandbox addresses. None
+        otherwise, whichever the reason."""
         try:
             address = self.runtime.address(sandbox_id)
         except SandboxNotFound:
@@ -287,17 +333,14 @@ class SandboxPlane:
         a signed file URL, or (from SDKs that send no sandbox headers after a connect) the
         sandbox's own access token. Both are secrets of one sandbox."""
         if scope["path"] == "/files" and b"signature=" in scope.get("query_string", b""):
-            return signed_file_target(scope, await self.owned.tokens()) or signed_file_target(
-                scope, await self.owned.tokens(fresh=True)
-            )
+            return signed_file_target(scope, await self.owned.all())
         headers = dict((k.lower(), v) for k, v in scope["headers"])
         token = headers.get(b"x-access-token")
         if not token or b"x-api-key" in headers:
             return None
-        for fresh in (False, True):
-            for sandbox_id, known in (await self.owned.tokens(fresh=fresh)).items():
-                if hmac.compare_digest(known.encode(), token):
-                    return sandbox_id
+        for sandbox_id, owner in (await self.owned.all()).items():
+            if hmac.compare_digest(owner.access_token.encode(), token):
+                return sandbox_id
         return None
 
     async def _websocket(
@@ -311,28 +354,6 @@ class SandboxPlane:
         url: httpx.URL,
     ) -> None:
         """Relay a websocket to the sandbox's port, message by message, both ways."""
-        if self._websockets[sandbox_id] >= WEBSOCKETS_PER_SANDBOX:
-            message = f"the sandbox has {WEBSOCKETS_PER_SANDBOX} websockets open, its cap"
-            await _deny(scope, receive, send, 429, {"code": 429, "message": message})
-            return
-        self._websockets[sandbox_id] += 1
-        try:
-            await self._relay_websocket(scope, receive, send, sandbox_id, address, port, url)
-        finally:
-            self._websockets[sandbox_id] -= 1
-            if not self._websockets[sandbox_id]:
-                del self._websockets[sandbox_id]
-
-    async def _relay_websocket(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        sandbox_id: str,
-        address: str,
-        port: int,
-        url: httpx.URL,
-    ) -> None:
         headers = [
             (k.decode("latin-1"), v.decode("latin-1"))
             for k, v in scope["headers"]

@@ -68,11 +68,13 @@ class SandboxStore:
             rows = await conn.execute(sa.select(sandboxes).where(sandboxes.c.key_id == key_id))
             return [_row(r) for r in rows]
 
-    async def access_tokens(self) -> dict[str, str]:
-        """Every sandbox's envd access token, by sandbox id."""
+    async def owners(self) -> dict[str, tuple[str, str]]:
+        """Every sandbox's envd access token and owning key, by sandbox id."""
         async with self.engine.connect() as conn:
-            rows = await conn.execute(sa.select(sandboxes.c.id, sandboxes.c.envd_access_token))
-            return {r.id: r.envd_access_token for r in rows}
+            rows = await conn.execute(
+                sa.select(sandboxes.c.id, sandboxes.c.envd_access_token, sandboxes.c.key_id)
+            )
+            return {r.id: (r.envd_access_token, r.key_id) for r in rows}
 
     async def ids(self) -> set[str]:
         async with self.engine.connect() as conn:

@@ -53,6 +53,8 @@ from .files import FileStore
 DEBIAN_TAGS = {"debian", "debian:stable", "debian:latest", "debian:stable-slim"}
 STEP_TIMEOUT_S = 3600
 BUILD_DISK_MB = 8192
+# Each RUN or COPY step keeps a layer of up to BUILD_DISK_MB on the host's disk.
+MAX_STEPS = 256
 # Raised when what a COPY step makes changes (so copies cached the old way are not reused).
 # 4: keyed by the server's hash of the files (layers keyed by a client's hash are never reused).
 COPY_VERSION = 4
@@ -509,8 +511,11 @@ def check_spec(spec: dict[str, Any]) -> None:
     chosen = spec.get("ociRuntime")
     if chosen is not None and chosen not in RUNTIMES:
         raise BuildFailed(f"ociRuntime must be one of {', '.join(RUNTIMES)}", "base")
-    if not isinstance(spec.get("steps") or [], list):
+    steps = spec.get("steps") or []
+    if not isinstance(steps, list):
         raise BuildFailed("steps must be a list", "base")
+    if len(steps) > MAX_STEPS:
+        raise BuildFailed(f"a build has at most {MAX_STEPS} steps, not {len(steps)}", "base")
 
 
 def _host_debian_tags() -> set[str]:
