@@ -37,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures.thread import BrokenThreadPool
 from typing import TypeVar
 
+from .enter import CAPABILITY_VERSION_3, CapData, CapHeader
 from .users import User
 
 T = TypeVar("T")
@@ -46,25 +47,12 @@ _NUMBERS = {
     "x86_64": {"setgroups": 116, "setresuid": 117, "setresgid": 119, "capget": 125, "capset": 126},
     "aarch64": {"setgroups": 159, "setresuid": 147, "setresgid": 149, "capget": 90, "capset": 91},
 }
-_CAPABILITY_VERSION_3 = 0x20080522
 _KEEP = -1  # setres[ug]id: leave this id as it is
 
 WORKERS_PER_USER = 4
 MAX_USERS = 16  # pools kept at once; the least recently used one is let go beyond that
 
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)  # already loaded: no search
-
-
-class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-
-class _CapData(ctypes.Structure):
-    _fields_ = [
-        ("effective", ctypes.c_uint32),
-        ("permitted", ctypes.c_uint32),
-        ("inheritable", ctypes.c_uint32),
-    ]
 
 
 def _syscall(name: str, *args: object) -> None:
@@ -74,9 +62,9 @@ def _syscall(name: str, *args: object) -> None:
         raise OSError(code, f"{name}: {os.strerror(code)}")
 
 
-def _capabilities() -> tuple[_CapHeader, ctypes.Array[_CapData]]:
-    header = _CapHeader(_CAPABILITY_VERSION_3, 0)  # pid 0: the calling thread
-    data = (_CapData * 2)()
+def _capabilities() -> tuple[CapHeader, ctypes.Array[CapData]]:
+    header = CapHeader(CAPABILITY_VERSION_3, 0)  # pid 0: the calling thread
+    data = (CapData * 2)()
     _syscall("capget", ctypes.byref(header), data)
     return header, data
 

@@ -38,7 +38,7 @@ PR_SET_NO_NEW_PRIVS = 38
 PR_SET_CHILD_SUBREAPER = 36
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
-_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+CAPABILITY_VERSION_3 = 0x20080522
 PR_SET_SECCOMP = 22
 SECCOMP_MODE_FILTER = 2
 
@@ -53,11 +53,11 @@ CAP_NUMBERS = {name: number for number, name in enumerate(_CAPS.split())}
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-class _CapHeader(ctypes.Structure):
+class CapHeader(ctypes.Structure):
     _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
 
 
-class _CapData(ctypes.Structure):
+class CapData(ctypes.Structure):
     _fields_ = [
         ("effective", ctypes.c_uint32),
         ("permitted", ctypes.c_uint32),
@@ -148,10 +148,10 @@ def enter(target: Target, capabilities: list[str], seccomp: SeccompFilter) -> No
         if cap not in keep:
             _prctl(PR_CAPBSET_DROP, cap)
     mask = sum(1 << c for c in keep)
-    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = (_CapData * 2)(
-        _CapData(mask & 0xFFFFFFFF, mask & 0xFFFFFFFF, 0),
-        _CapData(mask >> 32, mask >> 32, 0),
+    header = CapHeader(CAPABILITY_VERSION_3, 0)
+    data = (CapData * 2)(
+        CapData(mask & 0xFFFFFFFF, mask & 0xFFFFFFFF, 0),
+        CapData(mask >> 32, mask >> 32, 0),
     )
     _check(_libc.capset(ctypes.byref(header), data), "capset")
     _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)

@@ -533,10 +533,15 @@ async def _deny(
     if "websocket.http.response" not in scope.get("extensions", {}):
         await send({"type": "websocket.close", "code": 1008, "reason": body["message"][:100]})
         return
+    await _json(send, status, body, kind="websocket.http")
+
+
+async def _json(send: Send, status: int, body: dict[str, Any], kind: str = "http") -> None:
+    """A JSON response; ``kind`` ``websocket.http`` answers a websocket handshake with it."""
     payload = json.dumps(body).encode()
     await send(
         {
-            "type": "websocket.http.response.start",
+            "type": f"{kind}.response.start",
             "status": status,
             "headers": [
                 (b"content-type", b"application/json"),
@@ -544,19 +549,4 @@ async def _deny(
             ],
         }
     )
-    await send({"type": "websocket.http.response.body", "body": payload})
-
-
-async def _json(send: Send, status: int, body: dict[str, Any]) -> None:
-    payload = json.dumps(body).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(payload)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": payload})
+    await send({"type": f"{kind}.response.body", "body": payload})
