@@ -45,6 +45,7 @@ _CAP_FLAGS = {
     "max_lifetime_s": "longest a sandbox may live, s",
     "max_upload_mb": "largest file upload of a template's COPY step, MiB",
     "max_uploads_mb": "most that one key's uploaded template files may take in all, MiB",
+    "max_layers_mb": "most layer storage one key's templates may keep, MiB",
 }
 
 # ``bilik serve`` flags for how long clients may take and how many connections they may hold.

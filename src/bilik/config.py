@@ -24,6 +24,8 @@ class Caps:
     # Template files (COPY steps' uploads): one upload, and all of one key's kept at once, MiB.
     upload_mb: int = 1024
     uploads_mb: int = 4096
+    # Layers one key's templates keep on the host's disk (what no other image shares), MiB.
+    layers_mb: int = 20480
 
 
 @dataclasses.dataclass(frozen=True)

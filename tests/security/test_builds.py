@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import os
+import signal
 import tarfile
 import textwrap
 import time
@@ -298,3 +299,30 @@ def test_a_step_that_prints_100_mb_keeps_the_server_and_its_log_small(
     # Its log still streams to the SDK, says it was cut, and goes on to the end of the build.
     assert any("log truncated" in line for line in logs), logs[-5:]
     assert any("Build finished" in line for line in logs), logs[-5:]
+
+
+def test_a_keys_layers_are_capped(server: BilikServer, keys: list[str]) -> None:
+    """Each RUN step keeps a layer on the host's disk: one key's templates keep at most
+    BILIK_MAX_LAYERS_MB of layers no other image shares (here 3 MiB)."""
+    server.extra_env["BILIK_MAX_LAYERS_MB"] = "3"
+    first = server.start()
+
+    def build(name: str, size: int) -> dict[str, Any]:
+        template_id, build_id = _request_build(server, server.key, name)
+        command = f"head -c {size} /dev/urandom > /home/user/{name}.bin"
+        spec = {"fromTemplate": "base", "steps": [{"type": "RUN", "args": [command]}]}
+        return _run_build(server, server.key, template_id, build_id, spec)
+
+    assert build("kept", 2 << 20)["status"] == "ready"
+    over = build("over", 2 << 20)
+    assert over["status"] == "error"
+    assert "layer storage cap" in over["reason"]["message"]
+    assert build("small", 1000)["status"] == "ready"
+    # Under a lower cap, what the key keeps already refuses the next build before it starts.
+    first.send_signal(signal.SIGINT)
+    first.wait(timeout=30)
+    server.extra_env["BILIK_MAX_LAYERS_MB"] = "1"
+    server.start()
+    refused = build("refused", 1000)
+    assert refused["status"] == "error"
+    assert "keep 2 MiB of layers" in refused["reason"]["message"]

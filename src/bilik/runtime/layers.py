@@ -78,6 +78,7 @@ class LayerStore:
         self.tmp_dir = root / "tmp"
         for d in (self.layers_dir, self.images_dir, self.tmp_dir):
             d.mkdir(parents=True, exist_ok=True)
+        self._sizes: dict[str, int] = {}
 
     def path(self, key: str) -> Path:
         return self.layers_dir / key
@@ -144,6 +145,21 @@ class LayerStore:
             raise TemplateNotFound(name)
         return image
 
+    def size(self, key: str) -> int:
+        """Bytes layer ``key`` takes on disk (a published layer never changes: counted once).
+        The walk follows no link and stays on the layer's filesystem."""
+        if key not in self._sizes:
+            total = 0
+            root = str(self.path(key))
+            device = os.lstat(root).st_dev
+            for path, dirs, files in os.walk(root):
+                for name in dirs + files:
+                    st = os.lstat(os.path.join(path, name))
+                    total += st.st_blocks * 512
+                dirs[:] = [d for d in dirs if os.lstat(os.path.join(path, d)).st_dev == device]
+            self._sizes[key] = total
+        return self._sizes[key]
+
     def images(self) -> list[Image]:
         found = []
         for path in self.images_dir.glob("*.json"):
@@ -161,6 +177,7 @@ class LayerStore:
     def remove(self, key: str) -> None:
         """Delete a layer: renamed away first, so it is gone at once, then removed."""
         doomed = self.tmp_dir / f"{key}.removed"
+        self._sizes.pop(key, None)
         with contextlib.suppress(FileNotFoundError):
             os.rename(self.path(key), doomed)
         shutil.rmtree(doomed, ignore_errors=True)

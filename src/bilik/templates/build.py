@@ -194,12 +194,15 @@ class Builder:
         log: BuildLog,
         *,
         rebuild_base: bool = False,
+        layer_budget: int | None = None,
     ) -> Image:
         """Build ``spec`` (E2B's TemplateBuildStartV2) into the image named ``template_id``.
 
         ``rebuild_base`` makes plain Debian anew if the spec starts there (never a user's
-        ``force``: that image is every template's)."""
+        ``force``: that image is every template's). ``layer_budget``: bytes of new layers the
+        build may make (the key's layer cap less what its templates keep); past it, it fails."""
         check_spec(spec)
+        new_bytes = 0
         layers, settings, inherited = await self._base(spec, log, rebuild=rebuild_base)
         oci_runtime = spec.get("ociRuntime") or inherited
         force = bool(spec.get("force"))
@@ -246,6 +249,13 @@ class Builder:
                                       settings.user, settings.workdir)  # fmt: skip
                         await self._make_layer(key, image, kind, args, files, template_id,
                                                limits, log, tag)  # fmt: skip
+                        new_bytes += await asyncio.to_thread(self.runtime.layers.size, key)
+                        if layer_budget is not None and new_bytes > layer_budget:
+                            raise BuildFailed(
+                                "this build's layers take the key past its layer storage cap "
+                                f"({new_bytes >> 20} MiB made, {layer_budget >> 20} MiB left)",
+                                tag,
+                            )
                     layers.append(key)
                     below = key
                 else:

@@ -82,7 +82,17 @@ class TemplateService:
                 elif row is not None or base not in DEFAULTS:
                     raise BuildFailed(f"template {base!r} not found (or never built)", "base")
             spec = await self.defaults.resolve(spec, build_log)
-            image = await self.builder.build(template.id, build.id, spec, limits, build_log)
+            cap = self.runtime.settings.caps.layers_mb << 20
+            kept = await asyncio.to_thread(self.layer_usage, await self._images_of(template.key_id))
+            if kept >= cap:
+                raise BuildFailed(
+                    f"this key's templates keep {kept >> 20} MiB of layers, its cap is "
+                    f"{cap >> 20} MiB: delete templates it no longer needs",
+                    "base",
+                )
+            image = await self.builder.build(
+                template.id, build.id, spec, limits, build_log, layer_budget=cap - kept
+            )
         except BuildFailed as e:
             build_log(e.message, level="error", step=e.step)
             await self.store.templates.set_status(
@@ -101,6 +111,21 @@ class TemplateService:
             )
         build_log("Build finished", step="finalize")
         await self.store.templates.set_status(build, "ready")
+
+    async def _images_of(self, key_id: str) -> set[str]:
+        """Every image name of the key's templates (the template's, and each build's)."""
+        ids = {t.id for t in await self.store.templates.of_key(key_id)}
+        images = await asyncio.to_thread(self.runtime.layers.images)
+        return {i.name for i in images if i.name.split(":", 1)[0] in ids}
+
+    def layer_usage(self, names: set[str]) -> int:
+        """Bytes of the layers the images ``names`` keep that no other image uses (a layer
+        another key's template, or bilik's own, stands on is not these images' cost)."""
+        images = self.runtime.layers.images()
+        mine = {k for i in images if i.name in names for k in i.layers}
+        others = {k for i in images if i.name not in names for k in i.layers}
+        layers = self.runtime.layers
+        return sum(layers.size(k) for k in mine - others if layers.has(k))
 
     async def abandon_unfinished(self) -> list[str]:
         """Fail the builds a stopped server left unfinished (their ids) and undo what they
