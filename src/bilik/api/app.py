@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from .pool import pool_sizes, warm_pool
 log = logging.getLogger("bilik")
 
 REAP_INTERVAL_S = 0.5
+# How often unused layers are looked for (each older than the runtime's grace goes).
+COLLECT_INTERVAL_S = 60.0
 
 
 async def ensure_first_key(store: Store, data_dir: Path) -> None:
@@ -53,10 +56,17 @@ def create_app(settings: Settings) -> SandboxPlane:
     runtime = LocalRuntime(settings, log=log.info)
 
     async def reaper() -> None:
+        collected_at = time.monotonic()
         while True:
             try:
                 for sandbox_id in await runtime.reap_expired():
                     log.info("sandbox %s reached its end time and was killed", sandbox_id)
+                # Layers of failed builds and deleted templates go too (they count against
+                # their key's layer cap until then).
+                if time.monotonic() - collected_at > COLLECT_INTERVAL_S:
+                    collected_at = time.monotonic()
+                    for key in await asyncio.to_thread(runtime.collect_layers):
+                        log.info("removed unused layer %s", key[:12])
             except Exception:  # the reaper must outlive any one failure
                 log.exception("reaper pass failed")
             await asyncio.sleep(REAP_INTERVAL_S)

@@ -195,12 +195,14 @@ class Builder:
         *,
         rebuild_base: bool = False,
         layer_budget: int | None = None,
+        made_layers: set[str] | None = None,
     ) -> Image:
         """Build ``spec`` (E2B's TemplateBuildStartV2) into the image named ``template_id``.
 
         ``rebuild_base`` makes plain Debian anew if the spec starts there (never a user's
         ``force``: that image is every template's). ``layer_budget``: bytes of new layers the
-        build may make (the key's layer cap less what its templates keep); past it, it fails."""
+        build may make (the key's layer cap less what its templates keep); past it, it fails.
+        ``made_layers`` is told each layer the build makes (kept even when the build fails)."""
         check_spec(spec)
         new_bytes = 0
         layers, settings, inherited = await self._base(spec, log, rebuild=rebuild_base)
@@ -249,6 +251,8 @@ class Builder:
                                       settings.user, settings.workdir)  # fmt: skip
                         await self._make_layer(key, image, kind, args, files, template_id,
                                                limits, log, tag)  # fmt: skip
+                        if made_layers is not None:
+                            made_layers.add(key)
                         new_bytes += await asyncio.to_thread(self.runtime.layers.size, key)
                         if layer_budget is not None and new_bytes > layer_budget:
                             raise BuildFailed(

@@ -40,6 +40,9 @@ class TemplateService:
         self.builder = Builder(runtime, self.files)
         self.logs_dir = data_dir / "builds"
         self._logs: dict[str, BuildLog] = {}
+        # The layers each key's builds made (by key id), counted against its layer cap until
+        # they are gone.
+        self._made: dict[str, set[str]] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.defaults = DefaultBuilds(self.builder, self.logs_dir)
 
@@ -83,15 +86,24 @@ class TemplateService:
                     raise BuildFailed(f"template {base!r} not found (or never built)", "base")
             spec = await self.defaults.resolve(spec, build_log)
             cap = self.runtime.settings.caps.layers_mb << 20
-            kept = await asyncio.to_thread(self.layer_usage, await self._images_of(template.key_id))
+            made = self._made.setdefault(template.key_id, set())
+            names = await self._images_of(template.key_id)
+            kept = await asyncio.to_thread(self.layer_usage, names, made)
             if kept >= cap:
                 raise BuildFailed(
-                    f"this key's templates keep {kept >> 20} MiB of layers, its cap is "
-                    f"{cap >> 20} MiB: delete templates it no longer needs",
+                    f"this key's templates and builds keep {kept >> 20} MiB of layers, its cap "
+                    f"is {cap >> 20} MiB: delete templates it no longer needs (the layers of "
+                    "deleted templates and failed builds are freed within minutes)",
                     "base",
                 )
             image = await self.builder.build(
-                template.id, build.id, spec, limits, build_log, layer_budget=cap - kept
+                template.id,
+                build.id,
+                spec,
+                limits,
+                build_log,
+                layer_budget=cap - kept,
+                made_layers=made,
             )
         except BuildFailed as e:
             build_log(e.message, level="error", step=e.step)
@@ -118,14 +130,17 @@ class TemplateService:
         images = await asyncio.to_thread(self.runtime.layers.images)
         return {i.name for i in images if i.name.split(":", 1)[0] in ids}
 
-    def layer_usage(self, names: set[str]) -> int:
-        """Bytes of the layers the images ``names`` keep that no other image uses (a layer
-        another key's template, or bilik's own, stands on is not these images' cost)."""
-        images = self.runtime.layers.images()
+    def layer_usage(self, names: set[str], made: set[str]) -> int:
+        """Bytes of the layers the images ``names`` keep, and of those the key's builds
+        ``made`` that are still on disk (a failed build's, a deleted template's, until the
+        runtime collects them), less those another image uses (a layer another key's
+        template, or bilik's own, stands on is not this key's cost). Prunes ``made``."""
+        layers = self.runtime.layers
+        made.difference_update({k for k in made if not layers.has(k)})
+        images = layers.images()
         mine = {k for i in images if i.name in names for k in i.layers}
         others = {k for i in images if i.name not in names for k in i.layers}
-        layers = self.runtime.layers
-        return sum(layers.size(k) for k in mine - others if layers.has(k))
+        return sum(layers.size(k) for k in (mine | made) - others if layers.has(k))
 
     async def abandon_unfinished(self) -> list[str]:
         """Fail the builds a stopped server left unfinished (their ids) and undo what they
