@@ -35,9 +35,11 @@ def _run(*argv: str) -> None:
     subprocess.run(argv, check=True, capture_output=True, text=True)
 
 
-def _image_layout(root: Path) -> Path:
-    layout = root / "layout"
-    bundle = root / "bundle"
+def image_layout(root: Path, data: str = "from the registry\n", name: str = "layout") -> Path:
+    """An OCI layout under ``root``: busybox, ``/srv/data.txt`` holding ``data``, an env and
+    a workdir (the test image, or another like it)."""
+    layout = root / name
+    bundle = root / f"{name}-bundle"
     _run("umoci", "init", "--layout", str(layout))
     _run("umoci", "new", "--image", f"{layout}:v1")
     _run("umoci", "unpack", "--image", f"{layout}:v1", str(bundle))
@@ -46,7 +48,7 @@ def _image_layout(root: Path) -> Path:
     shutil.copy("/bin/busybox", rootfs / "bin" / "busybox")
     (rootfs / "bin" / "sh").symlink_to("busybox")
     (rootfs / "srv").mkdir()
-    (rootfs / "srv" / "data.txt").write_text("from the registry\n")
+    (rootfs / "srv" / "data.txt").write_text(data)
     _run("umoci", "repack", "--image", f"{layout}:v1", str(bundle))
     _run(
         "umoci", "config", "--image", f"{layout}:v1",
@@ -98,7 +100,7 @@ def registry(*, auth: bool) -> Iterator[str]:
             creds = ["--dest-creds", f"{USER}:{PASSWORD}"] if auth else []
             _run(
                 "skopeo", "copy", "--dest-tls-verify=false", *creds,
-                f"oci:{_image_layout(root)}:v1", f"docker://{address}/test/tiny:v1",
+                f"oci:{image_layout(root)}:v1", f"docker://{address}/test/tiny:v1",
             )  # fmt: skip
             yield address
         finally:

@@ -17,7 +17,6 @@ import http.server
 import io
 import json
 import re
-import shutil
 import subprocess
 import tarfile
 import tempfile
@@ -47,18 +46,8 @@ def _run(*argv: str) -> bytes:
 
 
 def _push_planted(address: str, root: Path) -> None:
-    """Push ``test/tiny:evil``: busybox and a ``/srv/data.txt`` that says :data:`PLANTED`."""
-    layout, bundle = root / "evil", root / "evil-bundle"
-    _run("umoci", "init", "--layout", str(layout))
-    _run("umoci", "new", "--image", f"{layout}:v1")
-    _run("umoci", "unpack", "--image", f"{layout}:v1", str(bundle))
-    rootfs = bundle / "rootfs"
-    (rootfs / "bin").mkdir()
-    shutil.copy("/bin/busybox", rootfs / "bin" / "busybox")
-    (rootfs / "bin" / "sh").symlink_to("busybox")
-    (rootfs / "srv").mkdir()
-    (rootfs / "srv" / "data.txt").write_text(PLANTED)
-    _run("umoci", "repack", "--image", f"{layout}:v1", str(bundle))
+    """Push ``test/tiny:evil``: the test image, but its ``/srv/data.txt`` says :data:`PLANTED`."""
+    layout = registry.image_layout(root, PLANTED, name="evil")
     _run(
         "skopeo", "copy", "--dest-tls-verify=false",
         f"oci:{layout}:v1", f"docker://{address}/test/tiny:evil",
