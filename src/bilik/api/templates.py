@@ -19,7 +19,14 @@ from ..templates.defaults import DEFAULTS
 from ..templates.files import DRAIN_BYTES, TooLarge
 from .auth import authenticate
 from .errors import ApiError
-from .parse import is_template_name, json_object, path_build_id, path_template, template_ref
+from .parse import (
+    declared_length,
+    is_template_name,
+    json_object,
+    path_build_id,
+    path_template,
+    template_ref,
+)
 from .sandboxes import _limiter, _rfc3339, _store, recorded_sandboxes
 
 # At most this many log entries per status call (as E2B's API).
@@ -169,9 +176,9 @@ async def upload(request: Request) -> Response:
     async with files.key_lock(grant.key_id):
         try:
             with files.receiving(grant, scopes) as receiver:
-                declared = request.headers.get("content-length", "")
-                if declared.isascii() and declared.isdigit():
-                    receiver.check(int(declared))  # (before a byte is read)
+                declared = declared_length(request)
+                if declared is not None:
+                    receiver.check(declared)  # (before a byte is read)
                 async for chunk in chunks:
                     receiver.write(chunk)
         except TooLarge as e:
