@@ -15,8 +15,8 @@ import sys
 
 import uvicorn
 
+from ..proto.contract import CONFIG_FILE, CONTROL_DIR, EnvdConfig
 from .app import Envd
-from .config import CONFIG_FILE, CONTROL_DIR, EnvdConfig
 
 
 def _sockets(port: int, listen_fd: int | None) -> list[socket.socket]:

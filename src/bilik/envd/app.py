@@ -20,10 +20,10 @@ from connectrpc.codec import Codec, proto_binary_codec, proto_json_codec
 from connectrpc.errors import ConnectError
 from protobuf import Message
 
+from ..proto.contract import EnvdConfig
 from ..proto.filesystem_connect import FilesystemASGIApplication
 from ..proto.process_connect import ProcessASGIApplication
 from . import files, metrics
-from .config import EnvdConfig
 from .filesystem_service import FilesystemService
 from .http import Receive, Scope, Send, header, json_error, no_content, send_json
 from .process_service import ProcessService

@@ -26,9 +26,9 @@ from protobuf import Oneof
 from protobuf.wkt.google.protobuf import timestamp_pb
 
 from ..proto import filesystem_pb as pb
+from ..proto.contract import EnvdConfig
 from ..proto.filesystem_connect import Filesystem
 from . import credentials
-from .config import EnvdConfig
 from .inotify import Change, Watch
 from .process_service import keepalive_s, request_user
 from .users import User, make_parents, resolve

@@ -11,7 +11,7 @@ import os
 import time
 from typing import Any
 
-from .config import EnvdConfig
+from ..proto.contract import EnvdConfig
 
 _TICK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")

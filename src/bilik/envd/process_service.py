@@ -15,8 +15,8 @@ from connectrpc.request import RequestContext
 from protobuf import Oneof
 
 from ..proto import process_pb as pb
+from ..proto.contract import EnvdConfig
 from ..proto.process_connect import Process
-from .config import EnvdConfig
 from .processes import End, Proc, ProcessTable, Spec
 from .users import UnknownUser, User, from_basic_auth, lookup, resolve
 

@@ -8,15 +8,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypedDict
 
+from bilik.proto.contract import ENVD_PORT, INTERPRETER_PORT
 from bilik.sdk.exceptions import AuthenticationException
+
+__all__ = ["ENVD_PORT", "INTERPRETER_PORT"]  # (the SDK's modules take them from here)
 
 DEFAULT_URL = "http://127.0.0.1:3000"
 # The key a local server made on its first start: found without configuration on its own machine.
 LOCAL_KEY_FILE = Path("/var/lib/bilik/api-key")
 REQUEST_TIMEOUT = 60.0
 RETRIES = 3
-ENVD_PORT = 49983
-INTERPRETER_PORT = 49999
 
 
 def _env(*names: str) -> str | None:
