@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest_asyncio.fixture
 async def envd(runtime: LocalRuntime) -> AsyncIterator[tuple[SandboxInfo, httpx.AsyncClient]]:
     info = await runtime.create(SandboxSpec(access_token=TOKEN, env={"TEAM": "blue"}))
-    socket_path = runtime.envd_socket(info.sandbox_id)
+    socket_path = runtime.route(info.sandbox_id).envd_socket
     assert socket_path is not None
     transport = httpx.AsyncHTTPTransport(uds=str(socket_path))
     async with httpx.AsyncClient(
@@ -153,7 +153,7 @@ async def test_envd_in_an_image_without_anything(runtime: LocalRuntime) -> None:
     await asyncio.to_thread(_busybox_image, runtime)
     info = await runtime.create(SandboxSpec(template="test-busybox", access_token=TOKEN))
     try:
-        socket_path = runtime.envd_socket(info.sandbox_id)
+        socket_path = runtime.route(info.sandbox_id).envd_socket
         assert socket_path is not None
         async with httpx.AsyncClient(
             transport=httpx.AsyncHTTPTransport(uds=str(socket_path)),

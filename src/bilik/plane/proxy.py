@@ -23,7 +23,6 @@ import asyncio
 import collections
 import contextlib
 import hmac
-import ipaddress
 import json
 import logging
 import math
@@ -39,12 +38,13 @@ import websockets.exceptions
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..envd import signing
-from ..runtime import LocalRuntime, SandboxNotFound
+from ..proto.contract import ENVD_PORT
+from ..runtime import Runtime, SandboxNotFound
+from ..runtime.base import Route
 from ..runtime.spec import is_sandbox_id
 
 log = logging.getLogger("bilik.plane")
 
-ENVD_PORT = 49983
 # The largest websocket message relayed from a sandbox (uvicorn's own limit for clients').
 WEBSOCKET_MAX_MESSAGE = 16 << 20
 # Headers that belong to one connection, not to the message (RFC 9110 §7.6.1), plus Host.
@@ -209,7 +209,7 @@ class SandboxPlane:
     def __init__(
         self,
         app: ASGIApp,
-        runtime: LocalRuntime,
+        runtime: Runtime,
         domain: str,
         owners: Owners,
         max_streams_per_key: int,
@@ -250,8 +250,9 @@ class SandboxPlane:
             return
         sandbox_id, port = target
         owner = await self.owned.owner(sandbox_id)
-        address = await self._address(sandbox_id) if owner is not None else None
-        if owner is None or address is None:
+        # The one question to the runtime per request: where the sandbox is.
+        where = self._where(sandbox_id) if owner is not None else None
+        if owner is None or where is None:
             await self._drop_envd(sandbox_id)
             await _deny(scope, receive, send, 502, _not_found(sandbox_id))
             return
@@ -264,7 +265,7 @@ class SandboxPlane:
             return
         self._streams[owner.key_id] += 1
         try:
-            await self._route(scope, receive, send, sandbox_id, port, address, path)
+            await self._route(scope, receive, send, sandbox_id, port, where, path)
         finally:
             self._streams[owner.key_id] -= 1
             if not self._streams[owner.key_id]:
@@ -277,15 +278,15 @@ class SandboxPlane:
         send: Send,
         sandbox_id: str,
         port: int,
-        address: str,
+        where: Route,
         path: bytes,
     ) -> None:
+        address, socket_path = where.address, where.envd_socket if port == ENVD_PORT else None
         try:
             if scope["type"] == "websocket":
                 url = upstream_url("ws", address, port, path)
                 await self._websocket(scope, receive, send, sandbox_id, address, port, url)
                 return
-            socket_path = self.runtime.envd_socket(sandbox_id) if port == ENVD_PORT else None
             if socket_path is None:
                 url = upstream_url("http", address, port, path)
                 await self._proxy(scope, receive, send, sandbox_id, port, self.client, url)
@@ -293,9 +294,6 @@ class SandboxPlane:
             url = upstream_url("http", "envd", None, path)
         except BadRoute as e:
             await _deny(scope, receive, send, 400, {"code": 400, "message": str(e)})
-            return
-        except SandboxNotFound:  # (killed this very moment)
-            await _deny(scope, receive, send, 502, _not_found(sandbox_id))
             return
         client = self._envd.get(sandbox_id)
         if client is None:
@@ -306,27 +304,12 @@ class SandboxPlane:
             )
         await self._proxy(scope, receive, send, sandbox_id, port, client, url)
 
-    async def _address(self, sandbox_id: str) -> str | None:
-        """The address to reach the sandbox at, if it is one to route to: it has a record (not
-        a pooled one), and its address is one of the instance's sandbox addresses. None
-        otherwise, whichever the reason."""
+    def _where(self, sandbox_id: str) -> Route | None:
+        """Where the sandbox is, if it is one to route to (None whichever the reason)."""
         try:
-            address = self.runtime.address(sandbox_id)
+            return self.runtime.route(sandbox_id)
         except SandboxNotFound:
             return None
-        network = self.runtime.network
-        try:
-            ip = ipaddress.IPv4Address(address)
-        except ValueError:
-            return None
-        reserved = (
-            network.gateway,
-            network.network.network_address,
-            network.network.broadcast_address,
-        )
-        if ip not in network.network or ip in reserved:
-            return None
-        return str(ip)
 
     async def _envd_by_credentials(self, scope: Scope) -> str | None:
         """The sandbox whose envd a request names no sandbox for, yet proves it is meant for:

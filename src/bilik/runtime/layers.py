@@ -10,7 +10,8 @@ A layer made from a sandbox's writable directory is copied by :func:`copy_tree`,
 from a tree the sandbox wrote: everything in it is the sandbox's choice (links to host paths,
 names that clash, device nodes). The copy walks it by directory file descriptors, one name at
 a time, never following a link and never leaving the tree (no ``..``, no other file system);
-the caller makes sure nothing can change the tree while it is read (``LocalRuntime.stop``).
+the caller makes sure nothing can change the tree while it is read (``Runtime.commit`` stops
+the sandbox first).
 """
 
 from __future__ import annotations
@@ -118,6 +119,29 @@ class LayerStore:
         target = self.path(key)
         os.rename(built, target)
         return target
+
+    def keep_upper(self, disk: Path, key: str) -> None:
+        """Publish the upper directory on a stopped sandbox's ``disk`` as layer ``key``
+        (unless ``key`` was made meanwhile, by another build of the same step)."""
+        with self.lock(key):
+            if self.has(key):
+                return
+            scratch = self.scratch(key)
+            disk_fd = os.open(disk, _DIR)
+            try:
+                upper = os.open("upper", _DIR, dir_fd=disk_fd)
+            finally:
+                os.close(disk_fd)
+            try:
+                # Everything the sandbox changed: ownership, modes, xattrs, overlay's whiteouts.
+                copy_tree(upper, scratch)
+            except BaseException:
+                shutil.rmtree(scratch, ignore_errors=True)
+                raise
+            finally:
+                os.close(upper)
+            _drop_empty_dir(scratch, "run", "bilik")  # the sandbox's control mount point
+            self.publish(key, scratch)
 
     def discard_scratch(self) -> None:
         """Remove build directories left by builds that died; they were never published.
@@ -354,3 +378,13 @@ def _copy_xattrs(src: int | str, dst: int | str) -> None:
     for attr in names:
         with contextlib.suppress(OSError):  # (one the target cannot hold: as cp -a, go on)
             os.setxattr(dst, attr, os.getxattr(src, attr, **follow), **follow)
+
+
+def _drop_empty_dir(root: Path, parent: str, name: str) -> None:
+    """Remove ``root/parent/name`` if it is an empty directory (never through a link)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(root / parent, _DIR)
+        try:
+            os.rmdir(name, dir_fd=fd)  # (fails on anything but an empty directory)
+        finally:
+            os.close(fd)

@@ -33,13 +33,13 @@ from . import (
     seccomp,
     syscalls,
 )
-from .base import ExecResult, Process, SandboxInfo, Usage
+from .base import ExecResult, Process, Route, SandboxInfo, Usage
 from .dns import DnsForwarder, DnsPolicy, host_resolvers
 from .envd_client import EnvdClient
 from .envd_zygote import EnvdZygote
 from .errors import InvalidSpec, SandboxExists, SandboxNotFound, StepFailed
 from .fsutil import file_lock, lock_fd, read_beneath, write_bytes_atomic, write_text
-from .layers import Image, LayerStore
+from .layers import BadTree, Image, LayerStore
 from .network import HostNetwork
 from .ocicli import RUNTIMES, OciCli
 from .records import RecordStore, SandboxRecord
@@ -299,13 +299,14 @@ class LocalRuntime:
                 raise StepFailed("create", str(e)) from e
         return self._info(record, "running")
 
-    def address(self, sandbox_id: str) -> str:
-        """The sandbox's address on the instance's bridge (from its record: no runtime call),
-        for traffic to it; a warm-pool sandbox no one owns yet takes none (SandboxNotFound)."""
+    def route(self, sandbox_id: str) -> Route:
+        """How to reach the sandbox (from its record: no runtime call): its address, checked to
+        be one of the instance's sandbox addresses, and its envd socket. SandboxNotFound for a
+        warm-pool sandbox no one owns yet, and for anything else not to be routed to."""
         record = self._record(sandbox_id)
-        if record.pooled:
+        if record.pooled or not self.network.is_sandbox_address(record.address):
             raise SandboxNotFound(sandbox_id)
-        return record.address
+        return Route(record.address, self._envd_socket(record))
 
     async def hand_over(
         self, sandbox_id: str, timeout_s: float, metadata: dict[str, str]
@@ -340,17 +341,16 @@ class LocalRuntime:
             return False
         return await self._state(record) == "running"
 
-    def envd_socket(self, sandbox_id: str) -> Path | None:
+    def _envd_socket(self, record: SandboxRecord) -> Path | None:
         """The unix socket of the sandbox's envd on the host, or None where there is none
         (gVisor keeps sockets inside its own kernel: reach envd at the address instead)."""
-        record = self._record(sandbox_id)
         if record.oci_runtime == "runsc":
             return None
-        return self.records.dir(sandbox_id) / ENVD_SOCKET
+        return self.records.dir(record.sandbox_id) / ENVD_SOCKET
 
     async def _spawn_envd(self, record: SandboxRecord) -> None:
         """Have the zygote start envd in the crun sandbox ``record``, on a socket it makes at
-        the host path :meth:`envd_socket` names. Only into that sandbox's own PID 1: the record
+        the host path :meth:`_envd_socket` names. Only into that sandbox's own PID 1: the record
         is the host's, and the pid must still be in the sandbox's cgroup."""
         d = self.records.dir(record.sandbox_id)
         if not cgroups.holds(self.settings.instance, record.sandbox_id, record.init_pid):
@@ -365,7 +365,7 @@ class LocalRuntime:
         the new envd. Under gVisor the sandbox's own init restarts it."""
         async with self._locked(sandbox_id):
             record = self._record(sandbox_id)
-            socket_path = self.envd_socket(sandbox_id)
+            socket_path = self._envd_socket(record)
             if socket_path is None or not await self.is_running(sandbox_id):
                 return False
             with contextlib.suppress(OSError):
@@ -388,7 +388,7 @@ class LocalRuntime:
         # (read-only inside the sandbox; opened without following a link all the same)
         with os.fdopen(os.open(config, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)) as f:
             token = json.load(f).get("access_token", "")
-        return EnvdClient(self.envd_socket(sandbox_id), record.address, token)
+        return EnvdClient(self._envd_socket(record), record.address, token)
 
     async def _start_workload(self, record: SandboxRecord, image: Image) -> None:
         """Start the template's start command, and wait until its ready check passes."""
@@ -406,7 +406,7 @@ class LocalRuntime:
 
     async def _wait_for_envd(self, record: SandboxRecord) -> None:
         """Until the new sandbox's envd answers: a create returns a sandbox ready for use."""
-        socket_path = self.envd_socket(record.sandbox_id)
+        socket_path = self._envd_socket(record)
         deadline = time.monotonic() + ENVD_START_S
         delay = 0.002
         while time.monotonic() < deadline:
@@ -691,6 +691,19 @@ class LocalRuntime:
                     raise StepFailed("stop", f"processes {pids} of {sandbox_id} would not end")
                 await asyncio.to_thread(kill_members, pids)
                 await asyncio.sleep(0.01)
+
+    async def commit(self, sandbox_id: str, key: str) -> None:
+        """Keep what the sandbox changed (its upper layer) as layer ``key``: the sandbox is
+        stopped first (:meth:`stop`), so nothing in it changes the tree while host root reads
+        it; then the tree is copied by directory descriptors, never following a link and never
+        leaving it (``layers.copy_tree``). The sandbox is the caller's to :meth:`kill`. If
+        ``key`` exists already (the same step made meanwhile), it is kept as it is."""
+        await self.stop(sandbox_id)
+        disk = self.records.dir(sandbox_id) / "disk"
+        try:
+            await asyncio.to_thread(self.layers.keep_upper, disk, key)
+        except BadTree as e:
+            raise StepFailed("commit", f"what the sandbox left cannot be kept: {e}") from None
 
     def _record(self, sandbox_id: str) -> SandboxRecord:
         record = self.records.load(sandbox_id)

@@ -199,6 +199,16 @@ table inet {self.table} {{
             raise StepFailed("allocate-address", f"subnet {self.network} is full")
         return str(addr)
 
+    def is_sandbox_address(self, address: str) -> bool:
+        """Whether ``address`` is one a sandbox of the instance may have (in the subnet; not
+        the gateway, the network's or its broadcast address)."""
+        try:
+            ip = ipaddress.IPv4Address(address)
+        except ValueError:
+            return False
+        reserved = (self.gateway, self.network.network_address, self.network.broadcast_address)
+        return ip in self.network and ip not in reserved
+
     def create(self, sandbox_id: str, address: str, internet: bool) -> Path:
         """Make the sandbox's namespace, plug it into the bridge and give it ``address``."""
         path = self.netns_path(sandbox_id)

@@ -11,7 +11,7 @@ A COPY step's files are known by the hash this server computed over them as they
 (``files``), never by the client's ``filesHash``: the layer cache is shared by every key.
 
 The upper directory is the sandbox's own work, copied by host root: no host code walks it
-while anything can change it. A step's sandbox is stopped first (``LocalRuntime.stop``: every
+while anything can change it. A step's sandbox is committed (``Runtime.commit`` stops it: every
 process in it, envd and what a step left running included, is gone, under crun and gVisor
 alike, while its disk stays mounted), so the tree is still; then ``layers.copy_tree`` reads it
 by directory descriptors, name by name, never following a link and never leaving the tree; only
@@ -31,18 +31,17 @@ import dataclasses
 import datetime
 import fnmatch
 import json
-import os
 import posixpath
 import secrets
 import shlex
-import shutil
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ..runtime import LocalRuntime, RuntimeFailure, SandboxSpec, debian_image
-from ..runtime.layers import BadTree, Image, copy_tree, layer_key
+from ..runtime import Runtime, RuntimeFailure, SandboxSpec, debian_image
+from ..runtime.envd_client import EnvdClient
+from ..runtime.layers import Image, layer_key
 from ..runtime.ocicli import RUNTIMES
 from ..runtime.spec import Limits
 from . import registries
@@ -181,7 +180,7 @@ class Settings:
 
 
 class Builder:
-    def __init__(self, runtime: LocalRuntime, files: FileStore) -> None:
+    def __init__(self, runtime: Runtime, files: FileStore) -> None:
         self.runtime = runtime
         self.files = files
 
@@ -390,21 +389,16 @@ class Builder:
                 else:
                     assert files is not None
                     await self._copy(envd, template_id, args, files, image, tag)
-            # Nothing of the step may run on while its upper directory is read.
             try:
-                await runtime.stop(info.sandbox_id)
+                await runtime.commit(info.sandbox_id, key)
             except RuntimeFailure as e:
-                raise BuildFailed(f"could not stop the build sandbox: {e}", tag) from None
-            try:
-                await asyncio.to_thread(self._keep_upper, info.sandbox_id, key)
-            except BadTree as e:
-                raise BuildFailed(f"what the step left cannot be kept: {e}", tag) from None
+                raise BuildFailed(f"the step's changes could not be kept: {e}", tag) from None
         finally:
             await runtime.kill(info.sandbox_id)
 
     async def _copy(
         self,
-        envd: Any,
+        envd: EnvdClient,
         template_id: str,
         args: list[str],
         files: str,
@@ -463,30 +457,6 @@ class Builder:
         if finished.exit_code != 0:
             raise BuildFailed(f"COPY {src} → {dest} failed: {finished.output.strip()}", tag)
 
-    def _keep_upper(self, sandbox_id: str, key: str) -> None:
-        """Keep a stopped build sandbox's upper directory as layer ``key``."""
-        layers = self.runtime.layers
-        disk = self.runtime.records.dir(sandbox_id) / "disk"
-        with layers.lock(key):
-            if layers.has(key):  # the same step, made meanwhile by another build
-                return
-            scratch = layers.scratch(key)
-            disk_fd = os.open(disk, _DIR_FLAGS)
-            try:
-                upper = os.open("upper", _DIR_FLAGS, dir_fd=disk_fd)
-            finally:
-                os.close(disk_fd)
-            try:
-                # Everything the step changed: ownership, modes, xattrs, overlay's whiteouts.
-                copy_tree(upper, scratch)
-            except BaseException:
-                shutil.rmtree(scratch, ignore_errors=True)
-                raise
-            finally:
-                os.close(upper)
-            _drop_empty_dir(scratch, "run", "bilik")  # the sandbox's control mount point
-            layers.publish(key, scratch)
-
     async def abandon(self, build_id: str) -> None:
         """Undo what a build that a crash cut short left: its sandboxes (they would run on for
         the step's whole time limit) and the image they ran on (so its layers can go)."""
@@ -542,19 +512,6 @@ async def _must(run: Any, tag: str) -> None:
     finished = await run
     if finished.exit_code != 0:
         raise BuildFailed(finished.output.strip(), tag)
-
-
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-def _drop_empty_dir(root: Path, parent: str, name: str) -> None:
-    """Remove ``root/parent/name`` if it is an empty directory (never through a link)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(root / parent, _DIR_FLAGS)
-        try:
-            os.rmdir(name, dir_fd=fd)  # (fails on anything but an empty directory)
-        finally:
-            os.close(fd)
 
 
 def _is_gzip(path: Path) -> bool:

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from ..runtime import LocalRuntime, RuntimeFailure, debian_image
+from ..runtime import Runtime, RuntimeFailure, debian_image
 from ..runtime.fsutil import lock_fd, try_lock_fd
 from ..runtime.spec import Limits
 from . import host_settings
@@ -165,7 +165,7 @@ class DefaultBuilds:
 
 
 @contextlib.asynccontextmanager
-async def outside_a_server(runtime: LocalRuntime) -> AsyncIterator[DefaultBuilds]:
+async def outside_a_server(runtime: Runtime) -> AsyncIterator[DefaultBuilds]:
     """bilik's own templates for a started runtime with no server around it (the CLI, benches,
     tests), built as a server builds them."""
     data_dir = runtime.settings.data_dir
