@@ -63,7 +63,7 @@ async def runtime(internet: dict[str, str]) -> AsyncIterator[LocalRuntime]:
     await rt.close()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def oci_runtime() -> str | None:
     """The OCI runtime of the sandboxes a test makes; None: the server's (crun). The isolation
     suites run under each runtime (``helpers.EACH_OCI_RUNTIME``)."""
@@ -72,6 +72,17 @@ def oci_runtime() -> str | None:
 
 @pytest_asyncio.fixture
 async def sandbox(runtime: LocalRuntime, oci_runtime: str | None) -> AsyncIterator[SandboxInfo]:
+    """A sandbox of the test's own, to change as it likes."""
+    info = await runtime.create(SandboxSpec(), oci_runtime=oci_runtime)
+    yield info
+    await runtime.kill(info.sandbox_id)
+
+
+@pytest_asyncio.fixture(scope="module")
+async def shared_sandbox(
+    runtime: LocalRuntime, oci_runtime: str | None
+) -> AsyncIterator[SandboxInfo]:
+    """A sandbox the module's tests share (one per OCI runtime): for tests that only look."""
     info = await runtime.create(SandboxSpec(), oci_runtime=oci_runtime)
     yield info
     await runtime.kill(info.sandbox_id)

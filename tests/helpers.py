@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from bilik.config import Settings
-from bilik.runtime import LocalRuntime, cgroups, syscalls
-from bilik.runtime.network import HostNetwork
-from bilik.runtime.ocicli import RUNTIMES
+from bilik.runtime import Runtime, cgroups, syscalls
+from bilik.runtime.backends import RUNTIMES
+from bilik.runtime.network import HostNetwork, veth_name
 
 DATA_DIR = Path(os.environ.get("BILIK_TEST_DATA_DIR", "/var/lib/bilik-test"))
 INSTANCE = "biltest"
@@ -57,8 +57,9 @@ INET_HOST = str(INET_NET.network_address + 1)
 INET_PEER = str(INET_NET.network_address + 2)
 
 # For a module whose every test is to pass under each OCI runtime: ``pytestmark = EACH_OCI_RUNTIME``
-# (its tests take the sandbox fixture, or ``oci_runtime`` for the sandboxes they make).
-EACH_OCI_RUNTIME = pytest.mark.parametrize("oci_runtime", RUNTIMES)
+# (its tests take the sandbox fixtures, or ``oci_runtime`` for the sandboxes they make). Scoped
+# to the module, so its tests are grouped by runtime and can share one sandbox per runtime.
+EACH_OCI_RUNTIME = pytest.mark.parametrize("oci_runtime", RUNTIMES, scope="module")
 
 SETTINGS = Settings(
     data_dir=DATA_DIR / "main", instance=INSTANCE, subnet="10.214.0.0/16", dns_upstream=INET_PEER
@@ -84,6 +85,16 @@ def host_state(settings: Settings) -> dict[str, list[str]]:
         "containers": containers,
         "loop_devices": _loop_devices_under(sandboxes),
         "sandbox_dirs": sorted(p.name for p in sandboxes.iterdir()) if sandboxes.exists() else [],
+    }
+
+
+def sandbox_traces(settings: Settings, sandbox_id: str) -> dict[str, list[str]]:
+    """What the host holds for one sandbox (its processes aside: they carry no id)."""
+    state = host_state(settings)
+    return {
+        k: [v for v in vals if sandbox_id in v or v == veth_name(sandbox_id)]
+        for k, vals in state.items()
+        if k != "processes"
     }
 
 
@@ -121,7 +132,7 @@ def bilik(
     )
 
 
-async def run_ok(runtime: LocalRuntime, sandbox_id: str, script: str, user: str = "root") -> str:
+async def run_ok(runtime: Runtime, sandbox_id: str, script: str, user: str = "root") -> str:
     """Run a shell script in the sandbox; fail the test with its output if it fails."""
     result = await runtime.run(sandbox_id, ["sh", "-c", script], user=user)
     assert result.exit_code == 0, (result.exit_code, result.stdout, result.stderr)

@@ -265,3 +265,31 @@ async def test_the_zygote_joins_only_sandboxes(
     assert record is not None
     with pytest.raises(StepFailed, match="not the sandbox's PID 1"):
         await runtime.zygote.spawn(record.init_pid, record.init_start + 1, "/run/bilik", *files)
+
+
+async def test_clients_that_hang_up_mid_stream_leave_envd_running(
+    runtime: LocalRuntime, envd: tuple[SandboxInfo, httpx.AsyncClient]
+) -> None:
+    """A client may go away while envd still writes to it (here: at once after the request
+    went out, again and again, with output in flight): envd handles the broken connection and
+    keeps serving (it once died silently of SIGPIPE)."""
+    info, client = envd
+    socket_path = runtime.route(info.sandbox_id).envd_socket
+    assert socket_path is not None
+    body = _envelope(b'{"process":{"cmd":"/bin/sh","args":["-c","seq 100000"]}}')
+    request = (
+        b"POST /process.Process/Start HTTP/1.1\r\nHost: envd\r\n"
+        + f"X-Access-Token: {TOKEN}\r\nContent-Type: application/connect+json\r\n".encode()
+        + b"Authorization: Basic cm9vdDo=\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    for _ in range(20):
+        reader, writer = await asyncio.open_unix_connection(socket_path)
+        writer.write(request)
+        await writer.drain()
+        await reader.read(100)  # (the stream has begun)
+        writer.transport.abort()
+    await asyncio.sleep(0.5)
+    answer = await client.get("/health")
+    assert answer.status_code == 204, answer.text

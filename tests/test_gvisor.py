@@ -1,7 +1,8 @@
 """gVisor (runsc) as a template's runtime, and what its sandboxes' own processes get.
 
-The isolation, limits and network suites run under both runtimes (``EACH_OCI_RUNTIME``); these
-are the parts particular to runsc.
+What every backend must do is checked under runsc too (``runtime_conformance``), and the
+isolation, limits and network suites run under both runtimes (``EACH_OCI_RUNTIME``); these are
+the parts particular to runsc.
 """
 
 from __future__ import annotations

@@ -12,29 +12,33 @@ from helpers import EACH_OCI_RUNTIME, SETTINGS, run_ok
 pytestmark = EACH_OCI_RUNTIME
 
 
-async def test_host_processes_are_invisible(runtime: LocalRuntime, sandbox: SandboxInfo) -> None:
-    out = await run_ok(runtime, sandbox.sandbox_id, "ps -eo pid,comm --no-headers")
+async def test_host_processes_are_invisible(
+    runtime: LocalRuntime, shared_sandbox: SandboxInfo
+) -> None:
+    out = await run_ok(runtime, shared_sandbox.sandbox_id, "ps -eo pid,comm --no-headers")
     pids = {int(line.split()[0]) for line in out.splitlines()}
     commands = {line.split()[1] for line in out.splitlines()}
     assert 1 in pids
     assert "pytest" not in commands and "python" not in commands
     assert len(pids) < 10, out
     # The test process itself, by its host pid, does not exist inside.
-    result = await runtime.run(sandbox.sandbox_id, ["cat", f"/proc/{os.getpid()}/cmdline"])
+    result = await runtime.run(shared_sandbox.sandbox_id, ["cat", f"/proc/{os.getpid()}/cmdline"])
     assert b"pytest" not in result.stdout
 
 
-async def test_host_files_are_unreachable(runtime: LocalRuntime, sandbox: SandboxInfo) -> None:
+async def test_host_files_are_unreachable(
+    runtime: LocalRuntime, shared_sandbox: SandboxInfo
+) -> None:
     marker = Path("/tmp") / f"bilik-marker-{uuid.uuid4().hex}"
     marker.write_text("secret")
     try:
-        result = await runtime.run(sandbox.sandbox_id, ["cat", str(marker)])
+        result = await runtime.run(shared_sandbox.sandbox_id, ["cat", str(marker)])
         assert result.exit_code != 0 and b"secret" not in result.stdout
-        out = await run_ok(runtime, sandbox.sandbox_id, "cat /etc/hostname; ls /home")
-        assert out.split() == [sandbox.sandbox_id, "user"]
+        out = await run_ok(runtime, shared_sandbox.sandbox_id, "cat /etc/hostname; ls /home")
+        assert out.split() == [shared_sandbox.sandbox_id, "user"]
         # Nothing of the host is mounted inside but the sandbox's own files and the read-only
         # runtime directory.
-        mounts = await run_ok(runtime, sandbox.sandbox_id, "cat /proc/self/mountinfo")
+        mounts = await run_ok(runtime, shared_sandbox.sandbox_id, "cat /proc/self/mountinfo")
         points = {line.split()[4] for line in mounts.splitlines()}
         assert points <= {
             "/",
@@ -57,8 +61,8 @@ async def test_host_files_are_unreachable(runtime: LocalRuntime, sandbox: Sandbo
         marker.unlink()
 
 
-async def test_mount_is_refused(runtime: LocalRuntime, sandbox: SandboxInfo) -> None:
-    result = await runtime.run(sandbox.sandbox_id, ["mount", "-t", "tmpfs", "none", "/mnt"])
+async def test_mount_is_refused(runtime: LocalRuntime, shared_sandbox: SandboxInfo) -> None:
+    result = await runtime.run(shared_sandbox.sandbox_id, ["mount", "-t", "tmpfs", "none", "/mnt"])
     assert result.exit_code != 0
     assert (
         b"permission denied" in result.stderr.lower() or b"not permitted" in result.stderr.lower()
@@ -66,7 +70,7 @@ async def test_mount_is_refused(runtime: LocalRuntime, sandbox: SandboxInfo) -> 
 
 
 async def test_kernel_module_loading_is_refused(
-    runtime: LocalRuntime, sandbox: SandboxInfo
+    runtime: LocalRuntime, shared_sandbox: SandboxInfo
 ) -> None:
     script = (
         "import ctypes, os\n"
@@ -76,24 +80,31 @@ async def test_kernel_module_loading_is_refused(
         "    r = libc.syscall(nr, 0, 0, 0, 0)\n"
         "    print(name, r, os.strerror(ctypes.get_errno()))\n"
     )
-    out = await run_ok(runtime, sandbox.sandbox_id, f'python3 -c "{script}"')
+    out = await run_ok(runtime, shared_sandbox.sandbox_id, f'python3 -c "{script}"')
     for line in out.splitlines():
         _name, result, *error = line.split(maxsplit=2)
         assert result == "-1", line
         assert error == ["Operation not permitted"], line
 
 
-async def test_new_user_namespaces_are_refused(runtime: LocalRuntime, sandbox: SandboxInfo) -> None:
-    result = await runtime.run(sandbox.sandbox_id, ["unshare", "--user", "--map-root-user", "id"])
+async def test_new_user_namespaces_are_refused(
+    runtime: LocalRuntime, shared_sandbox: SandboxInfo
+) -> None:
+    result = await runtime.run(
+        shared_sandbox.sandbox_id, ["unshare", "--user", "--map-root-user", "id"]
+    )
     assert result.exit_code != 0
 
 
-async def test_host_devices_are_unreachable(runtime: LocalRuntime, sandbox: SandboxInfo) -> None:
-    devices = (await run_ok(runtime, sandbox.sandbox_id, "ls /dev")).split()
+async def test_host_devices_are_unreachable(
+    runtime: LocalRuntime, shared_sandbox: SandboxInfo
+) -> None:
+    devices = (await run_ok(runtime, shared_sandbox.sandbox_id, "ls /dev")).split()
     assert not {"vda", "sda", "mem", "kmem", "port", "kvm", "loop0"} & set(devices)
     # Making a node for the host's disk (major 254 is virtio-blk) does not give access to it.
     result = await runtime.run(
-        sandbox.sandbox_id, ["sh", "-c", "mknod /tmp/disk b 254 0 && head -c 512 /tmp/disk | wc -c"]
+        shared_sandbox.sandbox_id,
+        ["sh", "-c", "mknod /tmp/disk b 254 0 && head -c 512 /tmp/disk | wc -c"],
     )
     assert result.exit_code != 0 or result.stdout.strip() == b"0", result
 
@@ -119,43 +130,54 @@ async def test_root_inside_is_an_unprivileged_uid_outside(
     assert owners and 0 not in owners
 
 
-async def test_sandbox_user_and_sudo_config(runtime: LocalRuntime, sandbox: SandboxInfo) -> None:
-    out = await run_ok(runtime, sandbox.sandbox_id, "id; echo $HOME; pwd", user="user")
+async def test_sandbox_user_and_sudo_config(
+    runtime: LocalRuntime, shared_sandbox: SandboxInfo
+) -> None:
+    out = await run_ok(runtime, shared_sandbox.sandbox_id, "id; echo $HOME; pwd", user="user")
     assert out.splitlines() == [
         "uid=1000(user) gid=1000(user) groups=1000(user)",
         "/home/user",
         "/home/user",
     ]
-    sudoers = await run_ok(runtime, sandbox.sandbox_id, "cat /etc/sudoers.d/user")
+    sudoers = await run_ok(runtime, shared_sandbox.sandbox_id, "cat /etc/sudoers.d/user")
     assert "NOPASSWD: ALL" in sudoers
     # no_new_privs is set on every process: set-uid binaries cannot raise privileges.
     get_no_new_privs = "import ctypes; print(ctypes.CDLL(None).prctl(39, 0, 0, 0, 0))"
     status = await run_ok(
-        runtime, sandbox.sandbox_id, f'python3 -c "{get_no_new_privs}"', user="user"
+        runtime, shared_sandbox.sandbox_id, f'python3 -c "{get_no_new_privs}"', user="user"
     )
     assert status == "1\n"
 
 
-async def test_capabilities_are_minimal(runtime: LocalRuntime, sandbox: SandboxInfo) -> None:
-    out = await run_ok(runtime, sandbox.sandbox_id, "grep CapBnd /proc/self/status")
+async def test_capabilities_are_minimal(runtime: LocalRuntime, shared_sandbox: SandboxInfo) -> None:
+    out = await run_ok(runtime, shared_sandbox.sandbox_id, "grep CapBnd /proc/self/status")
     bounding = int(out.split()[1], 16)
     CAP_SYS_ADMIN, CAP_NET_ADMIN, CAP_SYS_MODULE, CAP_SYS_PTRACE = 21, 12, 16, 19
     for cap in (CAP_SYS_ADMIN, CAP_NET_ADMIN, CAP_SYS_MODULE, CAP_SYS_PTRACE):
         assert not bounding & (1 << cap)
-    user = await run_ok(runtime, sandbox.sandbox_id, "grep CapEff /proc/self/status", user="user")
+    user = await run_ok(
+        runtime, shared_sandbox.sandbox_id, "grep CapEff /proc/self/status", user="user"
+    )
     assert int(user.split()[1], 16) == 0
 
 
-async def test_kernel_paths_are_masked(runtime: LocalRuntime, sandbox: SandboxInfo) -> None:
-    kcore = await runtime.run(sandbox.sandbox_id, ["sh", "-c", "head -c 16 /proc/kcore | wc -c"])
+async def test_kernel_paths_are_masked(runtime: LocalRuntime, shared_sandbox: SandboxInfo) -> None:
+    kcore = await runtime.run(
+        shared_sandbox.sandbox_id, ["sh", "-c", "head -c 16 /proc/kcore | wc -c"]
+    )
     assert kcore.stdout.strip() == b"0"
-    sysrq = await runtime.run(sandbox.sandbox_id, ["sh", "-c", "echo h > /proc/sysrq-trigger"])
+    sysrq = await runtime.run(
+        shared_sandbox.sandbox_id, ["sh", "-c", "echo h > /proc/sysrq-trigger"]
+    )
     assert sysrq.exit_code != 0
-    sysctl = await runtime.run(sandbox.sandbox_id, ["sh", "-c", "echo 1 > /proc/sys/kernel/panic"])
+    sysctl = await runtime.run(
+        shared_sandbox.sandbox_id, ["sh", "-c", "echo 1 > /proc/sys/kernel/panic"]
+    )
     assert sysctl.exit_code != 0
     # The host's cgroup tree (every other sandbox's among it) and debug trees are hidden.
     hidden = await runtime.run(
-        sandbox.sandbox_id, ["sh", "-c", "ls -A /sys/fs/cgroup /sys/kernel/debug 2>/dev/null"]
+        shared_sandbox.sandbox_id,
+        ["sh", "-c", "ls -A /sys/fs/cgroup /sys/kernel/debug 2>/dev/null"],
     )
     assert hidden.stdout.split() in (
         [b"/sys/fs/cgroup:", b"/sys/kernel/debug:"],  # empty (crun masks them)

@@ -1,4 +1,8 @@
-"""Create, kill, failure and recovery leave the host exactly as it was."""
+"""Create, kill, failure and recovery leave the host exactly as it was.
+
+What every backend must do through the runtime interface is in ``runtime_conformance``; these
+are the local runtime's own cases: its create's steps, its records, its server process.
+"""
 
 from __future__ import annotations
 
@@ -12,28 +16,8 @@ import time
 import pytest
 
 from bilik.runtime import LocalRuntime, SandboxSpec, StepFailed, oci
-from bilik.runtime.network import veth_name
-from helpers import EACH_OCI_RUNTIME, SETTINGS, host_state, run_ok
+from helpers import EACH_OCI_RUNTIME, SETTINGS, host_state, sandbox_traces
 from server import SERVER_SETTINGS, BilikServer
-
-
-def per_sandbox_traces(sandbox_id: str) -> dict[str, list[str]]:
-    state = host_state(SETTINGS)
-    return {
-        k: [v for v in vals if sandbox_id in v or v == veth_name(sandbox_id)]
-        for k, vals in state.items()
-        if k != "processes"
-    }
-
-
-async def test_kill_leaves_nothing_behind(runtime: LocalRuntime) -> None:
-    info = await runtime.create(SandboxSpec())
-    traces = per_sandbox_traces(info.sandbox_id)
-    assert traces["mounts"] and traces["netns"] and traces["veths"] and traces["cgroups"]
-    await run_ok(runtime, info.sandbox_id, "sleep 1000 >/dev/null 2>&1 & echo started")
-    await runtime.kill(info.sandbox_id)
-    assert not any(per_sandbox_traces(info.sandbox_id).values())
-    assert info.sandbox_id not in {i.sandbox_id for i in await runtime.list()}
 
 
 async def test_failed_create_leaves_nothing_behind(
@@ -82,37 +66,20 @@ async def test_twenty_concurrent_creates_and_kills(runtime: LocalRuntime) -> Non
 
 @EACH_OCI_RUNTIME
 async def test_reconcile_releases_orphans(runtime: LocalRuntime, oci_runtime: str) -> None:
-    """A sandbox whose record is lost, and a record whose sandbox died, are both released."""
+    """A sandbox whose record is lost, and a record whose container was killed behind the
+    runtime's back, are both released."""
     before = host_state(SETTINGS)
     unrecorded = await runtime.create(SandboxSpec(), oci_runtime=oci_runtime)
     dead = await runtime.create(SandboxSpec(), oci_runtime=oci_runtime)
     (runtime.records.dir(unrecorded.sandbox_id) / "record.json").unlink()
     await runtime.oci(oci_runtime).kill(dead.sandbox_id)
-    survivor = await runtime.create(SandboxSpec(), oci_runtime=oci_runtime)
-    try:
-        await asyncio.sleep(0.2)
-        await runtime.reconcile()
-        ids = {i.sandbox_id for i in await runtime.list()}
-        assert survivor.sandbox_id in ids
-        assert unrecorded.sandbox_id not in ids and dead.sandbox_id not in ids
-        assert not any(per_sandbox_traces(unrecorded.sandbox_id).values())
-        assert not any(per_sandbox_traces(dead.sandbox_id).values())
-        assert await run_ok(runtime, survivor.sandbox_id, "echo ok") == "ok\n"
-    finally:
-        await runtime.kill(survivor.sandbox_id)
+    await asyncio.sleep(0.2)
+    await runtime.reconcile()
+    ids = {i.sandbox_id for i in await runtime.list()}
+    assert unrecorded.sandbox_id not in ids and dead.sandbox_id not in ids
+    assert not any(sandbox_traces(SETTINGS, unrecorded.sandbox_id).values())
+    assert not any(sandbox_traces(SETTINGS, dead.sandbox_id).values())
     assert host_state(SETTINGS) == before
-
-
-async def test_expired_sandboxes_are_reaped(runtime: LocalRuntime) -> None:
-    info = await runtime.create(SandboxSpec(timeout_s=1))
-    try:
-        assert info.sandbox_id not in await runtime.reap_expired()
-        await asyncio.sleep(1.1)
-        assert info.sandbox_id in await runtime.reap_expired()
-        assert not any(per_sandbox_traces(info.sandbox_id).values())
-    finally:
-        if info.sandbox_id in {i.sandbox_id for i in await runtime.list()}:
-            await runtime.kill(info.sandbox_id)
 
 
 # -- a real server, SIGKILLed and started again ----------------------------------------------

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import os
 import sys
 import threading
 import time
@@ -14,8 +15,8 @@ from pathlib import Path
 
 from . import cli_spawn, cli_template
 from .config import InvalidSettings, Settings
-from .runtime import Limits, LocalRuntime, RuntimeFailure, SandboxInfo, SandboxSpec
-from .runtime.ocicli import RUNTIMES
+from .runtime import Limits, LocalRuntime, Runtime, RuntimeFailure, SandboxInfo, SandboxSpec
+from .runtime.backends import RUNTIMES
 from .store import ApiKey, KeyCaps, KeyNotFound, Store, database_url
 from .templates import BuildFailed, default_builds
 from .templates.defaults import DEFAULTS
@@ -58,7 +59,7 @@ _CONNECTION_FLAGS = {
 }
 
 
-def _runtime(args: argparse.Namespace) -> LocalRuntime:
+def _runtime(args: argparse.Namespace) -> Runtime:
     return LocalRuntime(_settings(args), log=lambda line: print(line, file=sys.stderr))
 
 
@@ -152,7 +153,7 @@ async def _pump_stdin(writer: asyncio.StreamWriter | None) -> None:
 
     def read() -> None:
         while True:
-            chunk = sys.stdin.buffer.read1(65536)
+            chunk = os.read(sys.stdin.fileno(), 65536)
             loop.call_soon_threadsafe(chunks.put_nowait, chunk)
             if not chunk:
                 return

@@ -21,7 +21,7 @@ import httpx
 import pytest
 from e2b import Sandbox, Template
 
-from bilik.runtime.ocicli import RUNTIMES
+from bilik.runtime.backends import RUNTIMES
 from server import SERVER_SETTINGS, BilikServer
 
 DATA = SERVER_SETTINGS.data_dir

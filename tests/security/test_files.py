@@ -22,7 +22,7 @@ import httpx
 import pytest
 from e2b import Sandbox, SandboxException
 
-from bilik.runtime.ocicli import RUNTIMES
+from bilik.runtime.backends import RUNTIMES
 from server import BilikServer
 
 SECRET = "root-only secret"

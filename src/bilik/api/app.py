@@ -19,12 +19,12 @@ from starlette.routing import Route
 from ..config import Settings
 from ..plane import SandboxPlane
 from ..runtime import LocalRuntime
+from ..sandboxes import SandboxService, pool_sizes, warm_pool
 from ..store import Store, database_url
 from ..templates import TemplateService
 from . import openapi, sandboxes, templates
 from .errors import ApiError, handle_api_error, handle_http_error, handle_unexpected
 from .limits import CreateLimiter
-from .pool import pool_sizes, warm_pool
 
 log = logging.getLogger("bilik")
 
@@ -55,11 +55,11 @@ def create_app(settings: Settings) -> SandboxPlane:
     pool_sizes(settings)  # a bad setting stops the server before it starts
     runtime = LocalRuntime(settings, log=log.info)
 
-    async def reaper() -> None:
+    async def reaper(service: SandboxService) -> None:
         collected_at = time.monotonic()
         while True:
             try:
-                for sandbox_id in await runtime.reap_expired():
+                for sandbox_id in await service.reap():
                     log.info("sandbox %s reached its end time and was killed", sandbox_id)
                 # Layers of failed builds and deleted templates go too (they count against
                 # their key's layer cap until then).
@@ -81,21 +81,22 @@ def create_app(settings: Settings) -> SandboxPlane:
         app.state.templates = TemplateService(runtime, store, settings.data_dir)
         for build_id in await app.state.templates.abandon_unfinished():
             log.warning("build %s was cut short by a stop of the server", build_id)
-        # The runtime's truth wins: forget sandboxes that no longer exist.
-        live = {info.sandbox_id for info in await runtime.list()}
-        await store.sandboxes.remove(*(await store.sandboxes.ids() - live))
         dns = await runtime.serve_dns()
-        # (After the DNS forwarder: a pooled sandbox's start command may resolve names.)
         pool = warm_pool(runtime, app.state.templates, pool_sizes(settings), log.info)
-        await pool.start()
+        owned = app.state.plane.owned.add
+        service = SandboxService(runtime, store, app.state.templates, pool, owned)
+        # The runtime's truth wins (the store is settled from it); then the pool fills, after
+        # the DNS forwarder: a pooled sandbox's start command may resolve names.
+        await service.start()
+        app.state.sandboxes = service
         app.state.pool = pool
-        task = asyncio.create_task(reaper())
+        task = asyncio.create_task(reaper(service))
         app.state.ready = True
         try:
             yield
         finally:
             task.cancel()
-            await pool.close()
+            await service.close()
             await app.state.templates.close()
             await dns.close()
             await runtime.close()

@@ -38,6 +38,7 @@ import socket
 import sys
 import traceback
 
+from ..proto.contract import CONTROL_DIR
 from . import enter
 
 # envd's listening socket, in envd (``python -m bilik.envd --listen-fd``).
@@ -108,6 +109,10 @@ def _become_envd(control_dir: str, listener: int, log: int) -> None:
     for signum in range(1, signal.NSIG):
         with contextlib.suppress(OSError, ValueError):  # uncatchable or unused numbers
             signal.signal(signum, signal.SIG_DFL)
+    # As Python itself starts: a write to a socket whose client hung up is an error to handle
+    # (EPIPE), not a silent death (SIGPIPE); the processes envd starts get the defaults back.
+    for signum in (signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(signum, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
     os.umask(0o022)
     null = os.open("/dev/null", os.O_RDWR)
@@ -153,7 +158,7 @@ def _spawn(
 ) -> int:
     """Fork a process that joins the sandbox and forks envd in it; returns envd's host pid."""
     pid = int(request["pid"])  # type: ignore[call-overload]
-    control_dir = str(request.get("control_dir", "/run/bilik"))
+    control_dir = str(request.get("control_dir", CONTROL_DIR))
     socket_path, log_path = str(request["socket"]), str(request["log"])
     start = int(request["start"])  # type: ignore[call-overload]
     target = enter.Target(pid, start, cgroup_procs(pid))

@@ -23,11 +23,13 @@ from typing import Any
 
 from jupyter_client.manager import AsyncKernelManager
 
+from ..proto.contract import INTERPRETER_PORT
+
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
-PORT = 49999
+PORT = INTERPRETER_PORT
 KEEPALIVE_S = 5.0
 DEFAULT_CWD = "/home/user"
 ALIASES = {"js": "javascript", "ts": "typescript"}

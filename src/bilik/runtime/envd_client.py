@@ -10,19 +10,24 @@ process in a sandbox prints is the sandbox's choice, and must not grow the serve
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import collections
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+from connectrpc.codec import proto_json_codec
+from protobuf import Oneof
 
+from ..proto import process_pb as pb
+from ..proto.contract import ENVD_PORT
 from .errors import StepFailed
 
-ENVD_PORT = 49983
 # The end of a process's output :meth:`EnvdClient.run` keeps (for error messages), characters.
 OUTPUT_KEPT = 64 << 10
 # The largest envelope taken from envd (its own are tens of KiB); envd answers from inside a
@@ -36,8 +41,13 @@ class Finished:
     output: str  # the end of stdout and stderr, interleaved as they came (OUTPUT_KEPT)
 
 
-def _envelope(message: dict[str, object]) -> bytes:
-    payload = json.dumps(message).encode()
+# Messages go out and come back in Connect's JSON codec, as the generated protobuf messages.
+_CODEC = proto_json_codec()
+_END_STREAM = 0x02
+
+
+def _envelope(message: pb.StartRequest) -> bytes:
+    payload = _CODEC.encode(message)
     return b"\0" + len(payload).to_bytes(4, "big") + payload
 
 
@@ -69,11 +79,11 @@ class EnvdClient:
         return headers
 
     @staticmethod
-    def _process(cmd: str, cwd: str | None, env: dict[str, str] | None) -> dict[str, object]:
-        process: dict[str, object] = {"cmd": "/bin/sh", "args": ["-c", cmd], "envs": env or {}}
-        if cwd:
-            process["cwd"] = cwd
-        return process
+    def _request(
+        cmd: str, cwd: str | None, env: dict[str, str] | None, tag: str | None = None
+    ) -> pb.StartRequest:
+        process = pb.ProcessConfig(cmd="/bin/sh", args=["-c", cmd], envs=env or {}, cwd=cwd)
+        return pb.StartRequest(process=process, tag=tag)
 
     async def run(
         self,
@@ -90,21 +100,19 @@ class EnvdClient:
         output: collections.deque[str] = collections.deque()
         kept = 0
         code = None
-        message: dict[str, object] = {"process": self._process(cmd, cwd, env)}
-        async for frame in self._start_stream(message, self._headers(user, timeout_s)):
-            event = frame.get("event") or {}
-            data = event.get("data") or {}
-            for stream in ("stdout", "stderr"):
-                if stream in data:
-                    text = base64.b64decode(data[stream]).decode(errors="replace")
-                    output.append(text[-OUTPUT_KEPT:])
-                    kept += len(output[-1])
-                    while kept - len(output[0]) >= OUTPUT_KEPT:
-                        kept -= len(output.popleft())
-                    if on_output is not None:
-                        on_output(text)
-            if "end" in event:
-                code = int(event["end"].get("exitCode", 0))
+        request = self._request(cmd, cwd, env)
+        async for event in self._start_stream(request, self._headers(user, timeout_s)):
+            if event.field == "data" and event.value.output is not None:
+                # (stdout, stderr and pty output alike)
+                text = bytes(event.value.output.value).decode(errors="replace")
+                output.append(text[-OUTPUT_KEPT:])
+                kept += len(output[-1])
+                while kept - len(output[0]) >= OUTPUT_KEPT:
+                    kept -= len(output.popleft())
+                if on_output is not None:
+                    on_output(text)
+            elif event.field == "end":
+                code = event.value.exit_code
         if code is None:
             raise StepFailed("envd", f"'{cmd}' ended without an exit status")
         return Finished(code, "".join(output)[-OUTPUT_KEPT:])
@@ -119,22 +127,19 @@ class EnvdClient:
         tag: str | None = None,
     ) -> int:
         """Start ``cmd`` and leave it running (envd keeps it); returns its pid."""
-        message: dict[str, object] = {"process": self._process(cmd, cwd, env)}
-        if tag:
-            message["tag"] = tag
-        async for frame in self._start_stream(message, self._headers(user, None)):
-            start = (frame.get("event") or {}).get("start")
-            if isinstance(start, dict):
-                return int(start.get("pid", 0))
+        request = self._request(cmd, cwd, env, tag or None)
+        async for event in self._start_stream(request, self._headers(user, None)):
+            if event.field == "start":
+                return int(event.value.pid)
         raise StepFailed("envd", f"'{cmd}' did not start")
 
     async def _start_stream(
-        self, message: dict[str, object], headers: dict[str, str]
-    ) -> AsyncIterator[dict[str, Any]]:
-        """``process.Process/Start``'s envelopes, each as it arrives; StepFailed on an error
+        self, request: pb.StartRequest, headers: dict[str, str]
+    ) -> AsyncIterator[Oneof[Any, Any]]:
+        """``process.Process/Start``'s events, each as it arrives; StepFailed on an error
         (the response's or the stream's)."""
         async with self._client.stream(
-            "POST", "/process.Process/Start", content=_envelope(message), headers=headers
+            "POST", "/process.Process/Start", content=_envelope(request), headers=headers
         ) as response:
             if response.status_code != 200:
                 raise StepFailed("envd", (await response.aread()).decode(errors="replace"))
@@ -147,11 +152,17 @@ class EnvdClient:
                         raise StepFailed("envd", f"an envelope of {size} bytes is too large")
                     if len(buffer) < 5 + size:
                         break
-                    frame = json.loads(buffer[5 : 5 + size] or b"{}")
+                    flags, payload = buffer[0], buffer[5 : 5 + size]
                     buffer = buffer[5 + size :]
-                    if isinstance(frame.get("error"), dict):
-                        raise StepFailed("envd", str(frame["error"].get("message", frame)))
-                    yield frame
+                    try:
+                        if flags & _END_STREAM:
+                            _raise_for_end(payload)
+                            return
+                        message = _CODEC.decode(payload, pb.StartResponse)
+                    except ValueError as e:  # (envd answers from inside the sandbox)
+                        raise StepFailed("envd", f"a bad message from envd: {e}") from None
+                    if message.event is not None and message.event.event is not None:
+                        yield message.event.event
 
     async def write(self, path: str, source: Path) -> None:
         """Write the file ``source`` (on the host) to ``path`` in the sandbox, as root."""
@@ -169,3 +180,29 @@ class EnvdClient:
         )
         if response.status_code != 200:
             raise StepFailed("envd", response.text)
+
+
+async def wait_ready(
+    envd: EnvdClient, ready_cmd: str, user: str, workdir: str, timeout_s: float
+) -> None:
+    """Run ``ready_cmd`` until it succeeds; StepFailed after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        last = await envd.run(ready_cmd, user=user, cwd=workdir, timeout_s=10)
+        if last.exit_code == 0:
+            return
+        if time.monotonic() > deadline:
+            raise StepFailed(
+                "ready-check",
+                f"'{ready_cmd}' did not succeed within {timeout_s:.0f} s "
+                f"(last exit {last.exit_code}: {last.output.strip()[-500:]})",
+            )
+        await asyncio.sleep(0.1)
+
+
+def _raise_for_end(payload: bytes) -> None:
+    """StepFailed if a stream's end message (Connect's JSON) carries an error."""
+    end = json.loads(payload or b"{}")
+    error = end.get("error") if isinstance(end, dict) else None
+    if isinstance(error, dict):
+        raise StepFailed("envd", str(error.get("message", error)))

@@ -10,6 +10,9 @@ RuntimeFailure
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 
 class RuntimeFailure(Exception):
     """Root of every error the runtime raises."""
@@ -44,3 +47,12 @@ class StepFailed(RuntimeFailure):
         super().__init__(f"{step}: {detail}")
         self.step = step
         self.detail = detail
+
+
+@contextlib.contextmanager
+def step(name: str) -> Iterator[None]:
+    """One named host-side step: an OSError in it raises StepFailed(``name``)."""
+    try:
+        yield
+    except OSError as e:
+        raise StepFailed(name, str(e)) from e

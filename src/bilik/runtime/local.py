@@ -12,107 +12,35 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
-import json
 import os
-import shutil
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from functools import partial
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from ..config import Settings
-from . import (
-    agent_python,
-    agents,
-    cgroups,
-    debian_image,
-    disk,
-    gvisor_statx,
-    oci,
-    registry_image,
-    seccomp,
-    syscalls,
-)
-from .base import ExecResult, Process, Route, SandboxInfo, Usage
+from ..proto.contract import CONFIG_FILE, CONTROL_DIR, ENVD_PORT, EnvdConfig
+from . import backends, cgroups, debian_image, exec, host, registry_image
+from .backends import RUNTIMES, SECCOMP_FILTER, Backend
+from .base import ExecResult, Log, Process, Route, SandboxInfo, Usage
+from .bundle import CONSOLE_LOG, ENVD_LOG, Bundles
 from .dns import DnsForwarder, DnsPolicy, host_resolvers
-from .envd_client import EnvdClient
+from .envd_client import EnvdClient, wait_ready
 from .envd_zygote import EnvdZygote
-from .errors import InvalidSpec, SandboxExists, SandboxNotFound, StepFailed
-from .fsutil import file_lock, lock_fd, read_beneath, write_bytes_atomic, write_text
+from .errors import InvalidSpec, SandboxExists, SandboxNotFound, StepFailed, step
+from .fsutil import file_lock, lock_fd
 from .layers import BadTree, Image, LayerStore
 from .network import HostNetwork
-from .ocicli import RUNTIMES, OciCli
 from .records import RecordStore, SandboxRecord
 from .spec import SandboxSpec, egress_rule, is_sandbox_id, new_sandbox_id
-
-Log = Callable[[str], None]
 
 # How old an unused layer must be before collect_layers deletes it.
 LAYER_GRACE_S = 600.0
 
-# Host binaries copied into the runtime directory every sandbox sees read-only at /.bilik (beside
-# the agents' Python, see agent_python).
-RUNTIME_FILES = {"tini": "/usr/bin/tini-static", "busybox": "/bin/busybox"}
-
-# envd's config, in the sandbox's control directory (named alike in ``bilik.envd.config``).
-ENVD_CONFIG = "envd.json"
-# envd's unix socket (crun only) and its log, and PID 1's output: host paths the sandbox cannot
-# reach. The socket lies in the sandbox's directory, which only the host writes; the logs lie
-# on the sandbox's own disk (beside its upper layer, out of its view), so what it writes there
-# counts against its disk, never the host's.
+# envd's unix socket on the host (where the backend has one), in the sandbox's directory, which
+# only the host writes.
 ENVD_SOCKET = "envd.sock"
-ENVD_LOG = "disk/envd.log"
-CONSOLE_LOG = "disk/console.log"
-ENVD_PORT = 49983
 # How long a new sandbox's envd may take to listen before the create fails.
 ENVD_START_S = 30.0
-
-# PID 1: tini reaps every orphan; below it a shell that keeps the sandbox alive with no workload.
-# Under crun, envd comes from the zygote (``envd_zygote``). gVisor's processes cannot be joined
-# from the host, so there the shell runs envd itself, and starts it again should it ever die.
-_BUSYBOX = f"{oci.RUNTIME_MOUNT}/busybox"
-_ENVD = (
-    f"{_BUSYBOX} env -i PATH=/usr/bin:/bin "
-    f"{agent_python.MOUNTED_AT}/bin/python3 -I -m bilik.envd {oci.CONTROL_MOUNT}"
-)
-
-
-# The sandboxes' seccomp filter, compiled, in the runtime directory. Under gVisor every process
-# sets it itself, through ``bilik.envd.seccomp_exec``: PID 1 (so all that descends from it) and
-# what the runtime execs (runsc applies a bundle's filter to neither as it should: see oci).
-SECCOMP_FILTER = "seccomp.bpf"
-# The loader's variables are the command's, not the filter-setting Python's (code they load
-# would run before the filter is set): a static shell puts them aside, seccomp_exec restores them.
-_LOADER_VARS = ("LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", "GCONV_PATH")
-_PUT_ASIDE = "".join(f'[ "${{{v}+x}}" ] && export BILIK_KEPT_{v}="${v}"; ' for v in _LOADER_VARS)
-_SECCOMP_EXEC = [
-    _BUSYBOX,
-    "sh",
-    "-c",
-    f'{_PUT_ASIDE}unset {" ".join(_LOADER_VARS)}; exec "$@"',
-    "seccomp_exec",
-    f"{agent_python.MOUNTED_AT}/bin/python3",
-    "-I",
-    "-m",
-    "bilik.envd.seccomp_exec",
-    f"{oci.RUNTIME_MOUNT}/{SECCOMP_FILTER}",
-]
-
-
-def _init(oci_runtime: str) -> list[str]:
-    if oci_runtime == "runsc":
-        work = f"{_ENVD}; {_BUSYBOX} sleep 1"
-    else:
-        work = f"{_BUSYBOX} sleep 2147483647 & wait"
-    return [
-        *(_SECCOMP_EXEC if oci_runtime == "runsc" else []),
-        f"{oci.RUNTIME_MOUNT}/tini",
-        "--",
-        _BUSYBOX,
-        "sh",
-        "-c",
-        f"trap '' TERM INT HUP; while :; do {work}; done",
-    ]
 
 
 class LocalRuntime:
@@ -127,7 +55,8 @@ class LocalRuntime:
         self.runtime_dir = data / "runtime"
         self.state_root = Path("/run") / settings.instance
         self.network = HostNetwork(settings.instance, settings.subnet)
-        self._oci: dict[str, OciCli] = {}
+        self.bundles = Bundles(settings, self.layers, self.records, self.network, self.runtime_dir)
+        self._backends: dict[str, Backend] = {}
         self.zygote = EnvdZygote(self.runtime_dir / "agents", self.runtime_dir / SECCOMP_FILTER)
         self._init_fds: dict[str, tuple[int, asyncio.AbstractEventLoop]] = {}
         self._by_address: dict[str, SandboxRecord] = {}
@@ -149,7 +78,7 @@ class LocalRuntime:
             # Root inside a sandbox is an unprivileged host uid: the OCI runtime, already in the
             # sandbox's user namespace, must be able to traverse down to the bundle.
             os.chmod(d, 0o711)
-        await asyncio.to_thread(self._prepare_host)
+        await asyncio.to_thread(host.prepare, self.network, self.runtime_dir, self.layers, self.log)
         self._started = True
 
     async def close(self) -> None:
@@ -167,33 +96,17 @@ class LocalRuntime:
         await forwarder.start()
         return forwarder
 
-    def _prepare_host(self) -> None:
-        cgroups.prepare_host()
-        self.network.ensure()
-        self.runtime_dir.mkdir(exist_ok=True)
-        os.chmod(self.runtime_dir, 0o755)
-        for name, source in RUNTIME_FILES.items():
-            target = self.runtime_dir / name
-            if not target.exists() or target.stat().st_size != os.stat(source).st_size:
-                shutil.copy2(source, target.with_suffix(".new"))
-                os.replace(target.with_suffix(".new"), target)
-        agents.ensure(self.runtime_dir, self.log)
-        # For the processes that set the filter themselves: envds from the zygote, and every
-        # process of a gVisor sandbox.
-        filter_bpf = seccomp.compile_bpf(seccomp.profile())
-        write_bytes_atomic(self.runtime_dir / SECCOMP_FILTER, filter_bpf)
-        self.layers.discard_scratch()
-
-    def oci(self, name: str | None = None) -> OciCli:
+    def oci(self, name: str | None = None) -> Backend:
+        """The backend called ``name`` (the server's default if None)."""
         name = name or self.settings.oci_runtime
-        if name not in self._oci:
-            self._oci[name] = OciCli(
+        if name not in self._backends:
+            self._backends[name] = backends.backend(
                 name,
                 self.state_root,
                 uid_base=self.settings.uid_base,
                 netns_dir=self.network.netns_dir,
             )
-        return self._oci[name]
+        return self._backends[name]
 
     def image(self, template: str, *, rebuild: bool = False, log: Log | None = None) -> Image:
         """The image of ``template``; ``debian`` (plain Debian, for templates to build on) is
@@ -257,9 +170,9 @@ class LocalRuntime:
     async def create(self, spec: SandboxSpec, *, oci_runtime: str | None = None) -> SandboxInfo:
         self.check(spec)
         image, runtime_name = await asyncio.to_thread(self._choose, spec.template, oci_runtime)
-        oci_cli = self.oci(runtime_name)
+        backend = self.oci(runtime_name)
         sandbox_id = spec.sandbox_id or new_sandbox_id()
-        task = asyncio.ensure_future(self._create(sandbox_id, spec, image, oci_cli))
+        task = asyncio.ensure_future(self._create(sandbox_id, spec, image, backend))
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -270,33 +183,36 @@ class LocalRuntime:
             raise
 
     async def _create(
-        self, sandbox_id: str, spec: SandboxSpec, image: Image, oci_cli: OciCli
+        self, sandbox_id: str, spec: SandboxSpec, image: Image, backend: Backend
     ) -> SandboxInfo:
         # Held until the sandbox runs, so a kill, the reaper or a reconcile in any process waits
         # for the create instead of releasing it halfway.
         async with self._locked(sandbox_id):
-            record = await asyncio.to_thread(self._reserve, sandbox_id, spec, image, oci_cli.name)
-            try:
-                async with contextlib.AsyncExitStack() as undo:
-                    undo.push_async_callback(self._undo_create, record)
-                    cgroup_procs = await asyncio.to_thread(
-                        self._prepare, record, image, spec.access_token
-                    )
-                    bundle = self.records.dir(sandbox_id)
-                    pid = await oci_cli.run_detached(
+            with step("reserve"):
+                record = await asyncio.to_thread(
+                    self._reserve, sandbox_id, spec, image, backend.name
+                )
+            async with contextlib.AsyncExitStack() as undo:
+                undo.push_async_callback(self._undo_create, record)
+                cgroup_procs = await asyncio.to_thread(
+                    self.bundles.prepare, record, image, spec.access_token, backend
+                )
+                bundle = self.records.dir(sandbox_id)
+                with step("oci-start"):
+                    pid = await backend.run_detached(
                         sandbox_id, bundle, bundle / CONSOLE_LOG, cgroup_procs
                     )
-                    record.init_pid, record.init_start = pid, _start_time(pid)
+                record.init_pid, record.init_start = pid, _start_time(pid)
+                with step("record"):
                     await asyncio.to_thread(self.records.save, record)
-                    self._follow_init(record)
-                    if oci_cli.name != "runsc":
+                self._follow_init(record)
+                if backend.starts_envd:
+                    with step("start-envd"):
                         await self._spawn_envd(record)
-                    await self._wait_for_envd(record)
-                    if image.start_cmd:
-                        await self._start_workload(record, image)
-                    undo.pop_all()
-            except OSError as e:
-                raise StepFailed("create", str(e)) from e
+                await self._wait_for_envd(record)
+                if image.start_cmd:
+                    await self._start_workload(record, image)
+                undo.pop_all()
         return self._info(record, "running")
 
     def route(self, sandbox_id: str) -> Route:
@@ -342,36 +258,34 @@ class LocalRuntime:
         return await self._state(record) == "running"
 
     def _envd_socket(self, record: SandboxRecord) -> Path | None:
-        """The unix socket of the sandbox's envd on the host, or None where there is none
-        (gVisor keeps sockets inside its own kernel: reach envd at the address instead)."""
-        if record.oci_runtime == "runsc":
-            return None
-        return self.records.dir(record.sandbox_id) / ENVD_SOCKET
+        """The unix socket of the sandbox's envd on the host, or None where its backend has
+        none (reach envd at the address instead)."""
+        d = self.records.dir(record.sandbox_id)
+        return self.oci(record.oci_runtime).envd_socket(d, ENVD_SOCKET)
 
     async def _spawn_envd(self, record: SandboxRecord) -> None:
-        """Have the zygote start envd in the crun sandbox ``record``, on a socket it makes at
+        """Have the zygote start envd in the sandbox ``record``, on a socket it makes at
         the host path :meth:`_envd_socket` names. Only into that sandbox's own PID 1: the record
         is the host's, and the pid must still be in the sandbox's cgroup."""
         d = self.records.dir(record.sandbox_id)
         if not cgroups.holds(self.settings.instance, record.sandbox_id, record.init_pid):
             raise StepFailed("start-envd", "the sandbox's init is gone")
         await self.zygote.spawn(
-            record.init_pid, record.init_start, oci.CONTROL_MOUNT, d / ENVD_SOCKET, d / ENVD_LOG
+            record.init_pid, record.init_start, CONTROL_DIR, d / ENVD_SOCKET, d / ENVD_LOG
         )
 
     async def revive_envd(self, sandbox_id: str) -> bool:
         """Start envd again in a running sandbox where it no longer answers (it crashed, or
         was killed from inside); True if envd answers now. Its processes live on, unknown to
-        the new envd. Under gVisor the sandbox's own init restarts it."""
+        the new envd. Where the backend's init runs envd, the init starts it again itself."""
         async with self._locked(sandbox_id):
             record = self._record(sandbox_id)
-            socket_path = self._envd_socket(record)
-            if socket_path is None or not await self.is_running(sandbox_id):
+            if not await self.is_running(sandbox_id):
                 return False
-            with contextlib.suppress(OSError):
-                _, writer = await asyncio.open_unix_connection(socket_path)
-                writer.close()
+            if await self._envd_answers(record):
                 return True
+            if not self.oci(record.oci_runtime).starts_envd:
+                return False
             self.log(f"envd of {sandbox_id} is gone: starting it again")
             try:
                 await self._spawn_envd(record)
@@ -384,10 +298,10 @@ class LocalRuntime:
     def envd(self, sandbox_id: str) -> EnvdClient:
         """A client of the sandbox's envd, for the runtime's own work inside it."""
         record = self._record(sandbox_id)
-        config = self.records.dir(sandbox_id) / "control" / ENVD_CONFIG
+        config = self.records.dir(sandbox_id) / "control" / CONFIG_FILE
         # (read-only inside the sandbox; opened without following a link all the same)
-        with os.fdopen(os.open(config, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)) as f:
-            token = json.load(f).get("access_token", "")
+        with os.fdopen(os.open(config, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as f:
+            token = EnvdConfig.loads(f.read()).access_token
         return EnvdClient(self._envd_socket(record), record.address, token)
 
     async def _start_workload(self, record: SandboxRecord, image: Image) -> None:
@@ -404,21 +318,26 @@ class LocalRuntime:
                     self.settings.ready_timeout_s,
                 )
 
+    async def _envd_answers(self, record: SandboxRecord) -> bool:
+        """Whether the sandbox's envd takes a connection now."""
+        socket_path = self._envd_socket(record)
+        try:
+            if socket_path is not None:
+                _, writer = await asyncio.open_unix_connection(socket_path)
+            else:
+                _, writer = await asyncio.open_connection(record.address, ENVD_PORT)
+        except OSError:
+            return False
+        writer.close()
+        return True
+
     async def _wait_for_envd(self, record: SandboxRecord) -> None:
         """Until the new sandbox's envd answers: a create returns a sandbox ready for use."""
-        socket_path = self._envd_socket(record)
         deadline = time.monotonic() + ENVD_START_S
         delay = 0.002
         while time.monotonic() < deadline:
-            try:
-                if socket_path is not None:
-                    _, writer = await asyncio.open_unix_connection(socket_path)
-                else:
-                    _, writer = await asyncio.open_connection(record.address, ENVD_PORT)
-                writer.close()
+            if await self._envd_answers(record):
                 return
-            except OSError:
-                pass
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 0.05)
         console = await self.console(record.sandbox_id, limit_bytes=2000)
@@ -484,85 +403,6 @@ class LocalRuntime:
             self.records.save(record)
             return record
 
-    def _prepare(self, record: SandboxRecord, image: Image, access_token: str) -> list[Path]:
-        """Disk, rootfs, /etc files, envd's config, network and bundle config: everything
-        before the OCI start; under runsc also the cgroups, whose ``cgroup.procs`` files are
-        returned (crun makes its own)."""
-        d = self.records.dir(record.sandbox_id)
-        uid = self.settings.uid_base
-        control = d / "control"
-        control.mkdir(mode=0o700)
-        envd_config = control / ENVD_CONFIG
-        envd_config.write_text(
-            json.dumps(
-                {
-                    "access_token": access_token,
-                    "default_user": image.user,
-                    "default_workdir": image.workdir,
-                    "env": record.env,
-                    "port": ENVD_PORT,
-                    "cpu_count": record.limits.cpu,
-                    "memory_bytes": record.limits.memory_mb << 20,
-                }
-            )
-        )
-        for path in (control, envd_config):  # the sandbox's root, and nobody else in it
-            os.chown(path, uid, uid)
-        os.chmod(envd_config, 0o600)
-        disk.create(d / "disk.img", d / "disk", record.limits.disk_mb, uid)
-        gvisor_tmp = None
-        if record.oci_runtime == "runsc":  # /tmp there (see oci): made here, so no one's link
-            gvisor_statx.ensure(self.runtime_dir, oci.RUNTIME_MOUNT)
-            gvisor_tmp = d / "disk" / "tmp"
-            gvisor_tmp.mkdir(mode=0o1777)
-            os.chmod(gvisor_tmp, 0o1777)
-            os.chown(gvisor_tmp, uid, uid)
-        rootfs = d / "rootfs"
-        rootfs.mkdir()
-        lower = ":".join(str(self.layers.path(k)) for k in reversed(record.layers))
-        try:
-            syscalls.mount(
-                "overlay",
-                str(rootfs),
-                "overlay",
-                # The merged tree is reachable from the host: no set-id or device files there.
-                syscalls.MS_NOSUID | syscalls.MS_NODEV,
-                f"lowerdir={lower},upperdir={d}/disk/upper,workdir={d}/disk/work,volatile",
-            )
-        except OSError as e:
-            raise StepFailed("mount-rootfs", str(e)) from e
-        etc = d / "etc"
-        etc.mkdir()
-        write_text(etc / "hostname", f"{record.sandbox_id}\n")
-        write_text(
-            etc / "hosts",
-            f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n"
-            f"{record.address}\t{record.sandbox_id}\n",
-        )
-        write_text(etc / "resolv.conf", f"nameserver {self.network.gateway}\n")
-        netns = self.network.create(record.sandbox_id, record.address, record.internet)
-        self._set_egress(record, on=True)
-        config = oci.config(
-            sandbox_id=record.sandbox_id,
-            rootfs=rootfs,
-            netns=netns,
-            limits=record.limits,
-            instance=self.settings.instance,
-            uid_base=uid,
-            env=record.env,
-            etc_dir=etc,
-            runtime_dir=self.runtime_dir,
-            control_dir=control,
-            init=_init(record.oci_runtime),
-            oci_runtime=record.oci_runtime,
-            gvisor_tmp=gvisor_tmp,
-        )
-        (d / "config.json").write_text(json.dumps(config))
-        if record.oci_runtime != "runsc":
-            return []
-        resources = config["linux"]["resources"]
-        return cgroups.create(self.settings.instance, record.sandbox_id, resources)
-
     async def _release_locked(self, sandbox_id: str, record: SandboxRecord | None) -> None:
         """Release everything a sandbox holds (the caller holds its lock).
 
@@ -577,26 +417,15 @@ class LocalRuntime:
             else [n for n in RUNTIMES if (self.state_root / n).exists()]
         )
         for name in runtimes:
+            backend = self.oci(name)
             try:
-                await self.oci(name).delete(sandbox_id)
+                await backend.delete(sandbox_id)
             except StepFailed as e:
                 errors.append(str(e))
-        errors += await asyncio.to_thread(self._release_host, sandbox_id, record)
+            backend.forget(sandbox_id)
+        errors += await asyncio.to_thread(self.bundles.release, sandbox_id, record)
         if errors:
             raise StepFailed("release", "; ".join(errors))
-
-    def _set_egress(self, record: SandboxRecord, *, on: bool) -> None:
-        rules = {
-            kind: [egress_rule(r, domains_ok=kind == "allow") for r in raw]
-            for kind, raw in (("allow", record.allow_out), ("deny", record.deny_out))
-        }
-        self.network.set_egress(
-            record.address,
-            [v for k, v in rules["allow"] if k == "cidr"],
-            [v for k, v in rules["deny"] if k == "cidr"],
-            any(k == "domain" for k, _ in rules["allow"]),
-            on=on,
-        )
 
     def dns_policy(self, address: str) -> DnsPolicy | None:
         """What the DNS forwarder may answer the sandbox at ``address`` (None: no sandbox)."""
@@ -613,37 +442,6 @@ class LocalRuntime:
             if kind == "domain"
         ]
         return DnsPolicy(internet=record.internet, domains=domains)
-
-    def _release_host(self, sandbox_id: str, record: SandboxRecord | None) -> list[str]:
-        d = self.records.dir(sandbox_id)
-        address = record.address if record else None
-
-        def egress() -> None:
-            if record is not None:
-                self._set_egress(record, on=False)
-
-        steps: list[tuple[str, Callable[[], object]]] = [
-            ("egress", egress),
-            ("network", lambda: self.network.delete(sandbox_id, address)),
-            ("cgroups", lambda: cgroups.remove_cgroup(self.settings.instance, sandbox_id)),
-            ("unmount", lambda: _umount_all(syscalls.mounted_under(str(d)))),
-            ("disk", lambda: disk.remove(d / "disk.img", d / "disk")),
-            ("files", lambda: shutil.rmtree(d, ignore_errors=True)),
-            ("pid files", lambda: self._remove_runsc_pid_files(sandbox_id)),
-        ]
-        errors = []
-        for name, step in steps:
-            try:
-                step()
-            except Exception as e:
-                errors.append(f"{name}: {e}")
-        return errors
-
-    def _remove_runsc_pid_files(self, sandbox_id: str) -> None:
-        """The pid files runsc wrote for the sandbox's execs (``<id>.exec-….pid``) that no
-        one waited for."""
-        for path in (self.state_root / "runsc").glob(f"{sandbox_id}.*.pid"):
-            path.unlink(missing_ok=True)
 
     async def kill(self, sandbox_id: str) -> None:
         async with self._locked(sandbox_id):
@@ -893,40 +691,18 @@ class LocalRuntime:
     ) -> Process:
         """Start ``argv`` in the sandbox as ``user`` (a name from its /etc/passwd)."""
         record = self._record(sandbox_id)
-        if not argv:
-            raise InvalidSpec("a process needs at least one argument")
-        d = self.records.dir(sandbox_id)
-        uid, gid, home = _lookup_user([self.layers.path(k) for k in record.layers], user)
-        full_env = {**record.env, "HOME": home, "USER": user, "LOGNAME": user, **(env or {})}
-        if record.oci_runtime == "runsc":
-            argv = [*_SECCOMP_EXEC, *argv]
-        process = {
-            "terminal": False,
-            "user": {"uid": uid, "gid": gid},
-            "args": list(argv),
-            "env": [f"{k}={v}" for k, v in full_env.items()],
-            "cwd": cwd or (home if user != "root" else "/"),
-            "capabilities": {
-                k: oci.CAPABILITIES if uid == 0 else []
-                for k in ("bounding", "effective", "permitted")
-            },
-            "noNewPrivileges": True,
-        }
-        name = f"exec-{os.urandom(6).hex()}"
-        oci_cli = self.oci(record.oci_runtime)
-        process_file, pid_file = d / f"{name}.json", d / f"{name}.pid"
-        if oci_cli.name == "runsc":  # written as the sandbox's root: in runsc's own directory
-            pid_file = oci_cli.root / f"{sandbox_id}.{name}.pid"
-        process_file.write_text(json.dumps(process))
-        proc = await asyncio.create_subprocess_exec(
-            *oci_cli.exec_argv(sandbox_id, process_file, pid_file),
-            stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+        layers = [self.layers.path(k) for k in record.layers]
+        return await exec.start(
+            self.oci(record.oci_runtime),
+            record,
+            self.records.dir(sandbox_id),
+            layers,
+            argv,
+            user=user,
+            env=env,
+            cwd=cwd,
+            stdin=stdin,
         )
-        if oci_cli.name == "runsc":
-            return Process(proc, pid_file, process_file, partial(oci_cli.kill_process, sandbox_id))
-        return Process(proc, pid_file, process_file)
 
     async def run(
         self,
@@ -942,32 +718,7 @@ class LocalRuntime:
         proc = await self.exec(
             sandbox_id, argv, user=user, env=env, cwd=cwd, stdin=input is not None
         )
-        feeder = asyncio.create_task(_feed(proc.stdin, input)) if input is not None else None
-        out: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
-        async for name, chunk in proc.output():
-            out[name].append(chunk)
-        if feeder is not None:
-            feeder.cancel()
-        code = await proc.wait()
-        return ExecResult(code, b"".join(out["stdout"]), b"".join(out["stderr"]))
-
-
-async def wait_ready(
-    envd: EnvdClient, ready_cmd: str, user: str, workdir: str, timeout_s: float
-) -> None:
-    """Run ``ready_cmd`` until it succeeds; StepFailed after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        last = await envd.run(ready_cmd, user=user, cwd=workdir, timeout_s=10)
-        if last.exit_code == 0:
-            return
-        if time.monotonic() > deadline:
-            raise StepFailed(
-                "ready-check",
-                f"'{ready_cmd}' did not succeed within {timeout_s:.0f} s "
-                f"(last exit {last.exit_code}: {last.output.strip()[-500:]})",
-            )
-        await asyncio.sleep(0.1)
+        return await exec.collect(proc, input)
 
 
 def _start_time(pid: int) -> int:
@@ -978,37 +729,3 @@ def _start_time(pid: int) -> int:
     except OSError:
         return 0
     return 0 if fields[0] in (b"Z", b"X") else int(fields[19])
-
-
-def _umount_all(points: list[str]) -> None:
-    for point in points:
-        syscalls.umount(point)
-
-
-async def _feed(writer: asyncio.StreamWriter | None, data: bytes) -> None:
-    """Write ``data`` to a process's stdin while its output is being read (no pipe deadlock)."""
-    if writer is None:
-        return
-    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-        writer.write(data)
-        await writer.drain()
-    writer.close()
-
-
-def _lookup_user(layers: list[Path], name: str) -> tuple[int, int, str]:
-    """uid, gid and home of ``name`` from the template's /etc/passwd.
-
-    Read from the read-only layers, never from the sandbox's own rootfs: that one is the
-    sandbox's to change, and the host must not follow a link it planted.
-    """
-    for layer in reversed(layers):
-        passwd = read_beneath(layer, "etc/passwd")
-        if passwd is not None:
-            for line in passwd.decode(errors="replace").splitlines():
-                fields = line.split(":")
-                if len(fields) >= 6 and fields[0] == name and fields[2].isdigit():
-                    return int(fields[2]), int(fields[3] or 0), fields[5]
-            break
-    if name == "root":
-        return 0, 0, "/root"
-    raise InvalidSpec(f"user {name!r} does not exist in the sandbox")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..proto.contract import CONTROL_DIR
 from . import gvisor_statx, seccomp
 from .spec import Limits
 
@@ -36,15 +37,12 @@ MASKED_PATHS = [
 READONLY_PATHS = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys"]
 
 UID_RANGE = 65536
-# Host tasks of runsc's own beside a sandbox's processes (see _adapt_for_gvisor).
+# Host tasks of runsc's own beside a sandbox's processes (see adapt_for_gvisor).
 RUNSC_TASKS = 160
 CPU_PERIOD_US = 100_000
 
 # Where the runtime directory (init, and later envd) appears inside every sandbox.
 RUNTIME_MOUNT = "/.bilik"
-# The sandbox's own control directory (envd's config), read-only inside: the host trusts what
-# is there, so the sandbox must not change it (nor fill the host's disk through it).
-CONTROL_MOUNT = "/run/bilik"
 
 
 def config(
@@ -60,11 +58,9 @@ def config(
     runtime_dir: Path,
     control_dir: Path,
     init: list[str],
-    oci_runtime: str = "crun",
-    gvisor_tmp: Path | None = None,
 ) -> dict[str, Any]:
-    """Build ``config.json`` for one sandbox. ``init`` is PID 1's argv (inside the sandbox);
-    ``gvisor_tmp``, runsc's only: the directory on the sandbox's disk to mount at /tmp."""
+    """Build ``config.json`` for one sandbox (as crun runs it; a backend adapts it to its
+    runtime). ``init`` is PID 1's argv (inside the sandbox)."""
     memory = limits.memory_mb * 1024 * 1024
     spec = {
         "ociVersion": "1.0.2",
@@ -135,7 +131,9 @@ def config(
                 "options": ["rbind", "ro", "nosuid", "nodev"],
             },
             {
-                "destination": CONTROL_MOUNT,
+                # envd's config, read-only inside: the host trusts what is there, so the
+                # sandbox must not change it (nor fill the host's disk through it).
+                "destination": CONTROL_DIR,
                 "type": "bind",
                 "source": str(control_dir),
                 "options": ["rbind", "ro", "nosuid", "nodev", "noexec"],
@@ -166,13 +164,10 @@ def config(
             "readonlyPaths": READONLY_PATHS,
         },
     }
-    if oci_runtime == "runsc":
-        assert gvisor_tmp is not None
-        _adapt_for_gvisor(spec, runtime_dir, gvisor_tmp)
     return spec
 
 
-def _adapt_for_gvisor(spec: dict[str, Any], runtime_dir: Path, tmp: Path) -> None:
+def adapt_for_gvisor(spec: dict[str, Any], runtime_dir: Path, tmp: Path) -> None:
     """Fit the spec to gVisor (the Debian build of late 2022).
 
     This build refuses a user namespace in the bundle and cannot make cgroups or join a
@@ -207,7 +202,7 @@ def _adapt_for_gvisor(spec: dict[str, Any], runtime_dir: Path, tmp: Path) -> Non
     del linux["uidMappings"], linux["gidMappings"], linux["cgroupsPath"]
     # This build applies a bundle's filter to PID 1 only, not to `runsc exec`'s processes, and
     # its own rendering of the filter keeps the processes under it from starting threads: the
-    # sandbox's processes set the filter themselves (see local.SECCOMP_FILTER).
+    # sandbox's processes set the filter themselves (see backends.SECCOMP_FILTER).
     del linux["seccomp"]
     # The host's pids count the Sentry's and gofer's own threads too (about 80 at rest), and
     # a host process for every process in the sandbox.

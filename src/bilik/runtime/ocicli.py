@@ -1,4 +1,5 @@
-"""Driving an OCI runtime binary (crun, or gVisor's runsc) over its command line.
+"""Driving an OCI runtime binary over its command line (runc's flags, which crun shares;
+``backends`` holds what one runtime does differently).
 
 runc is not offered: Debian 12's runc 1.1.5 cannot ``exec`` into a sandbox whose network
 namespace belongs to the host (it joins the user namespace first, then fails to setns into the
@@ -11,30 +12,22 @@ import asyncio
 import builtins
 import contextlib
 import json
-import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import userns_exec
 from .errors import StepFailed
 from .fsutil import read_pid
-from .oci import UID_RANGE
-
-RUNTIMES = ("crun", "runsc")
 
 
 class OciCli:
-    """One OCI runtime binary. ``netns_dir`` holds each sandbox's network namespace (named by
-    its id) and ``uid_base`` is root-inside's host uid: runsc runs with both (see
-    ``userns_exec``)."""
+    """One OCI runtime binary, its state under ``state_root/<name>``. ``netns_dir`` holds each
+    sandbox's network namespace (named by its id) and ``uid_base`` is root-inside's host uid
+    (for a runtime that runs inside the sandbox's namespaces)."""
 
     def __init__(self, name: str, state_root: Path, *, uid_base: int, netns_dir: Path) -> None:
-        if name not in RUNTIMES:
-            raise ValueError(f"unknown OCI runtime {name!r}; choose one of {', '.join(RUNTIMES)}")
         binary = shutil.which(name)
         if binary is None:
             raise StepFailed("oci-runtime", f"{name} is not installed")
@@ -43,38 +36,12 @@ class OciCli:
         self.root.mkdir(parents=True, exist_ok=True)
         self.uid_base = uid_base
         self.netns_dir = netns_dir
-        self._tasks: set[asyncio.Task[str]] = set()
         self.base = [binary, "--root", str(self.root)]
-        if name == "crun":
-            self.base.append("--cgroup-manager=cgroupfs")
-        if name == "runsc":
-            # gVisor's own netstack refuses to start in this build ("cannot run with network
-            # enabled in root network namespace"); its host mode hands sockets to the host
-            # kernel, inside the sandbox's own network namespace that bilik filters. Its
-            # cgroups are made by bilik (``cgroups.create``): runsc cannot from a user namespace.
-            self.base += ["--network=host", "--ignore-cgroups"]
-            # runsc in its user namespace writes its state as the sandbox's root.
-            os.chown(self.root, uid_base, uid_base)
 
     def _argv(self, netns_of: str | None = None, cgroup_procs: Sequence[Path] = ()) -> list[str]:
-        """The runtime's argv. runsc always runs as the sandboxes' root, in a user namespace:
-        its state is theirs to write, so host root never acts on it; with ``netns_of``, also
-        in that sandbox's network namespace, the only place its Sentry's control socket is
-        reached from."""
-        if self.name != "runsc":
-            return list(self.base)
-        return [
-            sys.executable,
-            "-I",
-            "-S",
-            userns_exec.__file__,
-            str(self.netns_dir / netns_of) if netns_of else "-",
-            str(self.uid_base),
-            str(UID_RANGE),
-            *map(str, cgroup_procs),
-            "--",
-            *self.base,
-        ]
+        """The runtime's argv (``netns_of``: the sandbox whose network namespace it needs;
+        ``cgroup_procs``: the cgroups it is to run in, where bilik made them)."""
+        return list(self.base)
 
     async def _run(self, step: str, *args: str, netns_of: str | None = None) -> str:
         proc = await asyncio.create_subprocess_exec(
@@ -128,28 +95,16 @@ class OciCli:
         with contextlib.suppress(StepFailed):
             await self._run("oci-kill", "kill", sandbox_id, "KILL", netns_of=sandbox_id)
 
-    def kill_process(self, sandbox_id: str, pid: int) -> None:
-        """SIGKILL process ``pid`` (its pid inside) of a runsc sandbox, in the background:
-        killing ``runsc exec`` would leave it running."""
-        task = asyncio.ensure_future(
-            self._run("oci-kill", "kill", "-pid", str(pid), sandbox_id, "KILL", netns_of=sandbox_id)
-        )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
-
     async def delete(self, sandbox_id: str) -> None:
         """Remove the container, killing it if it still runs. A missing container is fine."""
-        args = (
-            ["delete", "--force", sandbox_id]
-            if self.name != "runsc"
-            else ["delete", "-force", sandbox_id]
-        )
         try:
-            await self._run("oci-delete", *args)
+            await self._run("oci-delete", *self._delete_args(sandbox_id))
         except StepFailed as e:
             if "does not exist" not in e.detail and "not found" not in e.detail.lower():
                 raise
+
+    def _delete_args(self, sandbox_id: str) -> list[str]:
+        return ["delete", "--force", sandbox_id]
 
     async def state(self, sandbox_id: str) -> dict[str, Any] | None:
         try:
@@ -170,18 +125,7 @@ class OciCli:
 
     def exec_argv(self, sandbox_id: str, process_file: Path, pid_file: Path) -> builtins.list[str]:
         """The argv that runs the process described by ``process_file`` in the sandbox and
-        writes its pid to ``pid_file``: its host pid, or under runsc (where it has none) its
-        pid inside, for :meth:`kill_process`."""
-        if self.name == "runsc":
-            return [
-                *self._argv(sandbox_id),
-                "exec",
-                "-process",
-                str(process_file),
-                "-internal-pid-file",
-                str(pid_file),
-                sandbox_id,
-            ]
+        writes its pid to ``pid_file``."""
         return [
             *self.base,
             "exec",

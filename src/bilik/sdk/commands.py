@@ -37,6 +37,8 @@ def _input(data: str | bytes, *, pty: bool) -> pb.ProcessInput:
 class AsyncCommandHandle:
     """A running command (or terminal): its output so far, :meth:`wait`, :meth:`kill`."""
 
+    pid: int
+
     def __init__(
         self,
         pid: int,
@@ -125,12 +127,13 @@ class AsyncCommandHandle:
 
     async def wait(
         self,
+        on_pty: OnBytes | None = None,
         on_stdout: OnOutput | None = None,
         on_stderr: OnOutput | None = None,
-        on_pty: OnBytes | None = None,
     ) -> CommandResult:
         """Wait for the end; a non-zero exit raises :class:`CommandExitException`. Callbacks
-        given here get the output so far, then the rest as it comes."""
+        given here get the output so far, then the rest as it comes (in the order of E2B's
+        sync ``wait``: a terminal's output first)."""
         for callback, kind in ((on_stdout, "stdout"), (on_stderr, "stderr")):
             if callback is not None:
                 for text in list(self._stdout if kind == "stdout" else self._stderr):

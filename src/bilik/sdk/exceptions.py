@@ -1,4 +1,10 @@
-"""The SDK's errors, named and arranged as E2B's, so ``except`` clauses carry over."""
+"""The SDK's errors, named and arranged as E2B's, so ``except`` clauses carry over.
+
+Every one is a :class:`SandboxException`, so one ``except SandboxException`` catches whatever
+the SDK raises. E2B roots ``AuthenticationException``, ``ServiceBusyException`` and
+``BuildException`` at ``Exception`` instead; below the root the tree is E2B's, so a clause
+that catches one of these catches exactly what it catches with E2B's SDK.
+"""
 
 from __future__ import annotations
 
@@ -53,17 +59,18 @@ class RateLimitException(SandboxException):
         super().__init__(*args, status_code=429)
 
 
-class AuthenticationException(Exception):
+class AuthenticationException(SandboxException):
     """The API key or the sandbox's access token was refused."""
 
 
-class ServiceBusyException(Exception):
+class ServiceBusyException(SandboxException):
     """The server had no capacity (503) after the retries; nothing was changed."""
 
-    status_code = 503
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args, status_code=503)
 
 
-class BuildException(Exception):
+class BuildException(SandboxException):
     """A template build failed."""
 
 

@@ -133,12 +133,12 @@ class AsyncWatchHandle:
     """A running ``watch_dir``: events go to its callback until :meth:`stop`."""
 
     def __init__(self) -> None:
-        self.stopped = False
+        self._stopped = False
         self._task: asyncio.Task[None] | None = None
 
     async def stop(self) -> None:
         """Stop watching."""
-        self.stopped = True
+        self._stopped = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -414,7 +414,7 @@ class AsyncFilesystem:
                         change = FilesystemEvent(event.name, _EVENT_TYPES[event.type])
                         await call(on_event, change)
             except ConnectError as e:
-                error = None if handle.stopped else rpc_error(e)
+                error = None if handle._stopped else rpc_error(e)
             except Exception as e:
                 error = e
             finally:

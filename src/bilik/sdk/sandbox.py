@@ -15,6 +15,7 @@ from bilik.sdk._dual import dual
 from bilik.sdk._portal import portal, run
 from bilik.sdk.code import DEFAULT_RUN_TIMEOUT, Context, Execution
 from bilik.sdk.commands import AsyncCommandHandle, OnBytes, OnOutput
+from bilik.sdk.config import ConnectionConfig
 from bilik.sdk.files import Data, WriteEntry
 from bilik.sdk.models import (
     CommandResult,
@@ -82,12 +83,12 @@ class CommandHandle:
 
     def wait(
         self,
+        on_pty: OnBytes | None = None,
         on_stdout: OnOutput | None = None,
         on_stderr: OnOutput | None = None,
-        on_pty: OnBytes | None = None,
     ) -> CommandResult:
         """Wait for the end; a non-zero exit raises ``CommandExitException``."""
-        return run(self._inner.wait(on_stdout, on_stderr, on_pty))
+        return run(self._inner.wait(on_pty, on_stdout, on_stderr))
 
     def kill(self) -> bool:
         """Kill the command (SIGKILL)."""
@@ -245,10 +246,19 @@ class Filesystem:
         recursive: bool = False,
         timeout: float = 0,
     ) -> WatchHandle:
-        """Watch a directory; read what changed with ``get_new_events()``."""
+        """Watch a directory; read what changed with ``get_new_events()``. As on E2B, where
+        the sync watch has no time limit, it runs until stopped unless ``timeout`` (seconds)
+        is given."""
         handle = WatchHandle()
         inner = run(
-            self._a.watch_dir(path, handle._add, None, user, request_timeout, timeout, recursive)
+            self._a.watch_dir(
+                path,
+                handle._add,
+                user=user,
+                request_timeout=request_timeout,
+                timeout=timeout,
+                recursive=recursive,
+            )
         )
         handle._stop = inner.stop
         return handle
@@ -300,6 +310,20 @@ class Commands:
         timeout: float | None = 60,
         request_timeout: float | None = None,
     ) -> CommandHandle: ...
+    @overload
+    def run(
+        self,
+        cmd: str,
+        background: bool,
+        envs: dict[str, str] | None = None,
+        user: str | None = None,
+        cwd: str | None = None,
+        on_stdout: OnOutput | None = None,
+        on_stderr: OnOutput | None = None,
+        stdin: bool = False,
+        timeout: float | None = 60,
+        request_timeout: float | None = None,
+    ) -> CommandResult | CommandHandle: ...
     def run(
         self,
         cmd: str,
@@ -366,15 +390,18 @@ class Pty:
     def __init__(self, sandbox: AsyncSandbox) -> None:
         self._a = sandbox.pty
 
+    # (``on_data`` by name only: E2B's sync ``create`` and ``connect`` have none, and their
+    # positional arguments mean the same here)
     def create(
         self,
         size: PtySize,
-        on_data: OnBytes | None = None,
         user: str | None = None,
         cwd: str | None = None,
         envs: dict[str, str] | None = None,
         timeout: float | None = 60,
         request_timeout: float | None = None,
+        *,
+        on_data: OnBytes | None = None,
     ) -> CommandHandle:
         """Start a login shell on a terminal of ``size``."""
         return CommandHandle(
@@ -384,9 +411,10 @@ class Pty:
     def connect(
         self,
         pid: int,
-        on_data: OnBytes | None = None,
         timeout: float | None = 60,
         request_timeout: float | None = None,
+        *,
+        on_data: OnBytes | None = None,
     ) -> CommandHandle:
         """Attach to a running terminal."""
         return CommandHandle(run(self._a.connect(pid, on_data, timeout, request_timeout)))
@@ -406,6 +434,14 @@ class Pty:
 
 class Sandbox:
     """A sandbox (sync). ``Sandbox.create()`` makes one; ``with`` kills it at the end."""
+
+    sandbox_id: str
+    envd_version: str
+    template_id: str
+    connection_config: ConnectionConfig
+    files: Filesystem
+    commands: Commands
+    pty: Pty
 
     def __init__(self, inner: AsyncSandbox) -> None:
         self._a = inner
@@ -473,17 +509,17 @@ class Sandbox:
         return SandboxPaginator(AsyncSandbox.list(query, limit, next_token, **opts))
 
     @dual
-    def kill(cls, sandbox_id: str, **opts: Any) -> bool:
+    def kill(cls, sandbox_id: str, /, **opts: Any) -> bool:
         """Kill the sandbox: ``sandbox.kill()`` or ``Sandbox.kill(sandbox_id)``."""
         return run(AsyncSandbox.kill(sandbox_id, **opts))
 
     @dual
-    def set_timeout(cls, sandbox_id: str, timeout: int, **opts: Any) -> None:
+    def set_timeout(cls, sandbox_id: str, /, timeout: int, **opts: Any) -> None:
         """Set how many seconds from now the sandbox lives."""
         run(AsyncSandbox.set_timeout(sandbox_id, timeout, **opts))
 
     @dual
-    def get_info(cls, sandbox_id: str, **opts: Any) -> SandboxInfo:
+    def get_info(cls, sandbox_id: str, /, **opts: Any) -> SandboxInfo:
         """The sandbox as the server describes it."""
         return run(AsyncSandbox.get_info(sandbox_id, **opts))
 
@@ -491,6 +527,7 @@ class Sandbox:
     def get_metrics(
         cls,
         sandbox_id: str,
+        /,
         start: datetime | None = None,
         end: datetime | None = None,
         **opts: Any,
@@ -499,7 +536,7 @@ class Sandbox:
         return run(AsyncSandbox.get_metrics(sandbox_id, start, end, **opts))
 
     @dual
-    def get_logs(cls, sandbox_id: str, **opts: Any) -> builtins.list[str]:
+    def get_logs(cls, sandbox_id: str, /, **opts: Any) -> builtins.list[str]:
         """What the sandbox's start command wrote."""
         return run(AsyncSandbox.get_logs(sandbox_id, **opts))
 

@@ -36,6 +36,9 @@ class NetworkOpts(TypedDict, total=False):
 class AsyncSandboxPaginator:
     """Pages of sandboxes, newest last: ``await next_items()`` while ``has_next``."""
 
+    next_token: str | None
+    has_next: bool
+
     def __init__(
         self, query: SandboxQuery | None, limit: int | None, next_token: str | None, **opts: Any
     ) -> None:
@@ -72,6 +75,14 @@ class AsyncSandboxPaginator:
 class AsyncSandbox(AsyncCodeInterpreter):
     """A sandbox: an isolated Linux machine with files, processes, terminals and, in
     code-interpreter templates, stateful code contexts. Make one with :meth:`create`."""
+
+    sandbox_id: str
+    envd_version: str
+    template_id: str
+    connection_config: ConnectionConfig
+    files: AsyncFilesystem
+    commands: AsyncCommands
+    pty: AsyncPty
 
     def __init__(
         self,
@@ -179,7 +190,7 @@ class AsyncSandbox(AsyncCodeInterpreter):
         return AsyncSandboxPaginator(query, limit, next_token, **opts)
 
     @dual
-    async def kill(cls, sandbox_id: str, **opts: Any) -> bool:
+    async def kill(cls, sandbox_id: str, /, **opts: Any) -> bool:
         """Kill the sandbox: ``sandbox.kill()`` or ``AsyncSandbox.kill(sandbox_id)``;
         ``False`` if it did not exist."""
         try:
@@ -191,7 +202,7 @@ class AsyncSandbox(AsyncCodeInterpreter):
         return True
 
     @dual
-    async def set_timeout(cls, sandbox_id: str, timeout: int, **opts: Any) -> None:
+    async def set_timeout(cls, sandbox_id: str, /, timeout: int, **opts: Any) -> None:
         """Set how many seconds from now the sandbox lives (it is killed then)."""
         await ApiClient(ConnectionConfig.from_params(opts)).request(
             "POST",
@@ -201,7 +212,7 @@ class AsyncSandbox(AsyncCodeInterpreter):
         )
 
     @dual
-    async def get_info(cls, sandbox_id: str, **opts: Any) -> SandboxInfo:
+    async def get_info(cls, sandbox_id: str, /, **opts: Any) -> SandboxInfo:
         """The sandbox as the server describes it: template, metadata, times, size, state."""
         response = await ApiClient(ConnectionConfig.from_params(opts)).request(
             "GET", f"/sandboxes/{sandbox_id}", not_found=SandboxNotFoundException
@@ -212,6 +223,7 @@ class AsyncSandbox(AsyncCodeInterpreter):
     async def get_metrics(
         cls,
         sandbox_id: str,
+        /,
         start: datetime | None = None,
         end: datetime | None = None,
         **opts: Any,
@@ -231,7 +243,7 @@ class AsyncSandbox(AsyncCodeInterpreter):
         return [SandboxMetrics.from_json(m) for m in response.json()]
 
     @dual
-    async def get_logs(cls, sandbox_id: str, **opts: Any) -> builtins.list[str]:
+    async def get_logs(cls, sandbox_id: str, /, **opts: Any) -> builtins.list[str]:
         """What the sandbox's start command (its PID 1) wrote, a line each."""
         response = await ApiClient(ConnectionConfig.from_params(opts)).request(
             "GET", f"/sandboxes/{sandbox_id}/logs", not_found=SandboxNotFoundException

@@ -21,6 +21,7 @@ class SandboxRow:
     metadata: dict[str, str]
     envd_access_token: str
     started_at: float
+    state: str = "running"  # (``bilik.sandboxes.states``)
 
 
 def _row(row: Any) -> SandboxRow:
@@ -31,6 +32,7 @@ def _row(row: Any) -> SandboxRow:
         json.loads(row.metadata),
         row.envd_access_token,
         row.started_at,
+        row.state,
     )
 
 
@@ -48,8 +50,25 @@ class SandboxStore:
                     metadata=json.dumps(row.metadata),
                     envd_access_token=row.envd_access_token,
                     started_at=row.started_at,
+                    state=row.state,
                 )
             )
+
+    async def set_state(
+        self, sandbox_id: str, old: str, new: str, started_at: float | None = None
+    ) -> bool:
+        """Move the sandbox from state ``old`` to ``new`` (and its start time to
+        ``started_at``, if given); False if it was not in state ``old``."""
+        values: dict[str, Any] = {"state": new}
+        if started_at is not None:
+            values["started_at"] = started_at
+        async with self.engine.begin() as conn:
+            done = await conn.execute(
+                sandboxes.update()
+                .where(sandboxes.c.id == sandbox_id, sandboxes.c.state == old)
+                .values(**values)
+            )
+        return bool(done.rowcount == 1)
 
     async def get(self, sandbox_id: str, key_id: str) -> SandboxRow | None:
         """The sandbox if ``key_id`` owns it; another key's sandbox is as good as missing."""
@@ -69,16 +88,21 @@ class SandboxStore:
             return [_row(r) for r in rows]
 
     async def owners(self) -> dict[str, tuple[str, str]]:
-        """Every sandbox's envd access token and owning key, by sandbox id."""
+        """Every running sandbox's envd access token and owning key, by sandbox id (one still
+        being created is no one's to reach yet)."""
         async with self.engine.connect() as conn:
             rows = await conn.execute(
-                sa.select(sandboxes.c.id, sandboxes.c.envd_access_token, sandboxes.c.key_id)
+                sa.select(sandboxes.c.id, sandboxes.c.envd_access_token, sandboxes.c.key_id).where(
+                    sandboxes.c.state == "running"
+                )
             )
             return {r.id: (r.envd_access_token, r.key_id) for r in rows}
 
-    async def ids(self) -> set[str]:
+    async def states(self) -> dict[str, str]:
+        """Every recorded sandbox's state, by sandbox id."""
         async with self.engine.connect() as conn:
-            return {r.id for r in await conn.execute(sa.select(sandboxes.c.id))}
+            rows = await conn.execute(sa.select(sandboxes.c.id, sandboxes.c.state))
+            return {r.id: r.state for r in rows}
 
     async def remove(self, *sandbox_ids: str) -> None:
         if not sandbox_ids:

@@ -45,6 +45,9 @@ sandboxes = sa.Table(
     sa.Column("metadata", sa.Text, nullable=False),  # JSON object of strings
     sa.Column("envd_access_token", sa.String(64), nullable=False),
     sa.Column("started_at", sa.Float, nullable=False),
+    # Where its lifecycle is (``bilik.sandboxes.states``): recorded before each step acts, so
+    # a start after a crash finds the creates it cut short.
+    sa.Column("state", sa.String(16), nullable=False, server_default="running"),
 )
 
 
@@ -191,6 +194,13 @@ def _v7_template_tags(conn: Connection) -> None:
     ).create(conn)
 
 
+def _v8_sandbox_state(conn: Connection) -> None:
+    # (Every sandbox recorded before this ran was running.)
+    conn.execute(
+        sa.text("ALTER TABLE sandboxes ADD COLUMN state VARCHAR(16) NOT NULL DEFAULT 'running'")
+    )
+
+
 # Append only: a released migration never changes, a new one goes at the end.
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _v1_api_keys,
@@ -200,6 +210,7 @@ MIGRATIONS: list[Callable[[Connection], None]] = [
     _v5_key_resource_caps,
     _v6_templates,
     _v7_template_tags,
+    _v8_sandbox_state,
 ]
 
 

@@ -40,9 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from ..runtime import Runtime, RuntimeFailure, SandboxSpec, debian_image
+from ..runtime.backends import RUNTIMES
 from ..runtime.envd_client import EnvdClient
 from ..runtime.layers import Image, layer_key
-from ..runtime.ocicli import RUNTIMES
 from ..runtime.spec import Limits
 from . import registries
 from .files import FileStore

@@ -7,7 +7,7 @@ import contextlib
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ..runtime import LocalRuntime
 from ..runtime.spec import Limits
@@ -15,7 +15,7 @@ from ..store import Store
 from ..store.templates import BuildRow, TemplateRow
 from .build import Builder, BuildFailed, BuildLog
 from .default_builds import DefaultBuilds
-from .defaults import DEFAULTS
+from .defaults import DEFAULTS, default_limits
 from .files import FileStore
 
 log = logging.getLogger("bilik.templates")
@@ -27,6 +27,26 @@ LOGS_KEPT = 16
 def build_image(template_id: str, build_id: str) -> str:
     """The name of the image one build of a template made."""
     return f"{template_id}:{build_id}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+    """What a sandbox of a template starts from: the runtime image, and the limits it gets
+    unless its create asks for others."""
+
+    image: str
+    limits: Limits
+
+
+class TemplateUnavailable(Exception):
+    """A template name no sandbox can start from now: ``missing`` (no such template, or no
+    build with that tag), ``unbuilt`` (no finished build yet) or ``failed`` (one of bilik's
+    own did not build)."""
+
+    def __init__(self, reason: Literal["missing", "unbuilt", "failed"], message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
 
 
 class TemplateService:
@@ -56,6 +76,42 @@ class TemplateService:
             del self._logs[old]
         return build_log
 
+    async def resolve(
+        self, name: str, tag: str = "", *, key_id: str | None = None, build: bool = True
+    ) -> Resolved:
+        """What a sandbox of the template ``name`` (its build tagged ``tag``, if given) starts
+        from: ``key_id``'s own template (by id or name) with a finished build, else one of
+        bilik's own, built first on ``build`` (a build the caller waits for). Every create,
+        the warm pool and a build's ``fromTemplate`` ask here."""
+        ref = f"{name}:{tag}" if tag else name
+        row = await self.store.templates.get(name, key_id) if key_id is not None else None
+        if row is None:
+            if tag or name not in DEFAULTS:
+                raise TemplateUnavailable("missing", f"template {ref!r} not found")
+            if build:
+                try:
+                    image = await self.defaults.ensure(name)
+                except BuildFailed as e:
+                    raise TemplateUnavailable(
+                        "failed", f"the default template {name} did not build: {e}"
+                    ) from None
+            elif (built := await self.defaults.built(name)) is not None:
+                image = built
+            else:
+                raise TemplateUnavailable("unbuilt", f"template {ref!r} is not built yet")
+            return Resolved(image, default_limits(name))
+        if row.ready_build_id is None:
+            raise TemplateUnavailable("unbuilt", f"template {ref!r} has no finished build yet")
+        image = row.id
+        if tag:
+            build_id = await self.store.templates.tagged(row.id, tag)
+            if build_id is None:
+                raise TemplateUnavailable(
+                    "missing", f"template {name!r} has no build tagged {tag!r}"
+                )
+            image = build_image(row.id, build_id)
+        return Resolved(image, Limits(cpu=row.cpu_count, memory_mb=row.memory_mb))
+
     def running(self, build_id: str) -> bool:
         """Whether this server runs the build now."""
         return build_id in self._tasks
@@ -76,14 +132,16 @@ class TemplateService:
         limits = Limits(cpu=template.cpu_count, memory_mb=template.memory_mb)
         try:
             base = spec.get("fromTemplate")
-            if isinstance(base, str):
-                # Another template of the same key, by id or name, with a finished build; else
-                # one of bilik's own.
-                row = await self.store.templates.get(base, template.key_id)
-                if row is not None and row.ready_build_id is not None:
-                    spec = {**spec, "fromTemplate": row.id}
-                elif row is not None or base not in DEFAULTS:
-                    raise BuildFailed(f"template {base!r} not found (or never built)", "base")
+            if isinstance(base, str) and base not in DEFAULTS:
+                # Another template of the same key, by id or name, with a finished build (one
+                # of bilik's own is built, with this build's log, by ``defaults.resolve``).
+                try:
+                    found = await self.resolve(base, key_id=template.key_id, build=False)
+                except TemplateUnavailable:
+                    raise BuildFailed(
+                        f"template {base!r} not found (or never built)", "base"
+                    ) from None
+                spec = {**spec, "fromTemplate": found.image}
             spec = await self.defaults.resolve(spec, build_log)
             cap = self.runtime.settings.caps.layers_mb << 20
             made = self._made.setdefault(template.key_id, set())

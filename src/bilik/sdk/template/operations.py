@@ -27,6 +27,7 @@ from bilik.sdk.exceptions import (
     NotFoundException,
     RateLimitException,
     SandboxException,
+    ServiceBusyException,
     TemplateException,
 )
 from bilik.sdk.template import files
@@ -100,10 +101,11 @@ def _hashes(t: TemplateBase) -> dict[int, str]:
 
 
 async def _request(client: ApiClient, method: str, path: str, **kwargs: Any) -> httpx.Response:
-    """A build call; what the server refuses becomes a BuildException."""
+    """A build call; what the server refuses becomes a BuildException (a refused key, a rate
+    limit or a busy server stay what they are: retrying later or a new key helps)."""
     try:
         return await client.request(method, path, **kwargs)
-    except (AuthenticationException, RateLimitException):
+    except (AuthenticationException, RateLimitException, ServiceBusyException):
         raise
     except SandboxException as e:
         raise BuildException(str(e)) from e
@@ -193,7 +195,7 @@ async def start_build(
             link = (
                 await client.request("GET", f"/templates/{_path(template_id)}/files/{files_hash}")
             ).json()
-        except (AuthenticationException, RateLimitException):
+        except (AuthenticationException, RateLimitException, ServiceBusyException):
             raise
         except SandboxException as e:
             raise _at(FileUploadException(str(e)), step.origin) from e
