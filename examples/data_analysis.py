@@ -48,7 +48,8 @@ plt.savefig("/home/user/chart.png")
 plt.show()
 """
     )
-    chart = next(result for result in charted.results if result.png)
+    # (the image saved comes back too, as on E2B: the figure shown is the last result)
+    chart = charted.results[-1]
     print("chart:", chart.chart.type if chart.chart else "image only")
     saved = sandbox.files.read("/home/user/chart.png", format="bytes")
     with open("chart.png", "wb") as out:

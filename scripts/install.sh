@@ -45,6 +45,10 @@ if [ "${1:-}" = "--test" ]; then
   for p in postgresql protobuf-compiler libprotobuf-dev docker-registry; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
   done
+  # and drives bilik with the official JS SDKs under node's test runner (a node that comes
+  # with npm, as NodeSource's does, needs no npm package)
+  command -v node >/dev/null || missing+=(nodejs)
+  command -v npm >/dev/null || [ -e /usr/lib/node_modules/npm ] || missing+=(npm)
   if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -q
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
@@ -57,11 +61,20 @@ fi
 if [ ! -x .venv/bin/python ]; then
   /usr/bin/python3 -m venv .venv
 fi
-.venv/bin/pip install -q --disable-pip-version-check -e ".${extra}"
-if [ -n "$extra" ]; then
+if [ -z "$extra" ]; then
+  .venv/bin/pip install -q --disable-pip-version-check -e .
+else
+  # The official SDKs the suite is a client with, pinned: the newest tested in .venv, the
+  # oldest supported in .venv-oldest (tests/test_oldest_sdk.py runs a part of the suite there).
+  .venv/bin/pip install -q --disable-pip-version-check -e ".${extra}" -c tests/constraints.txt
+  [ -x .venv-oldest/bin/python ] || /usr/bin/python3 -m venv .venv-oldest
+  .venv-oldest/bin/pip install -q --disable-pip-version-check -e ".${extra}" \
+    -c tests/constraints-oldest.txt
   # An older official SDK (it creates with POST /sandboxes), in a venv of its own.
   [ -x .venv-e2b-2.20/bin/python ] || /usr/bin/python3 -m venv .venv-e2b-2.20
   .venv-e2b-2.20/bin/pip install -q --disable-pip-version-check "e2b==2.20.0"
+  # The official JS SDKs, at the versions tests/js/package-lock.json pins.
+  (cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
 fi
 ln -sf "$PWD/.venv/bin/bilik" /usr/local/bin/bilik
 echo "bilik installed: $(command -v bilik)"

@@ -237,6 +237,21 @@ async def test_usage_is_within_the_limits(backend: Backend, shared: SandboxInfo)
     assert 0 < usage.disk_used < usage.disk_total
 
 
+async def test_counters_are_read_for_many_at_once(backend: Backend, shared: SandboxInfo) -> None:
+    rt = backend.runtime
+    limits = SHARED_SPEC.limits
+    before = (await rt.counters([shared.sandbox_id, UNKNOWN_ID, *NOT_IDS]))[shared.sandbox_id]
+    spin = "import time\nt = time.time()\nwhile time.time() - t < 0.5: pass"
+    assert (await rt.run(shared.sandbox_id, ["python3", "-c", spin])).exit_code == 0
+    found = await rt.counters([shared.sandbox_id, UNKNOWN_ID, *NOT_IDS])
+    assert set(found) == {shared.sandbox_id}  # (unknown ids and non-ids are left out)
+    after = found[shared.sandbox_id]
+    assert after.cpu_ns - before.cpu_ns >= 100_000_000
+    assert after.cpu_count == limits.cpu and after.mem_total == limits.memory_mb << 20
+    assert 0 < after.mem_used <= after.mem_total
+    assert 0 < after.disk_used < after.disk_total <= limits.disk_mb << 20
+
+
 async def test_console_holds_what_init_wrote(backend: Backend, shared: SandboxInfo) -> None:
     rt = backend.runtime
     marker = f"console-{uuid.uuid4().hex}"

@@ -118,15 +118,23 @@ class BilikServer:
 
     def finish(self) -> None:
         """Stop every server, kill what is left, and fail if anything was left behind."""
+        hung = []
         for proc in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGINT)
-                proc.wait(timeout=30)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    # (killed, so that the tests after this one get a server of their own)
+                    proc.kill()
+                    proc.wait()
+                    hung.append(proc.pid)
         rows = json.loads(self.cli("sandbox", "list", "--json").stdout)
         leftover = [row["sandboxId"] for row in rows]
         for sandbox_id in leftover:
             self.cli("sandbox", "kill", sandbox_id)
         HostNetwork(SERVER_SETTINGS.instance, SERVER_SETTINGS.subnet).teardown()
+        assert not hung, f"bilik serve did not stop within 30 s of SIGINT: {hung}"
         assert not leftover, f"the server test left sandboxes running: {leftover}"
         # (veth names are not per instance: the session's leak check covers them)
         left = {k: v for k, v in host_state(SERVER_SETTINGS).items() if v and k != "veths"}

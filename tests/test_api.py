@@ -7,6 +7,7 @@ import datetime
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -272,8 +273,11 @@ def test_metrics_come_from_the_sandbox(shared_server: BilikServer) -> None:
             "dd if=/dev/zero of=/fill bs=1M count=100 2>/dev/null; "
             "(timeout 5 sh -c 'while :; do :; done' >/dev/null 2>&1 &)",
         )
-        busy = httpx.get(url, headers=headers, timeout=30).json()[0]
-        assert busy["cpuUsedPct"] > 50, busy
+        # (a history: the spin shows in the sampler's next sample, 5 s on at most)
+        time.sleep(6)
+        history = httpx.get(url, headers=headers, timeout=30).json()
+        busy = history[-1]
+        assert max(m["cpuUsedPct"] for m in history) > 50, history
         assert busy["diskUsed"] >= idle["diskUsed"] + (90 << 20)
         assert busy["memUsed"] > 0 and busy["timestampUnix"] > 0
         assert (
@@ -331,25 +335,6 @@ async def test_lifecycle_with_the_async_sdk(shared_server: BilikServer) -> None:
         assert await sbx.kill() is True
     assert not await sbx.is_running()
     assert await AsyncSandbox.kill(sbx.sandbox_id, **params) is False
-
-
-def test_openapi_document_describes_every_route(shared_server: BilikServer) -> None:
-    from bilik.api import sandboxes
-
-    document = httpx.get(shared_server.url + "/openapi.json").json()
-    assert document["openapi"].startswith("3.")
-    described = {
-        (path.replace("{sandboxID}", "{sandbox_id}"), method.upper())
-        for path, methods in document["paths"].items()
-        for method in methods
-    }
-    served = {
-        (route.path, method)
-        for route in sandboxes.routes
-        for method in (route.methods or ())
-        if method != "HEAD"
-    }
-    assert served <= described
 
 
 def test_logs_and_legacy_resume(shared_server: BilikServer) -> None:

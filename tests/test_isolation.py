@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -131,7 +132,7 @@ async def test_root_inside_is_an_unprivileged_uid_outside(
 
 
 async def test_sandbox_user_and_sudo_config(
-    runtime: LocalRuntime, shared_sandbox: SandboxInfo
+    runtime: LocalRuntime, shared_sandbox: SandboxInfo, oci_runtime: str
 ) -> None:
     out = await run_ok(runtime, shared_sandbox.sandbox_id, "id; echo $HOME; pwd", user="user")
     assert out.splitlines() == [
@@ -141,12 +142,23 @@ async def test_sandbox_user_and_sudo_config(
     ]
     sudoers = await run_ok(runtime, shared_sandbox.sandbox_id, "cat /etc/sudoers.d/user")
     assert "NOPASSWD: ALL" in sudoers
-    # no_new_privs is set on every process: set-uid binaries cannot raise privileges.
+    # no_new_privs is off, so sudo works, as on E2B (root inside is still the unprivileged
+    # host uid, see above, under the same seccomp filter). Debian 12's gVisor sets it on every
+    # process whatever the bundle says, and ignores set-uid bits (google/gvisor#212).
     get_no_new_privs = "import ctypes; print(ctypes.CDLL(None).prctl(39, 0, 0, 0, 0))"
     status = await run_ok(
         runtime, shared_sandbox.sandbox_id, f'python3 -c "{get_no_new_privs}"', user="user"
     )
-    assert status == "1\n"
+    if oci_runtime == "runsc":
+        assert status == "1\n"
+        return
+    assert status == "0\n"
+    out = await run_ok(runtime, shared_sandbox.sandbox_id, "sudo -n id -u", user="user")
+    assert out == "0\n"
+    seccomp = await run_ok(
+        runtime, shared_sandbox.sandbox_id, "sudo -n grep ^Seccomp: /proc/self/status", user="user"
+    )
+    assert seccomp.split() == ["Seccomp:", "2"]
 
 
 async def test_capabilities_are_minimal(runtime: LocalRuntime, shared_sandbox: SandboxInfo) -> None:
@@ -191,3 +203,18 @@ async def test_host_never_follows_links_the_sandbox_plants(
     """Users are looked up in the template's layers, not in the sandbox's own /etc/passwd."""
     await run_ok(runtime, sandbox.sandbox_id, "ln -sf /dev/zero /etc/passwd")
     assert await run_ok(runtime, sandbox.sandbox_id, "id -u", user="user") == "1000\n"
+
+
+async def test_set_uid_files_stay_out_of_other_host_users_reach(
+    runtime: LocalRuntime, shared_sandbox: SandboxInfo
+) -> None:
+    """Set-uid files work inside (``sudo``), and exist on the host in layers, build trees and
+    each sandbox's rootfs, owned by the sandboxes' root: no other host user may reach them."""
+    sandbox_dir = runtime.records.dir(shared_sandbox.sandbox_id)
+    for d in (runtime.layers.layers_dir, runtime.layers.tmp_dir, sandbox_dir):
+        st = os.stat(d)
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (0, SETTINGS.uid_base, 0o710), d
+    # (nobody is neither root nor in the sandboxes' group)
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    listing = subprocess.run([*nobody, "ls", sandbox_dir / "rootfs"], capture_output=True)
+    assert listing.returncode != 0 and b"Permission denied" in listing.stderr

@@ -109,9 +109,11 @@ def test_create_info_list_connect_and_kill(sdk_server: BilikServer) -> None:
 
 def test_list_pages(sdk_server: BilikServer) -> None:
     opts = _opts(sdk_server)
-    made = [Sandbox.create("base", metadata={"page": "yes"}, **opts) for _ in range(3)]
+    # (a value with the characters a query string gives meaning to)
+    metadata = {"page": "yes & a=b %2B+"}
+    made = [Sandbox.create("base", metadata=metadata, **opts) for _ in range(3)]
     try:
-        pages = Sandbox.list(query=SandboxQuery(metadata={"page": "yes"}), limit=2, **opts)
+        pages = Sandbox.list(query=SandboxQuery(metadata=metadata), limit=2, **opts)
         first = pages.next_items()
         assert len(first) == 2 and pages.has_next and pages.next_token
         second = pages.next_items()

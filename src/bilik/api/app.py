@@ -22,7 +22,7 @@ from ..runtime import LocalRuntime
 from ..sandboxes import SandboxService, pool_sizes, warm_pool
 from ..store import Store, database_url
 from ..templates import TemplateService
-from . import openapi, sandboxes, templates
+from . import keys, openapi, sandboxes, templates
 from .errors import ApiError, handle_api_error, handle_http_error, handle_unexpected
 from .limits import CreateLimiter
 
@@ -53,6 +53,10 @@ async def ensure_first_key(store: Store, data_dir: Path) -> None:
 def create_app(settings: Settings) -> SandboxPlane:
     """The server: the sandbox plane in front of the control plane, on one port."""
     pool_sizes(settings)  # a bad setting stops the server before it starts
+    # httpx logs every request it makes at INFO, and the server makes many of its own
+    # (readiness polls, the sandbox plane's requests): they show only when logging at DEBUG.
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     runtime = LocalRuntime(settings, log=log.info)
 
     async def reaper(service: SandboxService) -> None:
@@ -83,19 +87,26 @@ def create_app(settings: Settings) -> SandboxPlane:
             log.warning("build %s was cut short by a stop of the server", build_id)
         dns = await runtime.serve_dns()
         pool = warm_pool(runtime, app.state.templates, pool_sizes(settings), log.info)
-        owned = app.state.plane.owned.add
-        service = SandboxService(runtime, store, app.state.templates, pool, owned)
+        plane = app.state.plane
+        service = SandboxService(
+            runtime, store, app.state.templates, pool, plane.owned.add, plane.end
+        )
         # The runtime's truth wins (the store is settled from it); then the pool fills, after
         # the DNS forwarder: a pooled sandbox's start command may resolve names.
         await service.start()
         app.state.sandboxes = service
         app.state.pool = pool
-        task = asyncio.create_task(reaper(service))
+        # (one sampler of every sandbox's usage, for the metrics history)
+        tasks = [
+            asyncio.create_task(reaper(service)),
+            asyncio.create_task(service.sample_forever()),
+        ]
         app.state.ready = True
         try:
             yield
         finally:
-            task.cancel()
+            for task in tasks:
+                task.cancel()
             await service.close()
             await app.state.templates.close()
             await dns.close()
@@ -116,6 +127,7 @@ def create_app(settings: Settings) -> SandboxPlane:
             Route("/openapi.json", openapi.openapi),
             *sandboxes.routes,
             *templates.routes,
+            *keys.routes,
         ],
         lifespan=lifespan,
         exception_handlers={

@@ -82,7 +82,7 @@ class CreateLimiter:
             )
         if caps.creates_per_minute is not None:
             now = time.monotonic()
-            window = self._creates[key.id]
+            window = self._creates[key.team_id]
             while window and window[0] <= now - WINDOW_S:
                 window.popleft()
             if len(window) >= caps.creates_per_minute:

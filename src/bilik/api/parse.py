@@ -17,14 +17,17 @@ from typing import Any, TypeGuard
 from starlette.requests import ClientDisconnect, Request
 
 from ..runtime.spec import is_sandbox_id
+from ..store.templates import DEFAULT_TAG
 from .errors import ApiError
 
 # The largest JSON body the control plane takes (a create with 64 KiB of metadata fits).
 MAX_BODY = 1 << 20
 
-# A template's name (what a key calls it, its alias) and its id (20 hex digits) are both this;
-# so is a tag.
-_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
+# E2B's rules: a template's name (its alias) is lowercase letters, digits, "-" and "_" (an id,
+# 20 hex digits, is one too); a tag may also hold ".", and is never a UUID. bilik keeps each to
+# 128 characters (what its database holds).
+_NAME_RE = re.compile(r"[a-z0-9_-]{1,128}")
+_TAG_RE = re.compile(r"[a-z0-9._-]{1,128}")
 # A build id: a UUID as bilik writes it.
 _BUILD_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
@@ -78,9 +81,20 @@ async def json_object(request: Request, *, required: bool = True) -> dict[str, A
 
 
 def is_template_name(text: object) -> TypeGuard[str]:
-    """A template's name or id, or a tag: lowercase ASCII letters, digits, ``.``, ``_``, ``-``,
-    starting with a letter or digit, at most 128."""
+    """A template's name or id: lowercase ASCII letters, digits, ``-`` and ``_``, at most 128."""
     return isinstance(text, str) and _NAME_RE.fullmatch(text) is not None
+
+
+def is_tag(text: object) -> TypeGuard[str]:
+    """A tag: lowercase ASCII letters, digits, ``.``, ``-`` and ``_``, at most 128, not a UUID
+    (E2B keeps those for build ids), and not only dots (``.``, ``..``: names that mean a
+    directory wherever a tag ends up in a path or a URL)."""
+    return (
+        isinstance(text, str)
+        and _TAG_RE.fullmatch(text) is not None
+        and not is_build_id(text)
+        and text.strip(".") != ""
+    )
 
 
 def is_build_id(text: object) -> TypeGuard[str]:
@@ -88,12 +102,39 @@ def is_build_id(text: object) -> TypeGuard[str]:
 
 
 def template_ref(text: object, field: str) -> tuple[str, str]:
-    """``(name, tag)`` of a body's ``name[:tag]`` (tag "" if none); a 400 if malformed."""
-    if isinstance(text, str):
-        name, sep, tag = text.partition(":")
-        if is_template_name(name) and (not sep or is_template_name(tag)):
-            return name, tag
-    raise ApiError(400, f"{field} must be a template name, optionally with :tag")
+    """``(name, tag)`` of a ``name[:tag]`` as E2B reads it: trimmed and lowercased, the tag ""
+    when there is none or it is "default"; a 400 that says what is wrong if it is malformed."""
+    if not isinstance(text, str):
+        raise ApiError(400, f"{field} must be a template name, optionally with :tag")
+    name, sep, tag = (part.strip().lower() for part in text.strip().partition(":"))
+    if not is_template_name(name):
+        raise ApiError(
+            400,
+            f"{field} {text!r}: a template name must be 1-128 lowercase letters, digits, "
+            "'-' or '_'" + (" (a tag needs a name before its ':')" if sep and not name else ""),
+        )
+    if sep and not is_tag(tag):
+        raise ApiError(
+            400,
+            f"{field} {text!r}: a tag after ':' must be 1-128 lowercase letters, digits, '.', "
+            "'-' or '_', not only dots, and not a UUID",
+        )
+    return name, "" if tag == DEFAULT_TAG else tag
+
+
+def tag_list(value: object, field: str = "tags") -> list[str]:
+    """A body's list of tags, trimmed, lowercased and without repeats (as E2B takes them)."""
+    if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+        raise ApiError(400, f"{field} must be a list of tags")
+    tags = [t.strip().lower() for t in value]
+    for tag in tags:
+        if not is_tag(tag):
+            raise ApiError(
+                400,
+                f"{field}: {tag!r} is not a tag (1-128 lowercase letters, digits, '.', '-' or "
+                "'_', not only dots, and not a UUID)",
+            )
+    return list(dict.fromkeys(tags))
 
 
 def path_sandbox_id(request: Request) -> str:

@@ -1,14 +1,23 @@
-"""E2B's sandbox lifecycle endpoints: create, get, list, kill, timeout, connect."""
+"""E2B's sandbox lifecycle endpoints: create, get, list, kill, timeout, connect, refresh, metrics
+and logs.
+
+What E2B's API takes and bilik cannot do yet (pausing, MCP, volumes, egress transforms, ...) is
+refused with a 400 that names it, never dropped without a word; the values the SDKs send when
+nothing is asked (``autoPause: false``, ``secure: true``) pass.
+"""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import functools
 import json
 import secrets
+import time
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from datetime import UTC, datetime
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from starlette.requests import Request
@@ -16,7 +25,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..runtime import Limits, RuntimeFailure
+from ..runtime.spec import is_sandbox_id
 from ..sandboxes import CreateRequest, IdempotencyConflict, Listing, Sandbox, SandboxService
+from ..sandboxes.metrics import Sample
+from ..sandboxes.service import start_micros
 from ..store import Store
 from ..templates.service import TemplateUnavailable
 from .auth import authenticate
@@ -30,6 +42,14 @@ ENVD_VERSION = "0.6.4"
 CLIENT_ID = "bilik"
 MAX_METADATA = 64 << 10
 MAX_PAGE = 100
+# E2B's refresh: a sandbox kept alive for less than this is kept alive this long.
+REFRESH_MIN_S = 15
+MAX_REFRESH_S = 3600
+# E2B's v2 logs: the most entries one page holds, and the longest search.
+MAX_LOG_PAGE = 1000
+MAX_LOG_SEARCH = 256
+LOG_LEVELS = ("debug", "info", "warn", "error")
+_EPOCH = datetime.fromtimestamp(0, UTC)
 
 
 def _rfc3339(timestamp: float) -> str:
@@ -72,6 +92,62 @@ def _egress(data: dict[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
             raise ApiError(400, f"network.{name} must be a list of strings")
         rules.append(tuple(value))
     return rules[0], rules[1]
+
+
+def _flag(data: dict[str, Any], field: str) -> bool | None:
+    value = data.get(field)
+    if value is not None and not isinstance(value, bool):
+        raise ApiError(400, f"{field} must be true or false")
+    return value
+
+
+def _unsupported(what: str, field: str) -> ApiError:
+    return ApiError(400, f"{what} ({field}) is not supported by this server yet")
+
+
+def _refuse_unsupported(data: dict[str, Any]) -> None:
+    """A 400 for each thing a create asks for that bilik cannot do yet, naming it. What an
+    SDK sends when nothing is asked (a false, an empty list or object, a null) passes."""
+    if _flag(data, "autoPause"):
+        raise _unsupported("pausing a sandbox at its timeout", "autoPause")
+    _flag(data, "autoPauseMemory")  # (only ever read with autoPause)
+    if _flag(data, "secure") is False:
+        raise _unsupported("envd without an access token", "secure: false")
+    resume = data.get("autoResume")
+    if resume is not None:
+        if not isinstance(resume, dict):
+            raise ApiError(400, "autoResume must be an object")
+        if _flag(resume, "enabled"):
+            raise _unsupported("resuming a paused sandbox on traffic", "autoResume")
+    lifecycle = data.get("lifecycle")
+    if lifecycle is not None:
+        if not isinstance(lifecycle, dict):
+            raise ApiError(400, "lifecycle must be an object")
+        if lifecycle.get("onTimeout") not in (None, "kill"):
+            raise _unsupported("anything but a kill at a sandbox's timeout", "lifecycle.onTimeout")
+        if _flag(lifecycle, "autoResume"):
+            raise _unsupported("resuming a paused sandbox on traffic", "lifecycle.autoResume")
+    if data.get("mcp") not in (None, {}):
+        raise _unsupported("an MCP gateway in the sandbox", "mcp")
+    if data.get("volumeMounts") not in (None, []):
+        raise _unsupported("volumes", "volumeMounts")
+    iam = data.get("iam")
+    if iam not in (None, {}) and (not isinstance(iam, dict) or iam.get("tokens")):
+        raise _unsupported("workload identity tokens", "iam")
+    network = data.get("network")
+    if isinstance(network, dict):
+        if _flag(network, "allowPublicTraffic") is False:
+            raise _unsupported("sandbox URLs that need a traffic token", "allowPublicTraffic")
+        if network.get("dnsServers") is not None:  # (an empty list asks for no DNS at all)
+            raise _unsupported("DNS servers of the sandbox's own choosing", "network.dnsServers")
+        for field, what in (
+            ("rules", "egress transform rules"),
+            ("egressProxy", "an egress proxy"),
+            ("maskRequestHost", "a host mask for sandbox requests"),
+            ("httpsPorts", "HTTPS ports"),
+        ):
+            if network.get(field) not in (None, {}, [], ""):
+                raise _unsupported(what, f"network.{field}")
 
 
 def _size(data: dict[str, Any], field: str) -> int | None:
@@ -165,6 +241,7 @@ async def create(request: Request) -> Response:
     template = data.get("templateID")
     if template is None or template == "":
         raise ApiError(400, "templateID is required")
+    _refuse_unsupported(data)
     name, tag = template_ref(template, "templateID")  # (a 400 if it is no template's name)
     metadata = _strings(data, "metadata")
     if len(json.dumps(metadata)) > MAX_METADATA:
@@ -177,7 +254,7 @@ async def create(request: Request) -> Response:
         raise ApiError(400, "timeout must be a whole number of seconds")
     allow_out, deny_out = _egress(data)
     want = CreateRequest(
-        key_id=key.id,
+        key_id=key.team_id,
         template=name,
         tag=tag,
         timeout_s=timeout,
@@ -198,9 +275,9 @@ async def create(request: Request) -> Response:
         # Creates and builds of this key still under way count too, or concurrent ones could
         # pass the cap.
         limiter.check(
-            key, running + limiter.under_way(key.id), timeout, limits.cpu, limits.memory_mb
+            key, running + limiter.under_way(key.team_id), timeout, limits.cpu, limits.memory_mb
         )
-        with limiter.creating(key.id):
+        with limiter.creating(key.team_id):
             yield
 
     sandbox = await _service(request).create(want, admit)
@@ -210,14 +287,14 @@ async def create(request: Request) -> Response:
 @_handler
 async def get(request: Request) -> Response:
     key = await authenticate(request)
-    sandbox = await _service(request).get(key.id, path_sandbox_id(request))
+    sandbox = await _service(request).get(key.team_id, path_sandbox_id(request))
     return JSONResponse(_detail(sandbox))
 
 
 @_handler
 async def kill(request: Request) -> Response:
     key = await authenticate(request)
-    await _service(request).kill(key.id, path_sandbox_id(request))
+    await _service(request).kill(key.team_id, path_sandbox_id(request))
     return Response(status_code=204)
 
 
@@ -230,7 +307,7 @@ async def set_timeout(request: Request) -> Response:
         raise ApiError(400, "timeout is required")
     # The key's cap on a create's timeout caps every later one too.
     _limiter(request).check_size(key, timeout_s=timeout)
-    await _service(request).set_timeout(key.id, sandbox_id, timeout)
+    await _service(request).set_timeout(key.team_id, sandbox_id, timeout)
     return Response(status_code=204)
 
 
@@ -241,38 +318,91 @@ async def connect(request: Request) -> Response:
     timeout = _timeout(await json_object(request, required=False), None)
     if timeout is not None:
         _limiter(request).check_size(key, timeout_s=timeout)
-    sandbox = await _service(request).connect(key.id, sandbox_id, timeout)
+    # (a connect only ever moves a running sandbox's end later)
+    sandbox = await _service(request).extend(key.team_id, sandbox_id, timeout)
     return JSONResponse(_sandbox(sandbox))
 
 
 @_handler
-async def metrics(request: Request) -> Response:
-    """E2B's ``[SandboxMetric]``: one sample, taken now, from the sandbox's cgroup and disk."""
+async def refresh(request: Request) -> Response:
+    """E2B's refresh: the sandbox lives at least ``duration`` seconds more (15 at the least)."""
     key = await authenticate(request)
-    usage = await _service(request).usage(key.id, path_sandbox_id(request))
-    now = datetime.now(UTC)
-    return JSONResponse(
-        [
-            {
-                "timestamp": now.isoformat().replace("+00:00", "Z"),
-                "timestampUnix": int(now.timestamp()),
-                "cpuCount": usage.cpu_count,
-                "cpuUsedPct": usage.cpu_used_pct,
-                "memUsed": usage.mem_used,
-                "memTotal": usage.mem_total,
-                "memCache": 0,
-                "diskUsed": usage.disk_used,
-                "diskTotal": usage.disk_total,
-            }
-        ]
-    )
+    sandbox_id = path_sandbox_id(request)
+    data = await json_object(request, required=False)
+    duration = data.get("duration", REFRESH_MIN_S)
+    if isinstance(duration, bool) or not isinstance(duration, int):
+        raise ApiError(400, f"duration must be a whole number of seconds; got {duration!r}")
+    if not 0 <= duration <= MAX_REFRESH_S:
+        raise ApiError(400, f"duration must be between 0 and {MAX_REFRESH_S}")
+    duration = max(duration, REFRESH_MIN_S)
+    _limiter(request).check_size(key, timeout_s=duration)
+    await _service(request).extend(key.team_id, sandbox_id, duration)
+    return Response(status_code=204)
+
+
+def _metric(sample: Sample) -> dict[str, Any]:
+    """E2B's ``SandboxMetric``."""
+    return {
+        "timestamp": _rfc3339(sample.timestamp),
+        "timestampUnix": int(sample.timestamp),
+        "cpuCount": sample.cpu_count,
+        "cpuUsedPct": sample.cpu_used_pct,
+        "memUsed": sample.mem_used,
+        "memTotal": sample.mem_total,
+        "memCache": 0,
+        "diskUsed": sample.disk_used,
+        "diskTotal": sample.disk_total,
+    }
+
+
+def _unix_param(request: Request, name: str) -> int | None:
+    text = request.query_params.get(name)
+    if text is None:
+        return None
+    if not (text.isascii() and text.isdigit() and len(text) <= 15):
+        raise ApiError(400, f"{name} must be a whole number, at least 0")
+    return int(text)
+
+
+@_handler
+async def metrics(request: Request) -> Response:
+    """E2B's ``[SandboxMetric]``: the sandbox's samples from ``start`` (its start, if not
+    given) to ``end`` (now), unix seconds, oldest first."""
+    key = await authenticate(request)
+    sandbox_id = path_sandbox_id(request)
+    _known_params(request, {"start", "end"})
+    start, end = _unix_param(request, "start"), _unix_param(request, "end")
+    start = 0 if start is None else start
+    end = int(time.time()) + 1 if end is None else end
+    if start > end:
+        raise ApiError(400, "start must not be after end")
+    samples = await _service(request).usage(key.team_id, sandbox_id, start, end)
+    return JSONResponse([_metric(s) for s in samples])
+
+
+@_handler
+async def metrics_of_many(request: Request) -> Response:
+    """E2B's ``SandboxesWithMetrics``: the latest sample of each sandbox asked for that is the
+    caller's and runs."""
+    key = await authenticate(request)
+    _known_params(request, {"sandbox_ids"})
+    text = request.query_params.get("sandbox_ids")
+    if not text:
+        raise ApiError(400, "sandbox_ids is required: sandbox ids, comma-separated")
+    ids = text.split(",")
+    if len(ids) > MAX_PAGE or len(set(ids)) != len(ids):
+        raise ApiError(400, f"sandbox_ids must be at most {MAX_PAGE} ids, each once")
+    if not all(is_sandbox_id(i) for i in ids):
+        raise ApiError(400, "sandbox_ids holds something that is not a sandbox id")
+    latest = await _service(request).latest_usage(key.team_id, ids)
+    return JSONResponse({"sandboxes": {i: _metric(s) for i, s in latest.items()}})
 
 
 @_handler
 async def resume(request: Request) -> Response:
     """The legacy resume (SDK 2.0-2.5): sandboxes here never pause, so a live one is 409."""
     key = await authenticate(request)
-    sandbox = await _service(request).get(key.id, path_sandbox_id(request))
+    sandbox = await _service(request).get(key.team_id, path_sandbox_id(request))
     raise ApiError(409, f"sandbox {sandbox.info.sandbox_id!r} is already running")
 
 
@@ -280,27 +410,101 @@ async def resume(request: Request) -> Response:
 async def logs(request: Request) -> Response:
     """E2B's ``SandboxLogs``: what the sandbox's PID 1 wrote, a line each."""
     key = await authenticate(request)
-    sandbox, lines = await _service(request).console(key.id, path_sandbox_id(request))
+    sandbox, lines = await _service(request).console(key.team_id, path_sandbox_id(request))
     started = _rfc3339(sandbox.info.created_at)
     return JSONResponse(
         {"logs": [{"timestamp": started, "line": line} for line in lines], "logEntries": []}
     )
 
 
-async def _listed(
-    request: Request, order: str = "asc", started_after: float | None = None
-) -> AsyncIterator[dict[str, Any]]:
-    """The caller's running sandboxes in start order, filtered by the ``metadata`` and
-    ``template`` params."""
+@_handler
+async def logs_v2(request: Request) -> Response:
+    """E2B's ``SandboxLogsV2Response``: what the sandbox's PID 1 wrote, an ``info`` entry a
+    line, paged by ``cursor`` (milliseconds) in ``direction`` (forward: from the cursor on,
+    oldest first; backward: up to it, newest first), filtered by ``level`` and ``search``."""
     key = await authenticate(request)
-    wanted = Listing(
-        metadata=dict(urllib.parse.parse_qsl(request.query_params.get("metadata", ""))),
-        template=request.query_params.get("template"),
-        started_after=started_after,
-        newest_first=order == "desc",
-    )
-    async for sandbox in _service(request).list(key.id, wanted):
-        yield _detail(sandbox)
+    params = request.query_params
+    _known_params(request, {"cursor", "limit", "direction", "level", "search"})
+    cursor = _unix_param(request, "cursor")
+    limit = _whole(params.get("limit", str(MAX_LOG_PAGE)), "limit", 0, MAX_LOG_PAGE)
+    direction = params.get("direction", "forward")
+    if direction not in ("forward", "backward"):
+        raise ApiError(400, "direction must be forward or backward")
+    level = params.get("level", "debug")
+    if level not in LOG_LEVELS:
+        raise ApiError(400, f"level must be one of {', '.join(LOG_LEVELS)}")
+    search = params.get("search", "")
+    if len(search) > MAX_LOG_SEARCH:
+        raise ApiError(400, f"search must be at most {MAX_LOG_SEARCH} characters")
+    sandbox, lines = await _service(request).console(key.team_id, path_sandbox_id(request))
+    # (the console keeps no times: every line is the sandbox's start's, at level info)
+    at = int(sandbox.info.created_at * 1000)
+    outside = cursor is not None and (at < cursor if direction == "forward" else at > cursor)
+    if outside or LOG_LEVELS.index(level) > LOG_LEVELS.index("info"):
+        lines = []
+    lines = [line for line in lines if search in line]
+    if direction == "backward":
+        lines.reverse()
+    stamp = _rfc3339(sandbox.info.created_at)
+    entries = [{"timestamp": stamp, "level": "info", "message": m, "fields": {}} for m in lines]
+    return JSONResponse({"logs": entries[:limit]})
+
+
+def _known_params(request: Request, known: set[str]) -> None:
+    """A 400 for a query parameter the endpoint does not know: a filter bilik cannot apply
+    is never ignored."""
+    if unknown := sorted(set(request.query_params) - known):
+        raise ApiError(400, f"unknown query parameter(s): {', '.join(unknown)}")
+
+
+def _whole(text: str, name: str, low: int, high: int) -> int:
+    if not (text.isascii() and text.isdigit() and len(text) <= 6) or not low <= int(text) <= high:
+        raise ApiError(400, f"{name} must be a whole number from {low} to {high}")
+    return int(text)
+
+
+def _metadata_filter(text: str | None) -> dict[str, str]:
+    """E2B's ``metadata`` param: ``k=v`` pairs joined by ``&``, the whole escaped once more
+    (as the SDKs send it), each key and value escaped too."""
+    if not text:
+        return {}
+    filters = {}
+    for pair in urllib.parse.unquote_plus(text).split("&"):
+        parts = pair.split("=")
+        if len(parts) != 2:
+            raise ApiError(400, "metadata must be key=value pairs joined by &")
+        filters[urllib.parse.unquote_plus(parts[0])] = urllib.parse.unquote_plus(parts[1])
+    return filters
+
+
+def _time_param(text: str, name: str) -> int:
+    """An RFC 3339 time, in whole microseconds."""
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ApiError(400, f"{name} is not an RFC 3339 time: {text!r}") from None
+    if when.tzinfo is None:
+        raise ApiError(400, f"{name} must carry its UTC offset: {text!r}")
+    return (when - _EPOCH) // timedelta(microseconds=1)
+
+
+def _page_token(sandbox: Sandbox, oldest_first: bool) -> str:
+    """E2B's next token: its last sandbox's start and id (and the order, when oldest first)."""
+    started = _EPOCH + timedelta(microseconds=start_micros(sandbox.row.started_at))
+    text = f"{started.isoformat().replace('+00:00', 'Z')}__{sandbox.row.id}"
+    return base64.urlsafe_b64encode((text + ("__asc" if oldest_first else "")).encode()).decode()
+
+
+def _page_cursor(token: str, oldest_first: bool) -> tuple[int, str]:
+    try:
+        parts = base64.urlsafe_b64decode(token.encode("ascii")).decode().split("__")
+    except (ValueError, binascii.Error, UnicodeError):
+        raise ApiError(400, "nextToken is not valid") from None
+    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "asc"):
+        raise ApiError(400, "nextToken is not valid")
+    if (len(parts) == 3) != oldest_first:
+        raise ApiError(400, "nextToken was issued for the other order")
+    return _time_param(parts[0], "nextToken"), parts[1]
 
 
 async def recorded_sandboxes(request: Request, key_id: str) -> int:
@@ -311,59 +515,66 @@ async def recorded_sandboxes(request: Request, key_id: str) -> int:
 
 @_handler
 async def list_v1(request: Request) -> Response:
-    return JSONResponse([s async for s in _listed(request)])
+    """The caller's running sandboxes, newest first, filtered by ``metadata``."""
+    key = await authenticate(request)
+    _known_params(request, {"metadata"})
+    wanted = Listing(metadata=_metadata_filter(request.query_params.get("metadata")))
+    return JSONResponse([_detail(s) async for s in _service(request).list(key.team_id, wanted)])
 
 
 @_handler
 async def list_v2(request: Request) -> Response:
+    """E2B's list: the caller's sandboxes in the ``state``s asked for (running and paused if
+    none: none is paused here), newest first (or oldest first: ``order=asc``), filtered by
+    ``metadata``, ``template`` and ``startedAfter`` (included), a page of ``limit`` at a time
+    with ``X-Next-Token`` naming the next page."""
+    key = await authenticate(request)
     params = request.query_params
-    states = {s for s in params.get("state", "running").split(",") if s}
+    _known_params(
+        request, {"metadata", "state", "order", "startedAfter", "template", "nextToken", "limit"}
+    )
+    states = set(params.get("state", "running,paused").split(","))
     if not states <= {"running", "paused"}:
         raise ApiError(400, f"state must be running and/or paused, got {params.get('state')!r}")
-    try:
-        limit = int(params.get("limit", MAX_PAGE))
-    except ValueError:
-        raise ApiError(400, "limit must be a whole number") from None
-    if not 1 <= limit <= MAX_PAGE:
-        raise ApiError(400, f"limit must be between 1 and {MAX_PAGE}")
-    order = params.get("order", "asc")
+    limit = _whole(params.get("limit", str(MAX_PAGE)), "limit", 1, MAX_PAGE)
+    order = params.get("order", "desc")
     if order not in ("asc", "desc"):
         raise ApiError(400, "order must be asc or desc")
-    since = None
-    if after := params.get("startedAfter"):
-        try:
-            since = datetime.fromisoformat(after.replace("Z", "+00:00")).timestamp()
-        except ValueError:
-            raise ApiError(400, f"startedAfter is not an ISO 8601 time: {after!r}") from None
-    cursor = params.get("nextToken")
-    page: list[dict[str, Any]] = []
+    oldest_first = order == "asc"
+    after = params.get("startedAfter")
+    token = params.get("nextToken")
+    wanted = Listing(
+        metadata=_metadata_filter(params.get("metadata")),
+        template=params.get("template") or None,
+        started_after=None if after is None else _time_param(after, "startedAfter"),
+        oldest_first=oldest_first,
+        after=_page_cursor(token, oldest_first) if token else None,
+    )
+    page: list[Sandbox] = []
     more = False
     if "running" in states:
-        found = cursor is None  # a cursor names the last item of the previous page
-        async for sandbox in _listed(request, order, since):
-            if not found:
-                found = f"{sandbox['startedAt']}|{sandbox['sandboxID']}" == cursor
-                continue
+        async for sandbox in _service(request).list(key.team_id, wanted):
             if len(page) == limit:
                 more = True
                 break
             page.append(sandbox)
-        if not found:
-            raise ApiError(400, "nextToken is not valid (or its sandbox is gone)")
-    headers = {"X-Next-Token": f"{page[-1]['startedAt']}|{page[-1]['sandboxID']}"} if more else {}
-    return JSONResponse(page, headers=headers)
+    headers = {"X-Next-Token": _page_token(page[-1], oldest_first)} if more else {}
+    return JSONResponse([_detail(s) for s in page], headers=headers)
 
 
 routes = [
     Route("/sandboxes", create, methods=["POST"]),
     Route("/v2/sandboxes", create, methods=["POST"]),
     Route("/sandboxes", list_v1, methods=["GET"]),
+    Route("/sandboxes/metrics", metrics_of_many, methods=["GET"]),
     Route("/v2/sandboxes", list_v2, methods=["GET"]),
     Route("/sandboxes/{sandbox_id}", get, methods=["GET"]),
     Route("/sandboxes/{sandbox_id}", kill, methods=["DELETE"]),
     Route("/sandboxes/{sandbox_id}/timeout", set_timeout, methods=["POST"]),
+    Route("/sandboxes/{sandbox_id}/refreshes", refresh, methods=["POST"]),
     Route("/sandboxes/{sandbox_id}/metrics", metrics, methods=["GET"]),
     Route("/sandboxes/{sandbox_id}/logs", logs, methods=["GET"]),
+    Route("/v2/sandboxes/{sandbox_id}/logs", logs_v2, methods=["GET"]),
     Route("/sandboxes/{sandbox_id}/resume", resume, methods=["POST"]),
     Route("/sandboxes/{sandbox_id}/connect", connect, methods=["POST"]),
     Route("/v2/sandboxes/{sandbox_id}/connect", connect, methods=["POST"]),

@@ -210,6 +210,9 @@ def guarded_protocol(settings: Settings) -> type[GuardedH11Protocol]:
     )
 
 
+SHUTDOWN_GRACE_S = 10
+
+
 def serve(app: ASGIApp, settings: Settings) -> None:
     """Run ``app`` on the settings' address until stopped (SIGINT, SIGTERM)."""
     uvicorn.run(
@@ -218,4 +221,7 @@ def serve(app: ASGIApp, settings: Settings) -> None:
         port=settings.port,
         log_level="info",
         http=guarded_protocol(settings),
+        # A stop waits this long for requests under way (a client's stream may never end
+        # by itself), then ends them.
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
     )

@@ -2,8 +2,15 @@
 
 The caller (a freshly forked, single-threaded process running as host root) is moved into the
 sandbox's cgroups and namespaces, chrooted to its root, made its root user, and left with the
-sandbox's capabilities, ``no_new_privs`` and its seccomp filter. What comes after runs with
-nothing more than a process the OCI runtime itself would start in the sandbox.
+sandbox's capabilities and its seccomp filter. What comes after runs with nothing more than a
+process the OCI runtime itself would start in the sandbox.
+
+``no_new_privs`` stays unset, as the OCI runtime leaves it for the sandbox's own processes, so
+that set-uid programs (``sudo``) work inside. What they can gain is bounded by the sandbox's
+capability bounding set, in the sandbox's user namespace, under the same seccomp filter (a
+filter is inherited across ``execve`` and never removed). Without ``no_new_privs`` the kernel
+lets only a task with ``CAP_SYS_ADMIN`` in its user namespace install a filter: the joiner
+installs it while it still has every capability there, then drops them.
 """
 
 from __future__ import annotations
@@ -91,7 +98,8 @@ class SeccompFilter:
         self._fprog = _SockFprog(len(program) // 8, ctypes.addressof(self._buffer))
 
     def load(self) -> None:
-        """Set the filter on this thread (``no_new_privs`` must be set already)."""
+        """Set the filter on this thread (which needs ``CAP_SYS_ADMIN`` in its user namespace,
+        or ``no_new_privs``)."""
         _prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(self._fprog))
 
 
@@ -141,6 +149,8 @@ def enter(target: Target, capabilities: list[str], seccomp: SeccompFilter) -> No
     os.setgroups([])
     os.setresgid(0, 0, 0)
     os.setresuid(0, 0, 0)
+    # Before the capabilities go: setting a filter takes CAP_SYS_ADMIN (see the docstring).
+    seccomp.load()
     keep = {CAP_NUMBERS[c.removeprefix("CAP_")] for c in capabilities}
     with open("/proc/sys/kernel/cap_last_cap") as f:
         last = int(f.read())
@@ -155,8 +165,6 @@ def enter(target: Target, capabilities: list[str], seccomp: SeccompFilter) -> No
     )
     _check(_libc.capset(ctypes.byref(header), data), "capset")
     _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
-    _prctl(PR_SET_NO_NEW_PRIVS, 1)
-    seccomp.load()
 
 
 def set_child_subreaper() -> None:

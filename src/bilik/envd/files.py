@@ -28,6 +28,7 @@ from .http import Receive, Scope, Send, header, json_error, send_json
 from .users import User, make_parents, resolve
 
 CHUNK = 256 * 1024
+METADATA_HEADER = b"x-metadata-"
 
 
 async def download(scope: Scope, send: Send, path: str, user: User, workdir: str) -> None:
@@ -103,11 +104,7 @@ async def upload(
     """Write the request's file(s) as ``user``; with ``signed_path`` (the path a signed URL
     names), exactly one file, there."""
     content_type = (header(scope, "content-type") or "").lower()
-    meta = {
-        name.decode().lower()[len("x-metadata-") :]: value.decode(errors="replace")
-        for name, value in scope["headers"]
-        if name.lower().startswith(b"x-metadata-")
-    }
+    meta = _metadata(scope)
     body = _body(receive)
     if "gzip" in (header(scope, "content-encoding") or "").lower():
         body = _gunzip(body)
@@ -128,13 +125,13 @@ async def upload(
                     raise _Refused("a file part without a path")
                 target = resolve(name, user, workdir)
                 await _write(target, data, user, meta)
-                written.append(_info(target))
+                written.append(_info(target, meta))
         else:
             if not path:
                 raise _Refused("the path query parameter is required")
             target = resolve(path, user, workdir)
             await _write(target, body, user, meta)
-            written.append(_info(target))
+            written.append(_info(target, meta))
     except (multipart.MultipartError, _Refused) as e:
         if signed_path is not None:
             await _discard(written, user)
@@ -152,6 +149,18 @@ async def upload(
         await json_error(send, 400, "no file in the request")
         return
     await send_json(send, 200, written)
+
+
+def _metadata(scope: Scope) -> dict[str, str]:
+    """The file metadata an upload sets, from its ``X-Metadata-<key>`` headers (as E2B's envd:
+    keys lowercased, an empty key dropped, the first of repeated headers wins)."""
+    meta: dict[str, str] = {}
+    for name, value in scope["headers"]:
+        if name.lower().startswith(METADATA_HEADER):
+            key = name.decode(errors="replace").lower()[len(METADATA_HEADER) :]
+            if key:
+                meta.setdefault(key, value.decode(errors="replace"))
+    return meta
 
 
 def _signed_part(
@@ -230,8 +239,12 @@ async def _write(target: str, data: AsyncIterator[bytes], user: User, meta: dict
         raise
 
 
-def _info(target: str) -> dict[str, Any]:
-    return {"name": os.path.basename(target), "type": "file", "path": target}
+def _info(target: str, meta: dict[str, str]) -> dict[str, Any]:
+    """A written file as the upload's answer lists it: with the metadata set on it, if any."""
+    info: dict[str, Any] = {"name": os.path.basename(target), "type": "file", "path": target}
+    if meta:
+        info["metadata"] = meta
+    return info
 
 
 async def _body(receive: Receive) -> AsyncIterator[bytes]:

@@ -112,6 +112,33 @@ def entry(path: str) -> pb.EntryInfo:
     )
 
 
+def _sorted_entries(directory: str) -> list[os.DirEntry[str]]:
+    """What is in ``directory``, in the byte order of the names (Go's lexical order)."""
+    with os.scandir(directory) as it:
+        return sorted(it, key=lambda e: os.fsencode(e.name))
+
+
+def _walk(top: list[os.DirEntry[str]], depth: int) -> list[pb.EntryInfo]:
+    """The entries ``depth`` levels down from a directory's ``top`` ones, depth first in
+    lexical order (a directory, what is in it, then its next sibling), as Go's
+    ``filepath.WalkDir`` gives them to E2B's envd. Links are listed, never followed; what
+    vanishes or may not be read on the way is left out."""
+    found: list[pb.EntryInfo] = []
+    # One iterator per directory being listed (no recursion: a tree may be deep).
+    stack = [(iter(top), 1)]
+    while stack:
+        items, level = stack[-1]
+        item = next(items, None)
+        if item is None:
+            stack.pop()
+            continue
+        with contextlib.suppress(OSError):
+            found.append(entry(item.path))
+            if level < depth and item.is_dir(follow_symlinks=False):
+                stack.append((iter(_sorted_entries(item.path)), level + 1))
+    return found
+
+
 async def as_user(user: User, path: str, fn: Callable[[], T]) -> T:
     """``fn()`` with ``user``'s credentials; its OSError is the Connect error of ``path``."""
     try:
@@ -272,21 +299,8 @@ class FilesystemService(Filesystem):
             if not os.path.isdir(path):
                 os.lstat(path)  # missing: not_found
                 raise NotADirectoryError(errno.ENOTDIR, "not a directory")
-            with os.scandir(path):  # one the user may not read is an error, not an empty list
-                pass
-            found: list[pb.EntryInfo] = []
-            level = [path]
-            for _ in range(depth):
-                below = []
-                for directory in level:
-                    with contextlib.suppress(OSError), os.scandir(directory) as it:
-                        for item in sorted(it, key=lambda e: e.name):
-                            with contextlib.suppress(OSError):
-                                found.append(entry(item.path))
-                                if item.is_dir(follow_symlinks=False):
-                                    below.append(item.path)
-                level = below
-            return found
+            # One the user may not read is an error, not an empty list.
+            return _walk(_sorted_entries(path), depth)
 
         return pb.ListDirResponse(entries=await as_user(user, path, walk))
 
@@ -296,10 +310,12 @@ class FilesystemService(Filesystem):
         path, user = self._path(request.path, ctx)
 
         def remove() -> None:
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
-            else:
-                os.unlink(path)
+            # As E2B's (Go's os.RemoveAll): recursive, and nothing there is no error.
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                else:
+                    os.unlink(path)
 
         await as_user(user, path, remove)
         return pb.RemoveResponse()

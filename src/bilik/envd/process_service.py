@@ -122,7 +122,7 @@ class ProcessService(Process):
             ) from None
         except OSError as e:
             raise ConnectError(Code.INTERNAL, f"cannot start '{config.cmd}': {e}") from None
-        async for event in _stream(proc, keepalive_s(ctx)):
+        async for event in _stream(proc, keepalive_s(ctx), _deadline(timeout_ms)):
             yield pb.StartResponse(event=event)
 
     async def connect(
@@ -131,7 +131,7 @@ class ProcessService(Process):
         ctx: RequestContext[pb.ConnectRequest, pb.ConnectResponse],
     ) -> AsyncIterator[pb.ConnectResponse]:
         proc = self._find(request.process)
-        async for event in _stream(proc, keepalive_s(ctx)):
+        async for event in _stream(proc, keepalive_s(ctx), _deadline(ctx.timeout_ms)):
             yield pb.ConnectResponse(event=event)
 
     async def update(
@@ -210,8 +210,27 @@ class ProcessService(Process):
         return pb.CloseStdinResponse()
 
 
-async def _stream(proc: Proc, keepalive: float) -> AsyncIterator[pb.ProcessEvent]:
-    """Start, the process's output as it comes (keepalives while it is silent), end."""
+def _deadline(timeout_ms: float | None) -> float | None:
+    """When a stream whose request allows ``timeout_ms`` (``Connect-Timeout-Ms``) must end, on
+    the loop's clock; None: never."""
+    if not timeout_ms:
+        return None
+    return asyncio.get_running_loop().time() + timeout_ms / 1000
+
+
+def _past(deadline: float | None) -> bool:
+    return deadline is not None and asyncio.get_running_loop().time() >= deadline
+
+
+async def _stream(
+    proc: Proc, keepalive: float, deadline: float | None
+) -> AsyncIterator[pb.ProcessEvent]:
+    """Start, the process's output as it comes (keepalives while it is silent), end.
+
+    A stream still open at its request's ``deadline`` ends with ``deadline_exceeded``, as E2B's
+    envd ends it (the process it started is killed then, see ``Spec.timeout_s``): the SDKs
+    raise their TimeoutException for that, where an end event would be an exit code.
+    """
     yield _event("start", pb.ProcessEvent.StartEvent(pid=proc.pid))
     events = proc.follow()
     next_event: asyncio.Task[Any] | None = None
@@ -219,9 +238,14 @@ async def _stream(proc: Proc, keepalive: float) -> AsyncIterator[pb.ProcessEvent
         while True:
             next_event = asyncio.ensure_future(anext(events))
             while True:
-                done, _ = await asyncio.wait([next_event], timeout=keepalive)
+                wait = keepalive
+                if deadline is not None:
+                    wait = min(wait, max(0.0, deadline - asyncio.get_running_loop().time()))
+                done, _ = await asyncio.wait([next_event], timeout=wait)
                 if done:
                     break
+                if _past(deadline):
+                    raise ConnectError(Code.DEADLINE_EXCEEDED, "context deadline exceeded")
                 yield _event("keepalive", pb.ProcessEvent.KeepAlive())
             try:
                 kind, value = next_event.result()
@@ -229,6 +253,8 @@ async def _stream(proc: Proc, keepalive: float) -> AsyncIterator[pb.ProcessEvent
                 return
             next_event = None
             if isinstance(value, End):
+                if _past(deadline):  # (killed for it, or ended just then: the deadline won)
+                    raise ConnectError(Code.DEADLINE_EXCEEDED, "context deadline exceeded")
                 yield _event(
                     "end",
                     pb.ProcessEvent.EndEvent(

@@ -5,6 +5,10 @@ Debian 12's gVisor applies a bundle's seccomp filter to PID 1 alone, not to what
 starts (google/gvisor#12692 added that later), and processes under its rendering of the filter
 cannot start threads. So in gVisor sandboxes PID 1 and the runtime's own execs start through
 this, with the filter libseccomp compiled on the host, as crun would set it.
+
+It sets ``no_new_privs`` to set the filter, as a process without CAP_SYS_ADMIN must. Under crun
+sandbox processes go without it (set-uid ``sudo`` works there, see ``enter``); this gVisor sets
+it on every process anyway, and ignores set-uid bits (google/gvisor#212).
 """
 
 from __future__ import annotations

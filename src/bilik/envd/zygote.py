@@ -2,9 +2,9 @@
 
 Starting a Python and importing envd's stack costs ~250 ms and ~20 MiB per sandbox. The zygote
 pays that once: for each new sandbox it forks, the child joins the sandbox (``enter``: cgroups,
-namespaces, root, user, capabilities, ``no_new_privs``, seccomp, as strictly as the OCI
-runtime's own ``exec``) and forks envd inside its pid namespace. envd starts in milliseconds,
-and the imported code stays shared, copy-on-write, between the zygote and every envd.
+namespaces, root, user, capabilities, seccomp, as strictly as the OCI runtime's own ``exec``)
+and forks envd inside its pid namespace. envd starts in milliseconds, and the imported code
+stays shared, copy-on-write, between the zygote and every envd.
 
 The zygote is started by the server (``runtime.envd_zygote``) with the host's Python (the very
 interpreter the sandboxes' copy was made from) and dies with it; the envds it forked live on.

@@ -65,7 +65,8 @@ public final class BilikJShell {
         PROTOCOL.flush();
     }
 
-    /** The user's output, sent every few milliseconds rather than a line for every write. */
+    /** The user's output, sent at each flush (and every few milliseconds, for what a write
+     *  of a single byte leaves unflushed). */
     static final class Channel extends OutputStream {
         private final String kind;
         private final ByteArrayOutputStream pending = new ByteArrayOutputStream();
@@ -99,8 +100,15 @@ public final class BilikJShell {
 
     BilikJShell() {
         InputStream nothing = InputStream.nullInputStream();
-        PrintStream userOut = new PrintStream(out, false, UTF_8);
-        PrintStream userErr = new PrintStream(err, false, UTF_8);
+        // Flushed at every write, as IJava's are: System.out.println("x") is two stream
+        // messages, "x" and a newline (a subclass's println prints, then ends the line, where
+        // PrintStream's own writes both at once).
+        PrintStream userOut = new PrintStream(out, true, UTF_8) {};
+        PrintStream userErr = new PrintStream(err, true, UTF_8) {};
+        // The environment, readable as system properties too: per-execution variables can
+        // only come as properties (a JVM's environment is fixed), so the sandbox's own are
+        // read the same way.
+        System.getenv().forEach(System.getProperties()::putIfAbsent);
         // Snippets run in this JVM ("local"), so there is no second JVM to start, and what they
         // print goes through System.out and System.err, which are the channels.
         System.setIn(nothing);

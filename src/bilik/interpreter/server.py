@@ -4,6 +4,10 @@ Each context is a Jupyter kernel (``jupyter_client``), started in its working di
 kept between executions, so state carries over like a notebook's. ``POST /execute`` streams
 NDJSON as the kernel produces it: stdout and stderr, results (mapped from MIME types), errors,
 the execution count, keepalives while it is silent, and the end.
+
+As on E2B, the default contexts (one per language, in ``/home/user``) are listed from the start,
+Python's and JavaScript's among them; each starts its kernel when first used (Python's with the
+server), so a sandbox that never runs JavaScript never pays for its kernel.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import shlex
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from jupyter_client.manager import AsyncKernelManager
@@ -32,6 +37,10 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 PORT = INTERPRETER_PORT
 KEEPALIVE_S = 5.0
 DEFAULT_CWD = "/home/user"
+# The default contexts listed before any is used (E2B lists these two).
+LISTED_DEFAULTS = ("python", "javascript")
+# Every Python kernel runs it first: results' data, charts and images as E2B's have them.
+PYTHON_STARTUP = Path(__file__).with_name("kernel_startup.py")
 ALIASES = {"js": "javascript", "ts": "typescript"}
 # Language → Jupyter kernel name. Deno's kernel runs both JavaScript and TypeScript (a context
 # each); Java's is bilik's own (``java_kernel``).
@@ -68,7 +77,11 @@ MIME_FIELDS = {
 
 
 class Unsupported(Exception):
-    pass
+    """A request asked for what cannot be done (a 400, with this message)."""
+
+
+class KernelFailed(Exception):
+    """A kernel did not start (a 500, with this message)."""
 
 
 @dataclass
@@ -91,49 +104,92 @@ def language_of(raw: object) -> str:
     return ALIASES.get(language, language)
 
 
+def usable_cwd(raw: object) -> str:
+    """The directory a context asks for (relative ones are in the default one), checked to be
+    one the kernels can work in; Unsupported if it is not."""
+    if raw is None or raw == "":
+        return DEFAULT_CWD
+    if not isinstance(raw, str) or "\0" in raw:
+        raise Unsupported("cwd must be a path")
+    cwd = os.path.normpath(os.path.join(DEFAULT_CWD, raw))
+    if not os.path.isdir(cwd):
+        raise Unsupported(f"cwd {cwd!r} is not a directory")
+    if not os.access(cwd, os.R_OK | os.X_OK):
+        raise Unsupported(f"cwd {cwd!r} is not a directory the interpreter may use")
+    return cwd
+
+
 class Interpreter:
     def __init__(self) -> None:
         self.contexts: dict[str, Context] = {}
-        self.defaults: dict[str, str] = {}
+        # Each language's default context id, given out before its kernel starts.
+        self.defaults: dict[str, str] = {lang: secrets.token_hex(8) for lang in LISTED_DEFAULTS}
         self._starting: dict[str, asyncio.Lock] = {}
 
-    async def create(self, language: str, cwd: str) -> Context:
+    async def create(self, language: str, cwd: str, context_id: str = "") -> Context:
         kernel = KERNELS.get(language)
         if kernel is None:
             raise Unsupported(f"language {language!r} is not supported (yet): try python")
         manager = AsyncKernelManager(kernel_name=kernel)
         # The server's own PYTHONPATH (bilik's packages) is no business of the user's code.
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-        await manager.start_kernel(cwd=cwd, env=env)
-        client = manager.client()
-        client.start_channels()
-        await client.wait_for_ready(timeout=60)
-        context = Context(secrets.token_hex(8), language, cwd, manager, client)
+        extra = [f"--IPKernelApp.exec_files={PYTHON_STARTUP}"] if language == "python" else []
+        try:
+            await manager.start_kernel(cwd=cwd, env=env, extra_arguments=extra)
+            client = manager.client()
+            client.start_channels()
+            await client.wait_for_ready(timeout=60)
+        except Exception as e:
+            with contextlib.suppress(Exception):
+                await manager.shutdown_kernel(now=True)
+            raise KernelFailed(f"the {language} kernel did not start: {e}") from e
+        context = Context(context_id or secrets.token_hex(8), language, cwd, manager, client)
         self.contexts[context.id] = context
         return context
 
     async def default(self, language: str) -> Context:
         """The language's default context, started on first use (one, however many ask)."""
         async with self._starting.setdefault(language, asyncio.Lock()):
-            context_id = self.defaults.get(language)
+            context_id = self.defaults.setdefault(language, secrets.token_hex(8))
             if context_id in self.contexts:
                 return self.contexts[context_id]
-            context = await self.create(language, DEFAULT_CWD)
-            self.defaults[language] = context.id
-            return context
+            return await self.create(language, DEFAULT_CWD, context_id)
+
+    async def find(self, context_id: str) -> Context | None:
+        """The context ``context_id``; a default one not yet used starts now."""
+        if context_id in self.contexts:
+            return self.contexts[context_id]
+        for language, default_id in self.defaults.items():
+            if default_id == context_id:
+                return await self.default(language)
+        return None
+
+    def listing(self) -> list[dict[str, str]]:
+        """Every context, the default ones not yet started first."""
+        waiting = [
+            {"id": context_id, "language": language, "cwd": DEFAULT_CWD}
+            for language, context_id in self.defaults.items()
+            if context_id not in self.contexts
+        ]
+        return waiting + [context.to_json() for context in self.contexts.values()]
 
     async def remove(self, context_id: str) -> bool:
+        was_default = False
+        for language, default_id in list(self.defaults.items()):
+            if default_id == context_id:  # (the next one the language needs is a new one)
+                del self.defaults[language]
+                was_default = True
         context = self.contexts.pop(context_id, None)
         if context is None:
-            return False
+            return was_default
         context.client.stop_channels()
         await context.manager.shutdown_kernel(now=True)
         return True
 
     async def restart(self, context_id: str) -> bool:
         context = self.contexts.get(context_id)
-        if context is None:
-            return False
+        if context is None:  # (a default context not started yet is as new as can be)
+            return context_id in self.defaults.values()
         await context.manager.restart_kernel(now=True)
         await context.client.wait_for_ready(timeout=60)
         return True
@@ -292,17 +348,36 @@ def _result(data: dict[str, Any], main: bool) -> dict[str, Any]:
 
 
 def _env_code(language: str, env: dict[str, str], *, set_them: bool) -> str:
-    """Code that sets ``env`` for one execution, in the context's language (and then, for
-    Python, puts back what was there; elsewhere, unsets them)."""
+    """Code that sets ``env`` for one execution, in the context's language, and then puts back
+    what was there before (a sandbox's own variable keeps its value for the next execution)."""
     if language == "bash":
         if set_them:
-            return "\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items())
-        return "unset " + " ".join(env)
+            return "\n".join(
+                f'if [ -n "${{{k}+x}}" ]; then __bilik_old_{k}=${k}; '
+                f"else unset __bilik_old_{k}; fi; export {k}={shlex.quote(v)}"
+                for k, v in env.items()
+            )
+        return "\n".join(
+            f'if [ -n "${{__bilik_old_{k}+x}}" ]; then export {k}="$__bilik_old_{k}"; '
+            f"unset __bilik_old_{k}; else unset {k}; fi"
+            for k in env
+        )
     if language == "r":
         if set_them:
+            names = ", ".join(json.dumps(k) for k in env)
             pairs = ", ".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in env.items())
-            return f"Sys.setenv({pairs})"
-        return f"Sys.unsetenv(c({', '.join(json.dumps(k) for k in env)}))"
+            return (
+                f".bilik_saved_env <- Sys.getenv(c({names}), unset = NA, names = TRUE)\n"
+                f"Sys.setenv({pairs})"
+            )
+        return (
+            "for (.bilik_k in names(.bilik_saved_env)) {\n"
+            "  .bilik_v <- .bilik_saved_env[[.bilik_k]]\n"
+            "  if (is.na(.bilik_v)) Sys.unsetenv(.bilik_k)\n"
+            "  else do.call(Sys.setenv, stats::setNames(list(.bilik_v), .bilik_k))\n"
+            "}\n"
+            "rm(.bilik_saved_env, .bilik_k, .bilik_v)"
+        )
     if language in DENO:
         if set_them:
             return (
@@ -316,12 +391,18 @@ def _env_code(language: str, env: dict[str, str], *, set_them: bool) -> str:
             "delete globalThis.__bilik_saved_env;"
         )
     if language == "java":
-        # A running JVM's environment cannot change: they come as system properties.
+        # A running JVM's environment cannot change: they come as system properties, which
+        # mirror the environment otherwise (the kernel copies it in at start).
         if set_them:
             return "".join(
                 f"System.setProperty({json.dumps(k)}, {json.dumps(v)});" for k, v in env.items()
             )
-        return "".join(f"System.clearProperty({json.dumps(k)});" for k in env)
+        return "".join(
+            f"{{ String __bilik_v = System.getenv({json.dumps(k)}); if (__bilik_v == null) "
+            f"System.clearProperty({json.dumps(k)}); "
+            f"else System.setProperty({json.dumps(k)}, __bilik_v); }}"
+            for k in env
+        )
     names = json.dumps(env)
     if set_them:
         return (
@@ -349,18 +430,27 @@ async def _body(receive: Receive) -> bytes:
             return b"".join(chunks)
 
 
-async def _reply(
-    send: Send, status: int, body: Any, content_type: str = "application/json"
-) -> None:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+async def _reply(send: Send, status: int, body: Any) -> None:
+    data = json.dumps(body).encode()
     await send(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", content_type.encode())],
+            "headers": [(b"content-type", b"application/json")],
         }
     )
     await send({"type": "http.response.body", "body": data})
+
+
+async def _fail(send: Send, status: int, message: str) -> None:
+    await _reply(send, status, {"code": status, "message": message})
+
+
+def _object(raw: bytes) -> dict[str, Any]:
+    data = json.loads(raw or b"{}")
+    if not isinstance(data, dict):
+        raise Unsupported("the body must be a JSON object")
+    return data
 
 
 class App:
@@ -380,25 +470,33 @@ class App:
             elif path == "/execute" and method == "POST":
                 await self._execute(receive, send)
             elif path == "/contexts" and method == "POST":
-                data = json.loads(await _body(receive) or b"{}")
+                data = _object(await _body(receive))
                 context = await self.interpreter.create(
-                    language_of(data.get("language")), data.get("cwd") or DEFAULT_CWD
+                    language_of(data.get("language")), usable_cwd(data.get("cwd"))
                 )
                 await _reply(send, 200, context.to_json())
             elif path == "/contexts" and method == "GET":
-                await _reply(send, 200, [c.to_json() for c in self.interpreter.contexts.values()])
+                await _reply(send, 200, self.interpreter.listing())
             elif path.startswith("/contexts/") and method == "DELETE":
-                found = await self.interpreter.remove(path.split("/")[2])
-                await _reply(send, 200 if found else 404, {} if found else "Context not found")
+                context_id = path.split("/")[2]
+                if not await self.interpreter.remove(context_id):
+                    await _fail(send, 404, f"Context {context_id} not found")
+                else:
+                    await _reply(send, 200, {})
             elif path.startswith("/contexts/") and path.endswith("/restart") and method == "POST":
-                found = await self.interpreter.restart(path.split("/")[2])
-                await _reply(send, 200 if found else 404, {} if found else "Context not found")
+                context_id = path.split("/")[2]
+                if not await self.interpreter.restart(context_id):
+                    await _fail(send, 404, f"Context {context_id} not found")
+                else:
+                    await _reply(send, 200, {})
             else:
-                await _reply(send, 404, f"no such endpoint: {method} {path}")
+                await _fail(send, 404, f"no such endpoint: {method} {path}")
         except Unsupported as e:
-            await _reply(send, 400, str(e))
+            await _fail(send, 400, str(e))
+        except KernelFailed as e:
+            await _fail(send, 500, str(e))
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-            await _reply(send, 400, f"malformed request: {e}")
+            await _fail(send, 400, f"malformed request: {e}")
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -412,19 +510,19 @@ class App:
                 return
 
     async def _execute(self, receive: Receive, send: Send) -> None:
-        data = json.loads(await _body(receive) or b"{}")
+        data = _object(await _body(receive))
         code = data.get("code")
         if not isinstance(code, str):
-            await _reply(send, 400, "code is required")
+            await _fail(send, 400, "code is required")
             return
         context_id, language = data.get("context_id"), data.get("language")
         if context_id and language:
-            await _reply(send, 400, "give a context or a language, not both")
+            await _fail(send, 400, "give a context or a language, not both")
             return
         if context_id:
-            context = self.interpreter.contexts.get(context_id)
+            context = await self.interpreter.find(str(context_id))
             if context is None:
-                await _reply(send, 404, f"Context {context_id} not found", "text/plain")
+                await _fail(send, 404, f"Context {context_id} not found")
                 return
         else:
             context = await self.interpreter.default(language_of(language))

@@ -15,6 +15,14 @@ Nothing here needs a key, so the plane is a boundary of its own:
   built from parts: the request's target is only ever a path (it must start with ``/``), never
   something that could name another host (``GET @127.0.0.1:80/``), and websockets are opened
   to that address and port whatever the URL or a redirect says.
+
+A sandbox whose end has begun (a kill, or its timeout reached: the sandbox service says so
+through :meth:`SandboxPlane.end` before the runtime kills it) is gone from that moment: new
+requests get the 502 of a sandbox not found, and those under way are ended, as is a stream whose
+sandbox side ends early. Once a response's headers are out, ending it means cutting it (the
+client reads a body that stops short, which is how E2B's SDKs tell that a sandbox went away:
+they then ask the sandbox's ``/health`` and hear the 502); that is normal, and one line in the
+log, never an error.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import hmac
 import json
 import logging
@@ -29,8 +38,8 @@ import math
 import re
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, NamedTuple
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, NamedTuple, TypeVar
 
 import httpx
 import websockets.asyncio.client
@@ -45,6 +54,8 @@ from ..runtime.spec import is_sandbox_id
 
 log = logging.getLogger("bilik.plane")
 
+T = TypeVar("T")
+
 # The largest websocket message relayed from a sandbox (uvicorn's own limit for clients').
 WEBSOCKET_MAX_MESSAGE = 16 << 20
 # Headers that belong to one connection, not to the message (RFC 9110 §7.6.1), plus Host.
@@ -54,6 +65,21 @@ HOP_BY_HOP = {
 }  # fmt: skip
 # Bytes a request target may not carry on as they are (not printable ASCII, or a fragment).
 _UNSAFE_TARGET = re.compile(rb"[^\x21-\x7e]|#")
+
+# Whether the plane cut the response of the request at hand on purpose. uvicorn closes the
+# connection of a response left short, as it should, and logs that as an error; for a cut the
+# plane made, the plane's own line says what happened. (The server awaits the application in
+# the request's own task, so what the plane sets here is what uvicorn's log call sees.)
+_CUT = contextvars.ContextVar("bilik_plane_cut", default=False)
+_UVICORN_SHORT_RESPONSE = "ASGI callable returned without completing response."
+
+
+class _QuietCuts(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (_CUT.get() and record.getMessage() == _UVICORN_SHORT_RESPONSE)
+
+
+_QUIET_CUTS = _QuietCuts()
 
 
 class BadRoute(Exception):
@@ -151,22 +177,36 @@ class OwnedSandboxes:
         self._added: dict[str, tuple[float, Owner]] = {}
         self._read_at = -math.inf  # (monotonic time the read of ``_owners`` began)
         self._reading: asyncio.Future[None] | None = None
+        # Ended since the read of ``_owners`` began (the store may list them a while yet): when.
+        self._ended: dict[str, float] = {}
 
     def add(self, sandbox_id: str, access_token: str, key_id: str) -> None:
         """A sandbox the store has just recorded (routes before the next read)."""
         self._added[sandbox_id] = (time.monotonic(), Owner(access_token, key_id))
 
+    def end(self, sandbox_id: str) -> None:
+        """A sandbox whose end has begun (never routes again, whatever the store says)."""
+        self._added.pop(sandbox_id, None)
+        self._ended[sandbox_id] = time.monotonic()
+
+    def ended(self, sandbox_id: str) -> bool:
+        return sandbox_id in self._ended
+
     async def all(self) -> dict[str, Owner]:
-        """Owners by sandbox id, read at most ``max_age_s`` ago, with those added since."""
+        """Owners by sandbox id, read at most ``max_age_s`` ago, with those added since and
+        without those ended since."""
         moment = time.monotonic() - self.max_age_s
         while self._read_at < moment:
             if self._reading is None:
                 self._reading = asyncio.ensure_future(self._read_now())
             # (a waiter that goes away leaves the read to the others)
             await asyncio.shield(self._reading)
-        if not self._added:
+        if not self._added and not self._ended:
             return self._owners
-        return {**self._owners, **{i: owner for i, (_, owner) in self._added.items()}}
+        owners = {**self._owners, **{i: owner for i, (_, owner) in self._added.items()}}
+        for sandbox_id in self._ended:
+            owners.pop(sandbox_id, None)
+        return owners
 
     async def owner(self, sandbox_id: str) -> Owner | None:
         return (await self.all()).get(sandbox_id)
@@ -176,8 +216,12 @@ class OwnedSandboxes:
         try:
             self._owners = {i: Owner(*row) for i, row in (await self._read()).items()}
             self._read_at = started
-            # (what was added before this read began, it has read)
+            # (what was added before this read began, it has read; what ended before it, it
+            # no longer lists once its row is gone)
             self._added = {i: a for i, a in self._added.items() if a[0] >= started}
+            self._ended = {
+                i: at for i, at in self._ended.items() if at >= started or i in self._owners
+            }
         finally:
             self._reading = None
 
@@ -231,6 +275,37 @@ class SandboxPlane:
         self._envd: dict[str, httpx.AsyncClient] = {}
         # Requests and websockets under way, by the key owning their sandbox.
         self._streams: collections.Counter[str] = collections.Counter()
+        # Those under way by sandbox: each a future that is set when the sandbox's end begins.
+        self._ends: dict[str, set[asyncio.Future[None]]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+        logging.getLogger("uvicorn.error").addFilter(_QUIET_CUTS)
+
+    def end(self, sandbox_id: str) -> None:
+        """The sandbox's end has begun: from now on it is not found, and whatever is under way
+        to it ends."""
+        self.owned.end(sandbox_id)
+        for ended in self._ends.pop(sandbox_id, ()):
+            if not ended.done():
+                ended.set_result(None)
+        client = self._envd.pop(sandbox_id, None)
+        if client is not None:
+            task = asyncio.ensure_future(client.aclose())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    @contextlib.contextmanager
+    def _watch_end(self, sandbox_id: str) -> Iterator[asyncio.Future[None]]:
+        """A future set if the sandbox's end begins while the caller is under way."""
+        ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._ends.setdefault(sandbox_id, set()).add(ended)
+        try:
+            yield ended
+        finally:
+            waiting = self._ends.get(sandbox_id)
+            if waiting is not None:
+                waiting.discard(ended)
+                if not waiting:
+                    del self._ends[sandbox_id]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -380,20 +455,50 @@ class SandboxPlane:
             await send({"type": "websocket.close", "code": upstream.close_code or 1000})
 
         tasks = [asyncio.ensure_future(to_sandbox()), asyncio.ensure_future(to_client())]
-        try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in tasks:
-                task.cancel()
-            await upstream.close()
-            for task in tasks:
-                with contextlib.suppress(BaseException):
-                    await task
+        with self._watch_end(sandbox_id) as ended:
+            try:
+                await asyncio.wait([*tasks, ended], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await upstream.close()
+                for task in tasks:
+                    with contextlib.suppress(BaseException):
+                        await task
+            if ended.done() and not tasks[1].done():
+                log.info("sandbox %s ended: its websocket to port %d closed", sandbox_id, port)
+                with contextlib.suppress(OSError):
+                    await send({"type": "websocket.close", "code": 1001})
 
     async def _drop_envd(self, sandbox_id: str) -> None:
         client = self._envd.pop(sandbox_id, None)
         if client is not None:
             await client.aclose()
+
+    async def _send(
+        self, sandbox_id: str, client: httpx.AsyncClient, request: httpx.Request
+    ) -> httpx.Response:
+        try:
+            return await client.send(request, stream=True)
+        except httpx.ConnectError:
+            # Nothing was sent. An envd that died is started again, and asked once more.
+            if client is self.client or not await self.runtime.revive_envd(sandbox_id):
+                raise
+            return await client.send(request, stream=True)
+
+    async def _until_end(self, sandbox_id: str, step: Awaitable[T]) -> T | None:
+        """``step``'s result; None (``step`` cancelled) if the sandbox's end begins first."""
+        with self._watch_end(sandbox_id) as ended:
+            task = asyncio.ensure_future(step)
+            waits: list[asyncio.Future[Any]] = [task, ended]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not task.done():
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await task
+            return None if task.cancelled() else task.result()
 
     async def _proxy(
         self,
@@ -415,44 +520,78 @@ class SandboxPlane:
         request = client.build_request(
             scope["method"], url, headers=headers, content=_body(receive) if has_body else None
         )
+        # Only what the client sent goes upstream, not httpx's own defaults: with its
+        # Accept-Encoding, envd would gzip bodies for clients that cannot read gzip.
+        for name in client.headers:
+            if name not in names:
+                del request.headers[name]
         try:
-            try:
-                response = await client.send(request, stream=True)
-            except httpx.ConnectError:
-                # Nothing was sent. An envd that died is started again, and asked once more.
-                if client is self.client or not await self.runtime.revive_envd(sandbox_id):
-                    raise
-                response = await client.send(request, stream=True)
+            # (a sandbox whose end begins while its answer is awaited answers no more: its
+            # address may have gone without a word, and the wait would never end)
+            response = await self._until_end(sandbox_id, self._send(sandbox_id, client, request))
         except httpx.HTTPError as e:
             # (what went wrong is the server's to know, not the client's)
             log.debug("request to %s:%d failed: %s %s", sandbox_id, port, type(e).__name__, e)
-            if not await self.runtime.is_running(sandbox_id):
+            if self.owned.ended(sandbox_id) or not await self.runtime.is_running(sandbox_id):
                 await self._drop_envd(sandbox_id)
                 await _json(send, 502, _not_found(sandbox_id))
                 return
             await _json(send, 502, _port_closed(sandbox_id, port))
             return
+        if response is None:
+            await _json(send, 502, _not_found(sandbox_id))
+            return
         # A client that hangs up ends the request upstream too (the code interpreter stops
         # the code then): the server drops writes to a gone client without a word, so watch.
-        relay = asyncio.ensure_future(_relay(response, send))
+        started = _Started(send)
+        relay = asyncio.ensure_future(_relay(response, started))
         gone = asyncio.ensure_future(_disconnect(receive))
-        try:
-            await asyncio.wait([relay, gone], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (relay, gone):
-                task.cancel()
+        with self._watch_end(sandbox_id) as ended:
             try:
-                # (their ends, not this request's own cancellation, which goes on up)
-                await asyncio.gather(relay, gone, return_exceptions=True)
+                await asyncio.wait([relay, gone, ended], return_when=asyncio.FIRST_COMPLETED)
             finally:
-                await response.aclose()
-        if relay.done() and not relay.cancelled() and (error := relay.exception()) is not None:
+                for task in (relay, gone):
+                    task.cancel()
+                try:
+                    # (their ends, not this request's own cancellation, which goes on up)
+                    await asyncio.gather(relay, gone, return_exceptions=True)
+                finally:
+                    await response.aclose()
+        error = None if relay.cancelled() else relay.exception()
+        if relay.done() and not relay.cancelled() and error is None:
+            return  # the response is whole
+        if ended.done():
+            why = "the sandbox ended"
+        elif error is None:
+            return  # the client went away
+        elif isinstance(error, httpx.HTTPError):
+            why = f"the sandbox's side ended early ({type(error).__name__})"
+        elif isinstance(error, OSError):
+            return  # the client went away mid-response
+        else:
             raise error
+        log.info("sandbox %s: a response from port %d was cut: %s", sandbox_id, port, why)
+        if not started.started:
+            await _json(send, 502, _not_found(sandbox_id))
+            return
+        _CUT.set(True)  # (uvicorn closes the connection, the body left short)
 
     async def aclose(self) -> None:
         await self.client.aclose()
         for sandbox_id in list(self._envd):
             await self._drop_envd(sandbox_id)
+
+
+class _Started:
+    """A response's ``send``, which remembers whether the response has begun."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.started = False
+
+    async def __call__(self, message: Message) -> None:
+        self.started = True
+        await self._send(message)
 
 
 async def _relay(response: httpx.Response, send: Send) -> None:

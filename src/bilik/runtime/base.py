@@ -51,6 +51,20 @@ class Usage:
 
 
 @dataclasses.dataclass(frozen=True)
+class Counters:
+    """A sandbox's running totals at one moment, cheap to read for many sandboxes at once: the
+    CPU time it has used since it started, and its memory and disk use now (a rate such as CPU %
+    is the reader's to work out from two readings)."""
+
+    cpu_count: float
+    cpu_ns: int
+    mem_used: int
+    mem_total: int
+    disk_used: int
+    disk_total: int
+
+
+@dataclasses.dataclass(frozen=True)
 class ExecResult:
     exit_code: int
     stdout: bytes
@@ -172,6 +186,7 @@ class Runtime(Protocol):
     async def is_running(self, sandbox_id: str) -> bool: ...
     async def set_timeout(self, sandbox_id: str, seconds: float) -> SandboxInfo: ...
     async def usage(self, sandbox_id: str, interval_s: float = ...) -> Usage: ...
+    async def counters(self, sandbox_ids: Sequence[str]) -> dict[str, Counters]: ...
     async def console(self, sandbox_id: str, limit_bytes: int = ...) -> builtins.list[str]: ...
 
     # -- reaching into a sandbox

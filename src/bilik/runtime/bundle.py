@@ -113,7 +113,15 @@ class Bundles:
         return control
 
     def _rootfs(self, d: Path, record: SandboxRecord) -> Path:
-        """The overlay of the template's layers and the disk's upper directory."""
+        """The overlay of the template's layers and the disk's upper directory.
+
+        Set-uid programs work in it (``sudo``: the sandbox's root, an unprivileged host uid, is
+        all they can become). On the host its set-uid files would make whoever runs them that
+        uid, so only root and that uid's group (the runtime in the sandbox's user namespace)
+        may pass through the sandbox's directory to it.
+        """
+        os.chown(d, 0, self.settings.uid_base)
+        os.chmod(d, 0o710)
         rootfs = d / "rootfs"
         rootfs.mkdir()
         lower = ":".join(str(self.layers.path(k)) for k in reversed(record.layers))
@@ -121,8 +129,7 @@ class Bundles:
             "overlay",
             str(rootfs),
             "overlay",
-            # The merged tree is reachable from the host: no set-id or device files there.
-            syscalls.MS_NOSUID | syscalls.MS_NODEV,
+            syscalls.MS_NODEV,
             f"lowerdir={lower},upperdir={d}/disk/upper,workdir={d}/disk/work,volatile",
         )
         return rootfs

@@ -185,10 +185,12 @@ class EnvdClient:
 async def wait_ready(
     envd: EnvdClient, ready_cmd: str, user: str, workdir: str, timeout_s: float
 ) -> None:
-    """Run ``ready_cmd`` until it succeeds; StepFailed after ``timeout_s``."""
+    """Run ``ready_cmd`` until it succeeds; StepFailed after ``timeout_s``. One run may take
+    all the time left (E2B's ``wait_for_timeout(ms)`` is a ``sleep`` that must finish)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        last = await envd.run(ready_cmd, user=user, cwd=workdir, timeout_s=10)
+        left = max(1.0, deadline - time.monotonic())
+        last = await envd.run(ready_cmd, user=user, cwd=workdir, timeout_s=left)
         if last.exit_code == 0:
             return
         if time.monotonic() > deadline:

@@ -42,10 +42,9 @@ async def start(
         "args": backend.wrap(list(argv)),
         "env": [f"{k}={v}" for k, v in full_env.items()],
         "cwd": cwd or (home if user != "root" else "/"),
-        "capabilities": {
-            k: oci.CAPABILITIES if uid == 0 else [] for k in ("bounding", "effective", "permitted")
-        },
-        "noNewPrivileges": True,
+        "capabilities": oci.process_capabilities(uid),
+        # As the sandbox's own processes: set-uid programs work (see oci.config).
+        "noNewPrivileges": False,
     }
     name = f"exec-{os.urandom(6).hex()}"
     process_file = sandbox_dir / f"{name}.json"

@@ -20,7 +20,11 @@ RUNTIME_FILES = {"tini": "/usr/bin/tini-static", "busybox": "/bin/busybox"}
 
 
 def prepare(
-    network: HostNetwork, runtime_dir: Path, layers: LayerStore, log: Callable[[str], None]
+    network: HostNetwork,
+    runtime_dir: Path,
+    layers: LayerStore,
+    uid_base: int,
+    log: Callable[[str], None],
 ) -> None:
     """Make the host ready for sandboxes (idempotent)."""
     cgroups.prepare_host()
@@ -37,3 +41,9 @@ def prepare(
     # process of a gVisor sandbox.
     write_bytes_atomic(runtime_dir / SECCOMP_FILTER, seccomp.compile_bpf(seccomp.profile()))
     layers.discard_scratch()
+    # Layers (and the trees a build is turning into layers) hold set-uid files of the sandboxes'
+    # root, an unprivileged host uid: whoever ran one on the host would become that uid. Only
+    # root and that uid's group (the runtime in a sandbox's user namespace) may pass.
+    for d in (layers.layers_dir, layers.tmp_dir):
+        os.chown(d, 0, uid_base)
+        os.chmod(d, 0o710)

@@ -21,7 +21,7 @@ from ..config import Settings
 from ..proto.contract import CONFIG_FILE, CONTROL_DIR, ENVD_PORT, EnvdConfig
 from . import backends, cgroups, debian_image, exec, host, registry_image
 from .backends import RUNTIMES, SECCOMP_FILTER, Backend
-from .base import ExecResult, Log, Process, Route, SandboxInfo, Usage
+from .base import Counters, ExecResult, Log, Process, Route, SandboxInfo, Usage
 from .bundle import CONSOLE_LOG, ENVD_LOG, Bundles
 from .dns import DnsForwarder, DnsPolicy, host_resolvers
 from .envd_client import EnvdClient, wait_ready
@@ -78,7 +78,14 @@ class LocalRuntime:
             # Root inside a sandbox is an unprivileged host uid: the OCI runtime, already in the
             # sandbox's user namespace, must be able to traverse down to the bundle.
             os.chmod(d, 0o711)
-        await asyncio.to_thread(host.prepare, self.network, self.runtime_dir, self.layers, self.log)
+        await asyncio.to_thread(
+            host.prepare,
+            self.network,
+            self.runtime_dir,
+            self.layers,
+            self.settings.uid_base,
+            self.log,
+        )
         self._started = True
 
     async def close(self) -> None:
@@ -611,6 +618,34 @@ class LocalRuntime:
             disk_used=(disk.f_blocks - disk.f_bfree) * disk.f_frsize,
             disk_total=disk.f_blocks * disk.f_frsize,
         )
+
+    async def counters(self, sandbox_ids: Sequence[str]) -> dict[str, Counters]:
+        """The counters of those of ``sandbox_ids`` that are here (the rest are left out), all
+        read in one thread."""
+        instance = self.settings.instance
+
+        def read() -> dict[str, Counters]:
+            found: dict[str, Counters] = {}
+            for sandbox_id in sandbox_ids:
+                record = self.records.load(sandbox_id)
+                if record is None:
+                    continue
+                try:
+                    disk = os.statvfs(self.records.dir(sandbox_id) / "disk")
+                except OSError:  # (released meanwhile)
+                    continue
+                now = cgroups.usage(instance, sandbox_id)
+                found[sandbox_id] = Counters(
+                    cpu_count=record.limits.cpu,
+                    cpu_ns=now.get("cpu_usage_ns", 0),
+                    mem_used=now.get("memory_bytes", 0),
+                    mem_total=record.limits.memory_mb << 20,
+                    disk_used=(disk.f_blocks - disk.f_bfree) * disk.f_frsize,
+                    disk_total=disk.f_blocks * disk.f_frsize,
+                )
+            return found
+
+        return await asyncio.to_thread(read)
 
     async def set_timeout(self, sandbox_id: str, seconds: float) -> SandboxInfo:
         if not 0 <= seconds <= self.settings.caps.lifetime_s:

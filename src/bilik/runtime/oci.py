@@ -45,6 +45,13 @@ CPU_PERIOD_US = 100_000
 RUNTIME_MOUNT = "/.bilik"
 
 
+def process_capabilities(uid: int) -> dict[str, list[str]]:
+    """The capability sets of a process started in a sandbox as ``uid``. Its bounding set is
+    the sandbox's (all a set-uid program can gain there); root holds those, another user none."""
+    held = CAPABILITIES if uid == 0 else []
+    return {"bounding": CAPABILITIES, "effective": held, "permitted": held}
+
+
 def config(
     *,
     sandbox_id: str,
@@ -70,8 +77,11 @@ def config(
             "args": init,
             "env": [f"{k}={v}" for k, v in env.items()],
             "cwd": "/",
-            "capabilities": {k: CAPABILITIES for k in ("bounding", "effective", "permitted")},
-            "noNewPrivileges": True,
+            "capabilities": process_capabilities(0),
+            # Set-uid programs (``sudo``) work, as on E2B: what they gain is at most the
+            # bounding set above, in the sandbox's user namespace, under the seccomp filter
+            # (which the runtime installs before it drops CAP_SYS_ADMIN).
+            "noNewPrivileges": False,
         },
         "root": {"path": str(rootfs), "readonly": False},
         "hostname": sandbox_id,
@@ -174,7 +184,8 @@ def adapt_for_gvisor(spec: dict[str, Any], runtime_dir: Path, tmp: Path) -> None
     network namespace from one, so bilik runs it inside all three (``userns_exec``, with the
     same uid mapping, and cgroups made from ``resources``); it has no cgroup namespaces. Its
     processes preload a shim of ``statx`` (see ``gvisor_statx.c``) and set their seccomp filter
-    themselves.
+    themselves. It ignores set-uid bits and sets ``no_new_privs`` on every process whatever the
+    bundle says (google/gvisor#212): ``sudo`` does not work there.
     """
     for mount in spec["mounts"]:
         if mount["destination"] == "/sys":  # gVisor has a sysfs of its own

@@ -7,6 +7,10 @@ what) must follow the runtime (what runs). Each is decided here, once, so that t
 handlers only parse, make one call and render, and a reader follows a create from the handler
 to the runtime without meeting the same decision twice. Every move between states goes
 through :func:`.states.transition`, where the states later features add plug in.
+
+A sandbox's end (a kill, or its timeout reached) begins here too: from that moment it is gone
+to its clients (the sandbox plane is told at once, before the runtime is asked to kill it), so
+a client that probes it while the kill is under way hears that it is gone.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import AbstractContextManager
+from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 from ..runtime import (
@@ -27,7 +32,6 @@ from ..runtime import (
     SandboxInfo,
     SandboxNotFound,
     SandboxSpec,
-    Usage,
     new_sandbox_id,
 )
 from ..runtime.base import Runtime
@@ -35,6 +39,7 @@ from ..store import Store
 from ..store.sandboxes import SandboxRow
 from ..templates.service import TemplateService
 from . import states
+from .metrics import BUCKET_S, MetricsHistory, Sample
 from .pool import WarmPool
 from .states import CREATING, KILLED, RUNNING, State
 
@@ -45,6 +50,8 @@ T = TypeVar("T")
 # Called once a create is recorded as its key's: (sandbox id, envd access token, key id). The
 # sandbox plane routes to it from then on, before its next read of the store.
 Owned = Callable[[str, str, str], None]
+# Called (with its id) the moment a sandbox's end begins: the sandbox plane stops routing to it.
+Ending = Callable[[str], None]
 # Entered once a create knows how many sandboxes its key runs and what it asks for: raises
 # (nothing is made) if the key's caps refuse it, else counts the create as under way until
 # it is over.
@@ -76,14 +83,44 @@ class Sandbox:
     row: SandboxRow
 
 
+_EPOCH = datetime.fromtimestamp(0, UTC)
+
+
+def start_micros(started_at: float) -> int:
+    """A start time in whole microseconds, as E2B's RFC 3339 times carry it: what lists sort,
+    page and filter by."""
+    return (datetime.fromtimestamp(started_at, UTC) - _EPOCH) // timedelta(microseconds=1)
+
+
 @dataclasses.dataclass(frozen=True)
 class Listing:
-    """Which of a key's sandboxes a list wants."""
+    """Which of a key's sandboxes a list wants, and in which order: newest first (E2B's
+    default) or oldest first, by start time then id."""
 
     metadata: dict[str, str] = dataclasses.field(default_factory=dict)
     template: str | None = None
-    started_after: float | None = None
-    newest_first: bool = False
+    started_after: int | None = None  # (microseconds, included)
+    oldest_first: bool = False
+    # Only those after this (start microseconds, id) in the order: a page's last, whether or
+    # not it still runs.
+    after: tuple[int, str] | None = None
+
+    def key(self, row: SandboxRow) -> tuple[int, str]:
+        """Where ``row`` sorts (the lower, the earlier)."""
+        micros = start_micros(row.started_at)
+        return (micros if self.oldest_first else -micros, row.id)
+
+    def wants(self, row: SandboxRow) -> bool:
+        return (
+            all(row.metadata.get(k) == v for k, v in self.metadata.items())
+            and (not self.template or row.template_id == self.template)
+            and (self.started_after is None or start_micros(row.started_at) >= self.started_after)
+            and (self.after is None or self.key(row) > self._cursor_key(self.after))
+        )
+
+    def _cursor_key(self, after: tuple[int, str]) -> tuple[int, str]:
+        micros, sandbox_id = after
+        return (micros if self.oldest_first else -micros, sandbox_id)
 
 
 class IdempotencyConflict(Exception):
@@ -102,12 +139,18 @@ class SandboxService:
         templates: TemplateService,
         pool: WarmPool | None = None,
         owned: Owned | None = None,
+        ending: Ending | None = None,
     ) -> None:
         self.runtime = runtime
         self.store = store
         self.templates = templates
         self.pool = pool
         self.owned: Owned = owned or (lambda sandbox_id, token, key_id: None)
+        self.ending: Ending = ending or (lambda sandbox_id: None)
+        self.metrics = MetricsHistory(runtime.settings.caps.lifetime_s)
+        # Sandboxes whose end has begun: gone to every caller, though the runtime may still
+        # be killing them.
+        self._ending: set[str] = set()
 
     # -- the server's own work -----------------------------------------------------------
 
@@ -130,11 +173,55 @@ class SandboxService:
             await self.pool.close()
 
     async def reap(self) -> list[str]:
-        """Kill the sandboxes past their end time; their ids."""
+        """Kill the sandboxes past their end time; their ids. A key's sandbox ends for its
+        clients before the runtime kills it, and once its end has come it is killed even if
+        its end moves meanwhile (a timeout set in that moment comes too late)."""
+        now = time.time()
+        due = [i.sandbox_id for i in await self.runtime.list() if i.end_at <= now]
+        owned = set(await self.store.sandboxes.running()) if due else set()
+        due = [sandbox_id for sandbox_id in due if sandbox_id in owned]
+        for sandbox_id in due:
+            self._end(sandbox_id)
         reaped = await self.runtime.reap_expired()
+        for sandbox_id in set(due) - set(reaped):
+            with contextlib.suppress(SandboxNotFound):
+                await self.runtime.kill(sandbox_id)
+            reaped.append(sandbox_id)
         for sandbox_id in reaped:
             await states.transition(self.store.sandboxes, sandbox_id, RUNNING, KILLED)
+            self._ending.discard(sandbox_id)
         return reaped
+
+    def _end(self, sandbox_id: str) -> None:
+        """The sandbox's end begins: no caller reaches it from now on."""
+        self._ending.add(sandbox_id)
+        self.ending(sandbox_id)
+        self.metrics.forget(sandbox_id)
+
+    async def sample(self) -> None:
+        """Add a sample of every running sandbox's usage to its history."""
+        listed_at = time.time()
+        started = await self.store.sandboxes.running()
+        await self._sample(started)
+        self.metrics.keep_only(started, listed_at)
+
+    async def _sample(self, started: dict[str, float]) -> None:
+        """Sample the sandboxes ``started`` names (with their start times)."""
+        found = await self.runtime.counters(list(started))
+        at = time.time()
+        for sandbox_id, counters in found.items():
+            if sandbox_id not in self._ending:
+                self.metrics.record(sandbox_id, counters, at, started[sandbox_id])
+
+    async def sample_forever(self) -> None:
+        """:meth:`sample` every :data:`.metrics.BUCKET_S` for as long as the server runs."""
+        while True:
+            began = time.monotonic()
+            try:
+                await self.sample()
+            except Exception:  # the sampler must outlive any one failure
+                log.exception("metrics sampler pass failed")
+            await asyncio.sleep(max(0.0, BUCKET_S - (time.monotonic() - began)))
 
     # -- create ----------------------------------------------------------------------------
 
@@ -255,7 +342,8 @@ class SandboxService:
         """The sandbox, if ``key_id`` owns it and the runtime still has it; else
         SandboxNotFound (another key's sandbox is as good as missing)."""
         row = await self.store.sandboxes.get(sandbox_id, key_id)
-        info = await self._live(row) if row is not None and row.state == RUNNING else None
+        live = row is not None and row.state == RUNNING and sandbox_id not in self._ending
+        info = await self._live(row) if row is not None and live else None
         if row is None or info is None:
             raise SandboxNotFound(sandbox_id)
         return Sandbox(info, row)
@@ -277,17 +365,14 @@ class SandboxService:
         return sum([await self._live(r) is not None for r in rows if r.state == RUNNING])
 
     async def list(self, key_id: str, wanted: Listing) -> AsyncIterator[Sandbox]:
-        """The key's running sandboxes that ``wanted`` asks for, in start order; each is looked
+        """The key's running sandboxes that ``wanted`` asks for, in its order; each is looked
         up in the runtime only when the caller gets to it."""
         rows = [
             r
             for r in await self.store.sandboxes.of_key(key_id)
-            if r.state == RUNNING
-            and all(r.metadata.get(k) == v for k, v in wanted.metadata.items())
-            and (not wanted.template or r.template_id == wanted.template)
-            and (wanted.started_after is None or r.started_at > wanted.started_after)
+            if r.state == RUNNING and r.id not in self._ending and wanted.wants(r)
         ]
-        rows.sort(key=lambda r: (r.started_at, r.id), reverse=wanted.newest_first)
+        rows.sort(key=wanted.key)
         for row in rows:
             info = await self._live(row)
             if info is not None and info.state == "running":
@@ -295,25 +380,54 @@ class SandboxService:
 
     async def kill(self, key_id: str, sandbox_id: str) -> None:
         sandbox = await self.get(key_id, sandbox_id)
-        with contextlib.suppress(SandboxNotFound):
-            await self.runtime.kill(sandbox_id)
-        await states.transition(self.store.sandboxes, sandbox.row.id, RUNNING, KILLED)
+        self._end(sandbox_id)
+        try:
+            with contextlib.suppress(SandboxNotFound):
+                await self.runtime.kill(sandbox_id)
+            await states.transition(self.store.sandboxes, sandbox.row.id, RUNNING, KILLED)
+        finally:
+            self._ending.discard(sandbox_id)
 
     async def set_timeout(self, key_id: str, sandbox_id: str, timeout_s: int) -> Sandbox:
-        """The sandbox, ending ``timeout_s`` from now."""
+        """The sandbox, ending ``timeout_s`` from now (sooner or later than it would)."""
         sandbox = await self.get(key_id, sandbox_id)
         info = await self.runtime.set_timeout(sandbox_id, timeout_s)
         return Sandbox(info, sandbox.row)
 
-    async def connect(self, key_id: str, sandbox_id: str, timeout_s: int | None) -> Sandbox:
-        """The sandbox, ending ``timeout_s`` from now if that is given."""
-        if timeout_s is None:
-            return await self.get(key_id, sandbox_id)
-        return await self.set_timeout(key_id, sandbox_id, timeout_s)
+    async def extend(self, key_id: str, sandbox_id: str, timeout_s: int | None) -> Sandbox:
+        """The sandbox, ending no sooner than ``timeout_s`` from now (if that is given): a
+        connect or a refresh only ever moves a sandbox's end later, as on E2B."""
+        sandbox = await self.get(key_id, sandbox_id)
+        if timeout_s is None or time.time() + timeout_s <= sandbox.info.end_at:
+            return sandbox
+        info = await self.runtime.set_timeout(sandbox_id, timeout_s)
+        return Sandbox(info, sandbox.row)
 
-    async def usage(self, key_id: str, sandbox_id: str) -> Usage:
-        await self.get(key_id, sandbox_id)
-        return await self.runtime.usage(sandbox_id)
+    async def usage(
+        self, key_id: str, sandbox_id: str, start: float, end: float
+    ) -> builtins.list[Sample]:
+        """The sandbox's usage samples from ``start`` to ``end`` (unix seconds), oldest first.
+        A sandbox not sampled yet is sampled now, so a first look finds its usage."""
+        await self._sampled(await self.get(key_id, sandbox_id))
+        return self.metrics.samples(sandbox_id, start, end)
+
+    async def latest_usage(self, key_id: str, sandbox_ids: Collection[str]) -> dict[str, Sample]:
+        """The latest usage sample of each of ``sandbox_ids`` that is the key's and runs (the
+        others are left out)."""
+        found: dict[str, Sample] = {}
+        for sandbox_id in sandbox_ids:
+            try:
+                await self._sampled(await self.get(key_id, sandbox_id))
+            except SandboxNotFound:
+                continue
+            if (latest := self.metrics.latest(sandbox_id)) is not None:
+                found[sandbox_id] = latest
+        return found
+
+    async def _sampled(self, sandbox: Sandbox) -> None:
+        """Sample the sandbox now if the sampler has not yet."""
+        if not self.metrics.has(sandbox.row.id):
+            await self._sample({sandbox.row.id: sandbox.row.started_at})
 
     async def console(self, key_id: str, sandbox_id: str) -> tuple[Sandbox, builtins.list[str]]:
         """The sandbox, and what its PID 1 wrote, a line each."""

@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any, TypedDict
+from urllib.parse import quote, urlencode
 
 import httpx
 
@@ -54,7 +55,10 @@ class AsyncSandboxPaginator:
             raise StopAsyncIteration("no more pages")
         params: dict[str, Any] = {}
         if self._query and self._query.metadata:
-            params["metadata"] = httpx.QueryParams(self._query.metadata).__str__()
+            # As E2B's SDK: each key and value quoted, then the whole encoded (the server
+            # decodes both, so values with "&", "=", "%" or "+" match).
+            quoted = {quote(k): quote(v) for k, v in self._query.metadata.items()}
+            params["metadata"] = urlencode(quoted)
         if self._query and self._query.state:
             params["state"] = ",".join(self._query.state)
         if self._limit:

@@ -98,6 +98,16 @@ class SandboxStore:
             )
             return {r.id: (r.envd_access_token, r.key_id) for r in rows}
 
+    async def running(self) -> dict[str, float]:
+        """Every running sandbox's start time, by sandbox id."""
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                sa.select(sandboxes.c.id, sandboxes.c.started_at).where(
+                    sandboxes.c.state == "running"
+                )
+            )
+            return {r.id: r.started_at for r in rows}
+
     async def states(self) -> dict[str, str]:
         """Every recorded sandbox's state, by sandbox id."""
         async with self.engine.connect() as conn:

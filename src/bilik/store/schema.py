@@ -31,6 +31,12 @@ api_keys = sa.Table(
     sa.Column("max_timeout_s", sa.Integer, nullable=True),
     sa.Column("max_cpu", sa.Integer, nullable=True),
     sa.Column("max_memory_mb", sa.Integer, nullable=True),
+    # The team the key acts for (E2B's unit of ownership): what its sandboxes and templates
+    # belong to. A key made by the operator is a team of its own (its own id); a key made
+    # through the API joins the team of the key that made it.
+    sa.Column("team_id", sa.String(32), nullable=True),  # (set on every key)
+    # The key's last characters, to tell keys apart in listings (E2B's masked suffix).
+    sa.Column("suffix", sa.String(8), nullable=False, server_default=""),
 )
 
 
@@ -201,6 +207,13 @@ def _v8_sandbox_state(conn: Connection) -> None:
     )
 
 
+def _v9_key_teams(conn: Connection) -> None:
+    # (Every key made before this is a team of its own.)
+    conn.execute(sa.text("ALTER TABLE api_keys ADD COLUMN team_id VARCHAR(32)"))
+    conn.execute(sa.text("UPDATE api_keys SET team_id = id"))
+    conn.execute(sa.text("ALTER TABLE api_keys ADD COLUMN suffix VARCHAR(8) NOT NULL DEFAULT ''"))
+
+
 # Append only: a released migration never changes, a new one goes at the end.
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _v1_api_keys,
@@ -211,6 +224,7 @@ MIGRATIONS: list[Callable[[Connection], None]] = [
     _v6_templates,
     _v7_template_tags,
     _v8_sandbox_state,
+    _v9_key_teams,
 ]
 
 

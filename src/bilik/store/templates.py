@@ -138,6 +138,20 @@ class TemplateStore:
             await conn.execute(templates.delete().where(templates.c.id == template_id))
         return build_ids
 
+    async def builds(
+        self, template_ids: list[str], *, offset: int = 0, limit: int | None = None
+    ) -> list[BuildRow]:
+        """The builds of these templates, the newest first (``limit`` of them from ``offset``)."""
+        query = (
+            sa.select(template_builds)
+            .where(template_builds.c.template_id.in_(template_ids))
+            .order_by(template_builds.c.created_at.desc(), template_builds.c.id)
+            .offset(offset)
+            .limit(limit)
+        )
+        async with self.engine.connect() as conn:
+            return [_build(r) for r in await conn.execute(query)]
+
     async def build(self, build_id: str) -> BuildRow | None:
         async with self.engine.connect() as conn:
             row = (

@@ -156,7 +156,8 @@ class BuildLog:
             return 0
         self._size += cost
         self.entries.append(entry)
-        for listener in self.listeners:
+        # Once each: every create waiting for one default build listens with the server's log.
+        for listener in dict.fromkeys(self.listeners):
             listener(entry.message)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import shlex
 from typing import Any
 
 from ..runtime import Limits
@@ -48,7 +49,8 @@ PYTHON_PACKAGES = (
     "bash_kernel",
     "numpy",
     "pandas",
-    "matplotlib",
+    # (before 3.11, as E2B's image has it: E2B's own examples still call boxplot(labels=...))
+    "matplotlib<3.11",
     "scipy",
     "scikit-learn",
     "seaborn",
@@ -60,48 +62,6 @@ PYTHON_PACKAGES = (
     "e2b-charts",
 )
 
-# An IPython startup script: every matplotlib figure displayed also carries its data as an
-# ``e2b/chart`` display (which the interpreter returns as a result's ``chart``).
-CHART_STARTUP = """\
-def _bilik_charts():
-    import json
-
-    from IPython import get_ipython
-    from IPython.core.formatters import JSONFormatter
-    from traitlets import Unicode
-
-    shell = get_ipython()
-    if shell is None:
-        return
-
-    class ChartFormatter(JSONFormatter):  # (returns a dict, as JSON does)
-        format_type = Unicode("e2b/chart")
-        print_method = Unicode("_repr_e2b_chart_")
-
-        def pop(self, typ, default=None):
-            # matplotlib's inline backend pops Figure from every formatter when it sets its
-            # formats up: this one keeps it.
-            return default
-
-    def chart(figure):
-        try:
-            from e2b_charts import chart_figure_to_dict
-            # (enums and tuples in it: plain JSON out)
-            return json.loads(json.dumps(chart_figure_to_dict(figure), default=str))
-        except Exception:
-            return None
-
-    formatter = ChartFormatter(parent=shell.display_formatter)
-    formatter.for_type_by_name("matplotlib.figure", "Figure", chart)
-    shell.display_formatter.formatters["e2b/chart"] = formatter
-    # Only the types listed when the shell started are computed: add ours.
-    if "e2b/chart" not in shell.display_formatter.active_types:
-        shell.display_formatter.active_types.append("e2b/chart")
-
-
-_bilik_charts()
-del _bilik_charts
-"""
 # R and its kernel, from the host's Debian sources.
 DEBIAN_PACKAGES = ("r-base-core", "r-cran-irkernel")
 # Java: JShell comes with the JDK; the kernel around it is bilik's (``interpreter.java_kernel``).
@@ -153,7 +113,9 @@ def _apt(packages: tuple[str, ...], *, upgrade: bool = False) -> str:
 
 
 def _pip(packages: tuple[str, ...]) -> str:
-    return "python3 -m pip install --break-system-packages --no-cache-dir -q " + " ".join(packages)
+    return "python3 -m pip install --break-system-packages --no-cache-dir -q " + " ".join(
+        shlex.quote(package) for package in packages
+    )
 
 
 # ``base``, with bilik's own template builder (the SDK's).
@@ -178,14 +140,10 @@ BASE_TEMPLATE = (
 CODE_INTERPRETER_TEMPLATE = (
     Template()
     .from_base_image()
-    # R with its kernel; the data stack; charts' data for every figure shown.
+    # R with its kernel; the data stack (the interpreter has every Python kernel give results
+    # their data, charts and images as E2B's do: ``interpreter.kernel_startup``).
     .run_cmd(_apt(DEBIAN_PACKAGES), user="root")
     .run_cmd(_pip(PYTHON_PACKAGES), user="root")
-    .run_cmd(
-        "mkdir -p ~/.ipython/profile_default/startup && "
-        + _write_file("~/.ipython/profile_default/startup/00-bilik-charts.py", CHART_STARTUP),
-        user="user",
-    )
     .run_cmd(
         "python3 -m bash_kernel.install --sys-prefix && "
         "R -q -e 'IRkernel::installspec(user = FALSE)'",
@@ -210,6 +168,10 @@ CODE_INTERPRETER_TEMPLATE = (
         "PYTHONPATH=/.bilik/agents python3 -m bilik.interpreter.java_kernel --compile",
         user="user",
     )
+    # Root's home is one the kernels (which run as ``user``) can work in, as on E2B, whose
+    # kernels run as root: ``create_code_context(cwd="/root")`` works (E2B's own image for
+    # Docker gives ``/root`` to ``user`` likewise).
+    .run_cmd("chown -R user:user /root", user="root")
     # The server comes with envd (/.bilik/agents); the kernels use the image's Python.
     .set_start_cmd(
         "cd /home/user && PYTHONPATH=/.bilik/agents exec python3 -m bilik.interpreter",

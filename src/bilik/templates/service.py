@@ -171,8 +171,10 @@ class TemplateService:
             return
         except Exception as e:
             log.exception("build %s failed", build.id)
-            build_log(f"internal error: {e}", level="error")
-            await self.store.templates.set_status(build, "error", {"message": str(e)})
+            # (Some errors say nothing of themselves: their kind at least says what failed.)
+            message = f"internal error: {type(e).__name__}" + (f": {e}" if str(e) else "")
+            build_log(message, level="error")
+            await self.store.templates.set_status(build, "error", {"message": message})
             return
         # The template's image, and this build's own (what its tags name).
         for name in (template.id, build_image(template.id, build.id)):
