@@ -18,6 +18,8 @@ packages=(
   # what every sandbox gets from the host, independent of its image: PID 1 and a shell (static
   # builds), and a Python for in-sandbox agents (patched to load only its own libraries)
   tini busybox-static patchelf
+  # /proc/meminfo, /proc/cpuinfo, ... as a sandbox's own limits show them (FUSE, one per server)
+  lxcfs
   # envd joins sandboxes from the host with their own seccomp filter (libseccomp, as crun does)
   libseccomp2
   # templates from OCI registries: pulled by skopeo, unpacked by umoci

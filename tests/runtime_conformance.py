@@ -105,7 +105,7 @@ async def test_unknown_sandboxes_are_not_found(backend: Backend) -> None:
     rt = backend.runtime
     for sandbox_id in (UNKNOWN_ID, *NOT_IDS):
         assert not await rt.is_running(sandbox_id)
-        for call in (rt.inspect, rt.kill, rt.stop, rt.usage, rt.console):
+        for call in (rt.inspect, rt.kill, rt.stop, rt.usage, rt.console, rt.logs):
             with pytest.raises(SandboxNotFound):
                 await call(sandbox_id)
         with pytest.raises(SandboxNotFound):
@@ -260,6 +260,9 @@ async def test_console_holds_what_init_wrote(backend: Backend, shared: SandboxIn
     assert marker in lines
     tail = await rt.console(shared.sandbox_id, limit_bytes=len(marker) + 1)
     assert tail == [marker]
+    # The sandbox's log holds it too, at the sandbox's start (the console keeps no times).
+    logged = [line for line in await rt.logs(shared.sandbox_id) if line.line == marker]
+    assert [(line.stream, line.timestamp) for line in logged] == [("console", shared.created_at)]
 
 
 # -- creates that must not happen ---------------------------------------------------------------

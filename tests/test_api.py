@@ -266,6 +266,8 @@ def test_metrics_come_from_the_sandbox(shared_server: BilikServer) -> None:
         server.cli(
             "sandbox",
             "exec",
+            "--user",
+            "root",
             sandbox_id,
             "--",
             "sh",

@@ -88,7 +88,7 @@ async def test_reconcile_releases_orphans(runtime: LocalRuntime, oci_runtime: st
 @EACH_OCI_RUNTIME
 def test_sigkilled_server_finds_its_sandboxes_again(server: BilikServer, oci_runtime: str) -> None:
     first = server.start()
-    create = ("sandbox", "create", "--runtime", oci_runtime, "--timeout")
+    create = ("sandbox", "create", "--oci-runtime", oci_runtime, "--timeout")
     long_lived = server.cli(*create, "600").stdout.strip()
     short_lived = server.cli(*create, "4").stdout.strip()
     record = SERVER_SETTINGS.data_dir / "sandboxes" / short_lived / "record.json"

@@ -1,25 +1,50 @@
-"""The ``bilik`` command: ``serve``, ``sandbox``, ``template`` and ``bench``."""
+"""The ``bilik`` command: ``serve``, ``sandbox``, ``template``, ``keys`` and ``bench``.
+
+Commands that make something act as an API key (see :mod:`.cli_identity`), through the same
+services as the server, so what they make is that key's team's, as if made through the API.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
+import importlib.metadata
 import json
 import os
+import secrets
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import NoReturn
 
-from . import cli_spawn, cli_template
+from . import cli_identity, cli_spawn, cli_template
+from .api.errors import ApiError
+from .api.limits import CreateLimiter
+from .api.parse import template_ref
 from .config import InvalidSettings, Settings
-from .runtime import Limits, LocalRuntime, Runtime, RuntimeFailure, SandboxInfo, SandboxSpec
+from .runtime import Limits, LocalRuntime, RuntimeFailure, SandboxInfo, SandboxNotFound
 from .runtime.backends import RUNTIMES
+from .runtime.spec import MIN_DISK_MB, MIN_MEMORY_MB
+from .sandboxes import CreateRequest, SandboxService
 from .store import ApiKey, KeyCaps, KeyNotFound, Store, database_url
-from .templates import BuildFailed, default_builds
+from .templates import BuildFailed, TemplateService, default_builds
 from .templates.defaults import DEFAULTS
+from .templates.service import TemplateUnavailable
+
+DESCRIPTION = """\
+bilik runs sandboxes for AI agents and speaks E2B's API.
+
+Commands that create act as an API key: --key, else BILIK_API_KEY, else the key the server's
+first start wrote to DATA_DIR/api-key. Run `bilik COMMAND --help` for a command's options."""
+
+
+class CliError(Exception):
+    """A mistake the user can fix: printed as one ``bilik: ...`` line, exit status 1."""
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -59,7 +84,7 @@ _CONNECTION_FLAGS = {
 }
 
 
-def _runtime(args: argparse.Namespace) -> Runtime:
+def _runtime(args: argparse.Namespace) -> LocalRuntime:
     return LocalRuntime(_settings(args), log=lambda line: print(line, file=sys.stderr))
 
 
@@ -68,7 +93,7 @@ def _env_pairs(pairs: Sequence[str]) -> dict[str, str]:
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep:
-            raise SystemExit(f"--env expects NAME=VALUE, got {pair!r}")
+            raise CliError(f"--env expects NAME=VALUE, got {pair!r}")
         env[name] = value
     return env
 
@@ -89,44 +114,100 @@ def _row(info: SandboxInfo) -> dict[str, object]:
     }
 
 
+def _in_range(option: str, value: float | None, low: float, high: float) -> None:
+    """A CLI value the runtime would refuse, refused first in the CLI's own words."""
+    if value is not None and not low <= value <= high:
+        raise CliError(
+            f"{option} must be between {_number(low)} and {_number(high)}, got {_number(value)}"
+        )
+
+
+def _number(value: float) -> str:
+    """A number as people write it: 1, 0.5, 99999999 (never 1e+08)."""
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
 async def _sandbox_create(args: argparse.Namespace) -> int:
-    runtime = _runtime(args)
-    await runtime.start()
-    spec = SandboxSpec(
-        template=args.template,
-        limits=Limits(cpu=args.cpu, memory_mb=args.memory_mb, disk_mb=args.disk_mb, pids=args.pids),
-        timeout_s=args.timeout,
-        internet=not args.no_internet,
-        env=_env_pairs(args.env),
-    )
+    settings = _settings(args)
+    caps = settings.caps
+    _in_range("--cpu", args.cpu, 0.1, caps.cpu)
+    _in_range("--memory-mb", args.memory_mb, MIN_MEMORY_MB, caps.memory_mb)
+    _in_range("--disk-mb", args.disk_mb, MIN_DISK_MB, caps.disk_mb)
+    _in_range("--timeout", args.timeout, 1, caps.lifetime_s)
     try:
-        if args.template in DEFAULTS:
-            async with default_builds.outside_a_server(runtime) as defaults:
-                image = await defaults.ensure(
-                    args.template, log=lambda line: print(line, file=sys.stderr)
-                )
-            spec = dataclasses.replace(spec, template=image)
-        info = await runtime.create(spec, oci_runtime=args.runtime)
-    except BuildFailed as e:
-        print(f"bilik: {e.message}", file=sys.stderr)
-        return 1
+        name, tag = template_ref(args.template, "--template")
+    except ApiError as e:
+        raise CliError(e.message) from None
+    chosen = cli_identity.choose(args.key, settings.data_dir)
+    store = await Store.open(database_url(settings.data_dir, settings.database_url))
+    runtime = _runtime(args)
+    try:
+        key = await cli_identity.verify(chosen, store)
+        cli_identity.announce(chosen, key)
+        await runtime.start()
+        want = CreateRequest(
+            key_id=key.team_id,
+            template=name,
+            tag=tag,
+            timeout_s=args.timeout,
+            cpu=args.cpu,
+            memory_mb=args.memory_mb,
+            disk_mb=args.disk_mb,
+            internet=not args.no_internet,
+            env=_env_pairs(args.env),
+            access_token=secrets.token_hex(16),
+        )
+
+        @contextlib.contextmanager
+        def admit(running: int, limits: Limits) -> Iterator[None]:
+            # The key's caps, as the API applies them.
+            try:
+                CreateLimiter().check(key, running, args.timeout, limits.cpu, limits.memory_mb)
+            except ApiError as e:
+                raise CliError(e.message) from None
+            yield
+
+        # Default templates build with names resolved through the host's forwarder (a
+        # running server's, else one of this command's own).
+        dns = None
+        with contextlib.suppress(OSError):
+            dns = await runtime.serve_dns()
+        templates = TemplateService(runtime, store, settings.data_dir)
+        try:
+            sandbox = await SandboxService(runtime, store, templates).create(want, admit)
+        except TemplateUnavailable as e:
+            raise CliError(e.message) from None
+        finally:
+            await templates.close()
+            if dns is not None:
+                await dns.close()
     finally:
         await runtime.close()
-    print(info.sandbox_id)
+        await store.close()
+    print(sandbox.info.sandbox_id)
     return 0
 
 
 async def _sandbox_exec(args: argparse.Namespace) -> int:
     runtime = _runtime(args)
     command = list(args.command)
+    if command and command[0].startswith("-") and "--" in command:
+        # Options after the id end at "--"; the command follows it.
+        at = command.index("--")
+        _EXEC_OPTIONS.parse_args(command[:at], namespace=args)
+        command = command[at + 1 :]
     if not command:
-        raise SystemExit("bilik sandbox exec: give a command after --")
+        raise CliError("give the command after the sandbox id: bilik sandbox exec ID COMMAND...")
+    record = runtime.records.load(args.sandbox_id)
+    if record is None:
+        raise SandboxNotFound(args.sandbox_id)
     forward_stdin = not sys.stdin.isatty()
+    # Through sh, as the SDKs run commands: a command not found exits 127 and says so.
     proc = await runtime.exec(
         args.sandbox_id,
-        command,
-        user=args.user,
-        cwd=args.cwd,
+        ["/bin/sh", "-c", 'exec "$@"', "sh", *command],
+        user=args.user or record.user or "root",
+        cwd=args.cwd or record.workdir or None,
         env=_env_pairs(args.env),
         stdin=forward_stdin,
     )
@@ -137,7 +218,21 @@ async def _sandbox_exec(args: argparse.Namespace) -> int:
         streams[name].flush()
     if pump is not None:
         pump.cancel()
-    return await proc.wait()
+    code = await proc.wait()
+    if code < 0 or code > 128:
+        # Killed: say so when it was the sandbox that ended under it.
+        try:
+            info = await runtime.inspect(args.sandbox_id)
+            ended = info.state != "running" or info.end_at <= time.time()
+        except SandboxNotFound:
+            ended = True
+        if ended:
+            print(
+                f"bilik: sandbox {args.sandbox_id} ended (its timeout, or a kill) while the "
+                "command ran",
+                file=sys.stderr,
+            )
+    return code
 
 
 async def _pump_stdin(writer: asyncio.StreamWriter | None) -> None:
@@ -198,11 +293,13 @@ async def _sandbox_kill(args: argparse.Namespace) -> int:
 
 
 async def _sandbox_logs(args: argparse.Namespace) -> int:
-    lines = await _runtime(args).console(args.sandbox_id)
+    lines = await _runtime(args).logs(args.sandbox_id)
     if args.json:
-        print(json.dumps(lines, indent=1))
+        print(json.dumps([dataclasses.asdict(line) for line in lines], indent=1))
     else:
-        print("\n".join(lines))
+        for line in lines:
+            stamp = datetime.fromtimestamp(line.timestamp, UTC).isoformat(timespec="milliseconds")
+            print(f"{stamp} {line.stream} {line.line}")
     return 0
 
 
@@ -230,9 +327,7 @@ async def _template_build_default(args: argparse.Namespace) -> int:
     await runtime.start()
     try:
         if unknown := set(args.names) - set(DEFAULTS):
-            raise SystemExit(
-                f"bilik: not bilik's own: {sorted(unknown)}; those are {list(DEFAULTS)}"
-            )
+            raise CliError(f"not bilik's own: {sorted(unknown)}; those are {list(DEFAULTS)}")
         async with default_builds.outside_a_server(runtime) as defaults:
             # (in their order: a template's base before it)
             for name in [name for name in DEFAULTS if name in args.names or not args.names]:
@@ -255,6 +350,7 @@ def _key_row(key: ApiKey) -> dict[str, object]:
     return {
         "id": key.id,
         "name": key.name,
+        "team": key.team_id,
         "prefix": key.prefix,
         "createdAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(key.created_at)),
         "state": "active" if key.active else "revoked",
@@ -264,6 +360,21 @@ def _key_row(key: ApiKey) -> dict[str, object]:
         "maxCpu": key.caps.max_cpu,
         "maxMemoryMB": key.caps.max_memory_mb,
     }
+
+
+_KEY_COLUMNS = [
+    "id",
+    "name",
+    "team",
+    "prefix",
+    "createdAt",
+    "state",
+    "maxSandboxes",
+    "createsPerMinute",
+    "maxTimeout",
+    "maxCpu",
+    "maxMemoryMB",
+]
 
 
 async def _keys_create(args: argparse.Namespace) -> int:
@@ -287,19 +398,27 @@ async def _keys_create(args: argparse.Namespace) -> int:
 async def _keys_list(args: argparse.Namespace) -> int:
     store = await _open_store(args)
     try:
-        rows = [_key_row(k) for k in await store.keys.list()]
+        keys = await store.keys.list(active=not args.all)
     finally:
         await store.close()
-    _print_rows(rows, ["id", "name", "prefix", "createdAt", "state"], as_json=args.json)
+    rows = [_key_row(k) for k in keys]
+    if not args.json:  # (no cap: "-")
+        rows = [{c: "-" if v is None else v for c, v in row.items()} for row in rows]
+    _print_rows(rows, _KEY_COLUMNS, as_json=args.json)
     return 0
 
 
 async def _keys_revoke(args: argparse.Namespace) -> int:
     store = await _open_store(args)
     try:
-        await store.keys.revoke(args.key_id)
+        before = {k.id: k for k in await store.keys.list()}.get(args.key_id)
+        if before is not None and not before.active:
+            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(before.revoked_at or 0))
+            raise CliError(f"API key {before.id} ({before.name}) was already revoked at {when}")
+        record = await store.keys.revoke(args.key_id)
     finally:
         await store.close()
+    print(f"revoked API key {record.id} ({record.name}); it no longer authenticates")
     return 0
 
 
@@ -334,24 +453,80 @@ def _bench(args: argparse.Namespace) -> int:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes as one ``bilik: ...`` line that says where to look (exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"bilik: {message} (see `{self.prog} --help`)\n")
+
+
+def _positive(text: str) -> int:
+    """An argparse type: a whole number above 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+def _exec_options() -> argparse.ArgumentParser:
+    """``exec``'s own options: before the sandbox id, or after it and ended by ``--``."""
+    options = _Parser(prog="bilik sandbox exec", add_help=False)
+    options.add_argument(
+        "--user", help="run as this user of the sandbox (default: its template's, as the SDKs)"
+    )
+    options.add_argument(
+        "--cwd", help="working directory (default: its template's, else the user's home)"
+    )
+    options.add_argument(
+        "--env", action="append", default=[], metavar="NAME=VALUE", help="an environment variable"
+    )
+    return options
+
+
+_EXEC_OPTIONS = _exec_options()
+
+
+def _add_instance(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--instance", help="name of host objects (BILIK_INSTANCE, default bilik)")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bilik", description=__doc__)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--data-dir", type=Path, help="data directory (BILIK_DATA_DIR)")
-    common.add_argument("--instance", help="name of host objects (BILIK_INSTANCE)")
-    common.add_argument(
+    parser: argparse.ArgumentParser = _Parser(
+        prog="bilik", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"bilik {_version()}", help="print the version"
+    )
+    data = argparse.ArgumentParser(add_help=False)
+    data.add_argument(
+        "--data-dir", type=Path, help="data directory (BILIK_DATA_DIR, default /var/lib/bilik)"
+    )
+    storage = argparse.ArgumentParser(add_help=False, parents=[data])
+    storage.add_argument(
         "--database-url", help="PostgreSQL URL instead of SQLite (BILIK_DATABASE_URL)"
     )
+    host = argparse.ArgumentParser(add_help=False, parents=[data])
+    _add_instance(host)
+    # (every option of the two above, and the OCI runtime new sandboxes run under)
+    common = argparse.ArgumentParser(add_help=False, parents=[storage])
+    _add_instance(common)
     common.add_argument(
         "--oci-runtime",
         choices=list(RUNTIMES),
-        help="default OCI runtime (BILIK_OCI_RUNTIME)",
+        help="OCI runtime of new sandboxes (BILIK_OCI_RUNTIME, default crun)",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="JSON for scripts, not a table")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = sub.add_parser("serve", parents=[common], help="run the bilik server")
-    serve.add_argument("--host", help="address to listen on (BILIK_HOST)")
-    serve.add_argument("--port", type=int, help="port to listen on (BILIK_PORT)")
+    serve = sub.add_parser(
+        "serve", parents=[common], help="run the server (API, sandbox plane, warm pool)"
+    )
+    serve.add_argument("--host", help="address to listen on (BILIK_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (BILIK_PORT, default 3000)")
     serve.add_argument("--domain", help="sandbox ports as {port}-{id}.DOMAIN (BILIK_DOMAIN)")
     serve.add_argument(
         "--warm-pool",
@@ -364,47 +539,80 @@ def _parser() -> argparse.ArgumentParser:
         serve.add_argument(flag, type=int, help=f"{help_text} (BILIK_{name.upper()})")
     serve.set_defaults(func=_serve, sync=True)
 
-    sandbox = sub.add_parser("sandbox", help="create, inspect and kill sandboxes on this host")
-    sb = sandbox.add_subparsers(dest="action", required=True)
-    create = sb.add_parser("create", parents=[common], help="create a sandbox, print its id")
-    create.add_argument("--template", default="base")
-    create.add_argument("--cpu", type=float, default=1)
-    create.add_argument("--memory-mb", type=int, default=512)
-    create.add_argument("--disk-mb", type=int, default=1024)
-    create.add_argument("--pids", type=int, default=1024)
-    create.add_argument("--timeout", type=float, default=300, help="lifetime in seconds")
-    create.add_argument("--no-internet", action="store_true")
-    create.add_argument("--runtime", choices=list(RUNTIMES))
-    create.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
+    sandbox = sub.add_parser(
+        "sandbox",
+        help="create, run commands in, inspect and kill sandboxes on this host",
+        description="Sandboxes on this host. create acts as an API key (its sandbox is that "
+        "key's, as if made through the API); spawn goes through the server's API; the others "
+        "are the operator's and act on every key's sandboxes.",
+    )
+    sb = sandbox.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = sb.add_parser(
+        "create",
+        parents=[common],
+        help="create a sandbox as an API key, print its id",
+        description="Create a sandbox as an API key and print its id. It is that key's, as "
+        "if made through the API: Sandbox.connect(ID) with the key reaches it.",
+    )
+    cli_identity.add_key_option(create)
+    create.add_argument(
+        "--template",
+        default="base",
+        help="template name or id, NAME:TAG for a tagged build (default: %(default)s)",
+    )
+    create.add_argument("--cpu", type=float, help="vCPUs (default: the template's)")
+    create.add_argument("--memory-mb", type=int, help="memory, MiB (default: the template's)")
+    create.add_argument("--disk-mb", type=int, help="disk, MiB (default: the template's)")
+    create.add_argument(
+        "--timeout", type=int, default=300, help="seconds it lives (default: %(default)s)"
+    )
+    create.add_argument(
+        "--no-internet", action="store_true", help="no network access out of the sandbox"
+    )
+    create.add_argument(
+        "--env", action="append", default=[], metavar="NAME=VALUE", help="an environment variable"
+    )
     create.set_defaults(func=_sandbox_create)
-    exe = sb.add_parser("exec", parents=[common], help="run a command, stream its output")
-    exe.add_argument("sandbox_id")
-    exe.add_argument("--user", default="root")
-    exe.add_argument("--cwd")
-    exe.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
-    exe.add_argument("command", nargs="*", help="the command, after --")
+    exe = sb.add_parser(
+        "exec",
+        parents=[host, _EXEC_OPTIONS],
+        help="run a command in a sandbox, stream its output, exit with its status",
+        usage="bilik sandbox exec [OPTIONS] SANDBOX_ID COMMAND [ARG...]",
+        description="Run COMMAND in the sandbox and exit with its exit status (127: not "
+        "found). Options go before the id (or after it, ended by --). An operator command: "
+        "any key's sandbox.",
+    )
+    exe.add_argument("sandbox_id", metavar="SANDBOX_ID", help="the sandbox's id")
+    exe.add_argument(
+        "command", metavar="COMMAND", nargs=argparse.REMAINDER, help="the command and its arguments"
+    )
     exe.set_defaults(func=_sandbox_exec)
-    ls = sb.add_parser("list", parents=[common], help="list sandboxes")
-    ls.add_argument("--json", action="store_true")
+    ls = sb.add_parser(
+        "list",
+        parents=[host, as_json],
+        help="list every key's sandboxes on this host (operator)",
+    )
     ls.set_defaults(func=_sandbox_list)
-    inspect = sb.add_parser("inspect", parents=[common], help="show one sandbox")
-    inspect.add_argument("sandbox_id")
+    inspect = sb.add_parser("inspect", parents=[host], help="show one sandbox (operator)")
+    inspect.add_argument("sandbox_id", metavar="SANDBOX_ID", help="the sandbox's id")
     inspect.set_defaults(func=_sandbox_inspect)
-    kill = sb.add_parser("kill", parents=[common], help="kill a sandbox")
-    kill.add_argument("sandbox_id")
+    kill = sb.add_parser("kill", parents=[host], help="kill any key's sandbox (operator)")
+    kill.add_argument("sandbox_id", metavar="SANDBOX_ID", help="the sandbox's id")
     kill.set_defaults(func=_sandbox_kill)
-    logs = sb.add_parser("logs", parents=[common], help="what a sandbox's start command wrote")
-    logs.add_argument("sandbox_id")
-    logs.add_argument("--json", action="store_true")
+    logs = sb.add_parser(
+        "logs", parents=[host, as_json], help="what a sandbox's start command wrote (operator)"
+    )
+    logs.add_argument("sandbox_id", metavar="SANDBOX_ID", help="the sandbox's id")
     logs.set_defaults(func=_sandbox_logs)
-    metrics = sb.add_parser("metrics", parents=[common], help="a sandbox's CPU, memory and disk")
-    metrics.add_argument("sandbox_id")
-    metrics.add_argument("--json", action="store_true")
+    metrics = sb.add_parser(
+        "metrics", parents=[host, as_json], help="a sandbox's CPU, memory and disk (operator)"
+    )
+    metrics.add_argument("sandbox_id", metavar="SANDBOX_ID", help="the sandbox's id")
     metrics.set_defaults(func=_sandbox_metrics)
     cli_spawn.add_command(sb)
 
-    template = sub.add_parser("template", help="templates")
-    tp = template.add_subparsers(dest="action", required=True)
+    template = sub.add_parser("template", help="build, list and delete templates")
+    tp = template.add_subparsers(dest="action", required=True, metavar="ACTION")
     default = tp.add_parser(
         "build-default", parents=[common], help="build bilik's default templates ahead of use"
     )
@@ -415,53 +623,85 @@ def _parser() -> argparse.ArgumentParser:
     default.set_defaults(func=_template_build_default)
     cli_template.add_commands(tp)
 
-    keys = sub.add_parser("keys", help="API keys (stored only as hashes)")
-    kp = keys.add_subparsers(dest="action", required=True)
-    kcreate = kp.add_parser("create", parents=[common], help="make a key and print it, once")
-    kcreate.add_argument("--name", default="default", help="a label for people")
-    kcreate.add_argument("--max-sandboxes", type=int, help="sandboxes running at once")
-    kcreate.add_argument("--creates-per-minute", type=int, help="creates a minute (then 429)")
-    kcreate.add_argument("--max-timeout", type=int, help="longest lifetime a create may ask, s")
-    kcreate.add_argument("--max-cpu", type=int, help="most vCPUs a create may ask for")
-    kcreate.add_argument("--max-memory-mb", type=int, help="most memory a create may ask, MiB")
+    keys = sub.add_parser("keys", help="make, list and revoke API keys (stored only as hashes)")
+    kp = keys.add_subparsers(dest="action", required=True, metavar="ACTION")
+    kcreate = kp.add_parser(
+        "create",
+        parents=[storage],
+        help="make a key and print it, once",
+        description="Make an API key (a team of its own) and print it: it is shown only now. "
+        "A cap left out is only the server's own.",
+    )
+    kcreate.add_argument("--name", default="default", help="a label (default: %(default)s)")
+    kcreate.add_argument("--max-sandboxes", type=_positive, help="sandboxes running at once")
+    kcreate.add_argument(
+        "--creates-per-minute", type=_positive, help="creates a minute (past it, 429)"
+    )
+    kcreate.add_argument(
+        "--max-timeout", type=_positive, help="longest lifetime a create may ask for, s"
+    )
+    kcreate.add_argument("--max-cpu", type=_positive, help="most vCPUs a create may ask for")
+    kcreate.add_argument(
+        "--max-memory-mb", type=_positive, help="most memory a create may ask for, MiB"
+    )
     kcreate.set_defaults(func=_keys_create)
-    klist = kp.add_parser("list", parents=[common], help="list keys (never the keys themselves)")
-    klist.add_argument("--json", action="store_true")
+    klist = kp.add_parser(
+        "list", parents=[storage, as_json], help="list keys and their caps (never the keys)"
+    )
+    klist.add_argument("--all", action="store_true", help="revoked keys too")
     klist.set_defaults(func=_keys_list)
-    krevoke = kp.add_parser("revoke", parents=[common], help="revoke a key by its id")
-    krevoke.add_argument("key_id")
+    krevoke = kp.add_parser("revoke", parents=[storage], help="revoke a key by its id")
+    krevoke.add_argument("key_id", metavar="KEY_ID", help="its id, from `bilik keys list`")
     krevoke.set_defaults(func=_keys_revoke)
 
     bench = sub.add_parser("bench", parents=[common], help="measure speed and memory")
-    bench.add_argument("suite", choices=["runtime", "envd", "api", "interpreter"])
-    bench.add_argument("--creates", type=int, default=50, help="runtime: creates to time")
     bench.add_argument(
-        "--samples", type=int, default=200, help="envd, api, interpreter: samples to time"
+        "suite", choices=["runtime", "envd", "api", "interpreter"], help="what to measure"
     )
     bench.add_argument(
-        "--idle", type=int, default=500, help="idle (running) sandboxes to hold at once"
+        "--creates", type=int, default=50, help="runtime: creates to time (default: %(default)s)"
     )
-    bench.add_argument("--runtimes", default="crun,runsc")
+    bench.add_argument(
+        "--samples",
+        type=int,
+        default=200,
+        help="envd, api, interpreter: samples to time (default: %(default)s)",
+    )
+    bench.add_argument(
+        "--idle",
+        type=int,
+        default=500,
+        help="idle (running) sandboxes to hold at once (default: %(default)s)",
+    )
+    bench.add_argument(
+        "--runtimes", default="crun,runsc", help="OCI runtimes to compare (default: %(default)s)"
+    )
     bench.set_defaults(func=_bench, sync=True)
     return parser
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("bilik")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bilik`` command."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    # Everything after "--" is the sandbox command, verbatim (argparse mangles it in subparsers).
-    tail: list[str] = []
-    if "--" in argv:
-        at = argv.index("--")
-        argv, tail = argv[:at], argv[at + 1 :]
-    args = _parser().parse_args(argv)
-    if tail:
-        args.command = [*getattr(args, "command", []), *tail]
+    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         if getattr(args, "sync", False):
             return int(args.func(args))
         return int(asyncio.run(args.func(args)))
-    except (RuntimeFailure, InvalidSettings, KeyNotFound) as e:
+    except (
+        RuntimeFailure,
+        InvalidSettings,
+        KeyNotFound,
+        CliError,
+        cli_identity.NoKey,
+        cli_template.TemplateFileError,
+    ) as e:
         print(f"bilik: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

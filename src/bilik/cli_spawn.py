@@ -6,12 +6,15 @@ import argparse
 import asyncio
 import os
 import signal
+import stat
 import sys
 import termios
 import tty
 from datetime import UTC, datetime
 from typing import Any
 
+from bilik import cli_identity
+from bilik.config import Settings
 from bilik.sdk import (
     AsyncSandbox,
     AuthenticationException,
@@ -36,7 +39,16 @@ def _size() -> PtySize:
 
 async def spawn(args: argparse.Namespace) -> int:
     """Open a login shell in a new sandbox (or ``--connect`` to one) and hand it the terminal."""
-    opts: dict[str, Any] = {"api_url": args.url, "api_key": args.api_key}
+    if not _pollable(sys.stdin.fileno()):
+        print(
+            "bilik: spawn needs a terminal (or a pipe) as its input; to run one command, use "
+            "`bilik sandbox exec ID COMMAND`",
+            file=sys.stderr,
+        )
+        return 1
+    chosen = cli_identity.choose(args.key, Settings.from_env().data_dir)
+    cli_identity.announce(chosen)
+    opts: dict[str, Any] = {"api_url": args.url, "api_key": chosen.key}
     try:
         if args.connect:  # (its lifetime as it is: renewed only if it would end sooner)
             sandbox = await AsyncSandbox.connect(args.connect, **opts)
@@ -52,6 +64,16 @@ async def spawn(args: argparse.Namespace) -> int:
     finally:
         if not keep:
             await sandbox.kill()
+
+
+def _pollable(fd: int) -> bool:
+    """Whether the event loop can wait on ``fd`` for input: a terminal, a pipe or a socket
+    (not a file, nor /dev/null)."""
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        return False
+    return os.isatty(fd) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
 
 
 async def _attach(sandbox: AsyncSandbox) -> int:
@@ -127,7 +149,14 @@ def add_command(sandboxes: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     parser.add_argument("template", nargs="?", default="base", help="template (default: base)")
     parser.add_argument("--connect", metavar="SANDBOX_ID", help="a running sandbox instead")
-    parser.add_argument("--keep", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--url", help="the server (BILIK_URL, else E2B_API_URL)")
-    parser.add_argument("--api-key", help="API key (BILIK_API_KEY, else E2B_API_KEY)")
+    parser.add_argument(
+        "--keep",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep the sandbox when the shell exits (default: only a --connect one)",
+    )
+    parser.add_argument(
+        "--url", help="the server (BILIK_URL, else E2B_API_URL, else http://127.0.0.1:3000)"
+    )
+    cli_identity.add_key_option(parser)
     parser.set_defaults(func=spawn)

@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
+from . import cli_identity
+from .config import Settings
 from .sdk.config import ApiParams
 from .sdk.exceptions import (
     AuthenticationException,
@@ -36,8 +38,12 @@ _SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
 _TICK_S = 0.15
 
 
-def _api(args: argparse.Namespace) -> ApiParams:
-    return {"api_key": args.api_key, "api_url": args.url}
+def _api(args: argparse.Namespace, *, announce: bool = False) -> ApiParams:
+    """The server and the key to act as (named on stderr when ``announce``)."""
+    chosen = cli_identity.choose(args.key, Settings.from_env().data_dir)
+    if announce:
+        cli_identity.announce(chosen)
+    return {"api_key": chosen.key, "api_url": args.url}
 
 
 class TemplateFileError(Exception):
@@ -68,7 +74,16 @@ def load_template(spec: str) -> tuple[TemplateBase, Path]:
         raise TemplateFileError(f"{path}: not a Python file")
     module = importlib.util.module_from_spec(module_spec)
     with _on_path(file.parent):
-        module_spec.loader.exec_module(module)
+        try:
+            module_spec.loader.exec_module(module)
+        except SyntaxError as e:
+            raise TemplateFileError(f"{path}:{e.lineno}: syntax error: {e.msg}") from None
+        except Exception as e:
+            # (the file is the user's own code: its failure is reported, not a crash of ours)
+            where = _failing_line(e, file)
+            raise TemplateFileError(
+                f"{path}{where}: running it failed: {type(e).__name__}: {e}"
+            ) from None
     found: dict[str, Any] = {
         name: value
         for name, value in vars(module).items()
@@ -93,6 +108,17 @@ def load_template(spec: str) -> tuple[TemplateBase, Path]:
         f"{path} defines several templates ({', '.join(sorted(found))}): name one, "
         f"as {path}:NAME, or call it 'template'"
     )
+
+
+def _failing_line(error: BaseException, file: Path) -> str:
+    """ ":LINE" of the template file where ``error`` was raised last, if it was there."""
+    line = ""
+    tb = error.__traceback__
+    while tb is not None:
+        if Path(tb.tb_frame.f_code.co_filename) == file:
+            line = f":{tb.tb_lineno}"
+        tb = tb.tb_next
+    return line
 
 
 def default_name(file: Path) -> str:
@@ -176,6 +202,7 @@ async def build(args: argparse.Namespace) -> int:
         print(f"bilik: {e}", file=sys.stderr)
         return 2
     name = args.name or default_name(file)
+    api = _api(args, announce=True)
     total = len(template._steps)
     progress = Progress(name, total, sys.stdout, live=sys.stderr.isatty())
     print(f"building {name!r} from {args.file}: {total} steps", flush=True)
@@ -188,7 +215,7 @@ async def build(args: argparse.Namespace) -> int:
             memory_mb=args.memory_mb,
             skip_cache=args.skip_cache,
             on_build_logs=progress,
-            **_api(args),
+            **api,
         )
     except SDK_ERRORS as e:
         ticker.cancel()
@@ -256,8 +283,10 @@ async def delete(args: argparse.Namespace) -> int:
 def add_commands(templates: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``build``, ``list`` and ``delete`` under ``bilik template``."""
     server = argparse.ArgumentParser(add_help=False)
-    server.add_argument("--url", help="the server (BILIK_URL, else E2B_API_URL)")
-    server.add_argument("--api-key", help="API key (BILIK_API_KEY, else E2B_API_KEY)")
+    server.add_argument(
+        "--url", help="the server (BILIK_URL, else E2B_API_URL, else http://127.0.0.1:3000)"
+    )
+    cli_identity.add_key_option(server)
     build_cmd = templates.add_parser(
         "build",
         parents=[server],
@@ -272,14 +301,16 @@ def add_commands(templates: argparse._SubParsersAction[argparse.ArgumentParser])
     build_cmd.add_argument(
         "--name", "--alias", dest="name", help="template name (default: the file's name)"
     )
-    build_cmd.add_argument("--cpu", type=int, help="vCPUs of its sandboxes")
-    build_cmd.add_argument("--memory-mb", type=int, help="memory of its sandboxes, MiB")
+    build_cmd.add_argument("--cpu", type=int, help="vCPUs of its sandboxes (default: 1)")
+    build_cmd.add_argument(
+        "--memory-mb", type=int, help="memory of its sandboxes, MiB (default: 512)"
+    )
     build_cmd.add_argument(
         "--skip-cache", action="store_true", help="rebuild every step, cached or not"
     )
     build_cmd.set_defaults(func=build)
-    ls = templates.add_parser("list", parents=[server], help="list your templates")
-    ls.add_argument("--json", action="store_true")
+    ls = templates.add_parser("list", parents=[server], help="list the key's templates")
+    ls.add_argument("--json", action="store_true", help="JSON for scripts, not a table")
     ls.set_defaults(func=list_templates)
     rm = templates.add_parser("delete", parents=[server], help="delete a template")
     rm.add_argument("name", help="template name or id")

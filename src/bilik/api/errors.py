@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ..runtime import InvalidSpec, RuntimeFailure, SandboxExists, SandboxNotFound, TemplateNotFound
+from ..runtime.errors import StartFailed
 
 log = logging.getLogger("bilik.api")
 
@@ -35,6 +36,8 @@ def from_runtime(exc: RuntimeFailure) -> ApiError:
         return ApiError(400, str(exc))
     if isinstance(exc, SandboxExists):
         return ApiError(409, str(exc))
+    if isinstance(exc, StartFailed):  # (the template's fault: its owner fixes it, not the server's)
+        return ApiError(400, f"the template's start command failed: {exc}")
     log.error("runtime failure: %s", exc)
     return ApiError(500, f"the sandbox runtime failed: {exc}")
 

@@ -25,6 +25,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..runtime import Limits, RuntimeFailure
+from ..runtime.base import LogLine
 from ..runtime.spec import is_sandbox_id
 from ..sandboxes import CreateRequest, IdempotencyConflict, Listing, Sandbox, SandboxService
 from ..sandboxes.metrics import Sample
@@ -161,7 +162,7 @@ def _size(data: dict[str, Any], field: str) -> int | None:
     return value
 
 
-def _sandbox(sandbox: Sandbox) -> dict[str, Any]:
+def _sandbox(sandbox: Sandbox, domain: str) -> dict[str, Any]:
     """E2B's ``Sandbox`` (create and connect)."""
     info, row = sandbox.info, sandbox.row
     return {
@@ -171,15 +172,15 @@ def _sandbox(sandbox: Sandbox) -> dict[str, Any]:
         "alias": row.template_id,
         "envdVersion": ENVD_VERSION,
         "envdAccessToken": row.envd_access_token,
-        "domain": None,
+        "domain": domain,
     }
 
 
-def _detail(sandbox: Sandbox) -> dict[str, Any]:
+def _detail(sandbox: Sandbox, domain: str) -> dict[str, Any]:
     """E2B's ``SandboxDetail`` / ``ListedSandbox``."""
     info, row = sandbox.info, sandbox.row
     return {
-        **_sandbox(sandbox),
+        **_sandbox(sandbox, domain),
         "startedAt": _rfc3339(row.started_at),
         "endAt": _rfc3339(info.end_at),
         "cpuCount": info.limits.cpu,
@@ -189,6 +190,14 @@ def _detail(sandbox: Sandbox) -> dict[str, Any]:
         "metadata": row.metadata,
         "allowInternetAccess": info.internet,
     }
+
+
+def _domain(request: Request) -> str:
+    """The domain under which the SDKs' ``get_host(port)`` names a sandbox's port
+    (``{port}-{id}.{domain}``): the server's own, with the server's port unless it is HTTP's or
+    HTTPS's default, so the name reaches the sandbox plane."""
+    settings = _service(request).runtime.settings
+    return settings.domain if settings.port in (80, 443) else f"{settings.domain}:{settings.port}"
 
 
 def _service(request: Request) -> SandboxService:
@@ -281,14 +290,14 @@ async def create(request: Request) -> Response:
             yield
 
     sandbox = await _service(request).create(want, admit)
-    return JSONResponse(_sandbox(sandbox), status_code=201)
+    return JSONResponse(_sandbox(sandbox, _domain(request)), status_code=201)
 
 
 @_handler
 async def get(request: Request) -> Response:
     key = await authenticate(request)
     sandbox = await _service(request).get(key.team_id, path_sandbox_id(request))
-    return JSONResponse(_detail(sandbox))
+    return JSONResponse(_detail(sandbox, _domain(request)))
 
 
 @_handler
@@ -320,7 +329,7 @@ async def connect(request: Request) -> Response:
         _limiter(request).check_size(key, timeout_s=timeout)
     # (a connect only ever moves a running sandbox's end later)
     sandbox = await _service(request).extend(key.team_id, sandbox_id, timeout)
-    return JSONResponse(_sandbox(sandbox))
+    return JSONResponse(_sandbox(sandbox, _domain(request)))
 
 
 @_handler
@@ -408,20 +417,24 @@ async def resume(request: Request) -> Response:
 
 @_handler
 async def logs(request: Request) -> Response:
-    """E2B's ``SandboxLogs``: what the sandbox's PID 1 wrote, a line each."""
+    """E2B's ``SandboxLogs``: what the sandbox's PID 1 and its template's start command wrote,
+    a line each, oldest first."""
     key = await authenticate(request)
-    sandbox, lines = await _service(request).console(key.team_id, path_sandbox_id(request))
-    started = _rfc3339(sandbox.info.created_at)
+    _, lines = await _service(request).logs(key.team_id, path_sandbox_id(request))
     return JSONResponse(
-        {"logs": [{"timestamp": started, "line": line} for line in lines], "logEntries": []}
+        {
+            "logs": [{"timestamp": _rfc3339(e.timestamp), "line": e.line} for e in lines],
+            "logEntries": [_log_entry(e) for e in lines],
+        }
     )
 
 
 @_handler
 async def logs_v2(request: Request) -> Response:
-    """E2B's ``SandboxLogsV2Response``: what the sandbox's PID 1 wrote, an ``info`` entry a
-    line, paged by ``cursor`` (milliseconds) in ``direction`` (forward: from the cursor on,
-    oldest first; backward: up to it, newest first), filtered by ``level`` and ``search``."""
+    """E2B's ``SandboxLogsV2Response``: what the sandbox's PID 1 and its template's start
+    command wrote, an ``info`` entry a line, paged by ``cursor`` (milliseconds) in
+    ``direction`` (forward: from the cursor on, oldest first; backward: up to it, newest
+    first), filtered by ``level`` and ``search``."""
     key = await authenticate(request)
     params = request.query_params
     _known_params(request, {"cursor", "limit", "direction", "level", "search"})
@@ -436,18 +449,31 @@ async def logs_v2(request: Request) -> Response:
     search = params.get("search", "")
     if len(search) > MAX_LOG_SEARCH:
         raise ApiError(400, f"search must be at most {MAX_LOG_SEARCH} characters")
-    sandbox, lines = await _service(request).console(key.team_id, path_sandbox_id(request))
-    # (the console keeps no times: every line is the sandbox's start's, at level info)
-    at = int(sandbox.info.created_at * 1000)
-    outside = cursor is not None and (at < cursor if direction == "forward" else at > cursor)
-    if outside or LOG_LEVELS.index(level) > LOG_LEVELS.index("info"):
+    _, lines = await _service(request).logs(key.team_id, path_sandbox_id(request))
+    if LOG_LEVELS.index(level) > LOG_LEVELS.index("info"):
         lines = []
-    lines = [line for line in lines if search in line]
+    if cursor is not None:
+        forward = direction == "forward"
+        lines = [e for e in lines if (_millis(e) >= cursor if forward else _millis(e) <= cursor)]
+    lines = [e for e in lines if search in e.line]
     if direction == "backward":
         lines.reverse()
-    stamp = _rfc3339(sandbox.info.created_at)
-    entries = [{"timestamp": stamp, "level": "info", "message": m, "fields": {}} for m in lines]
-    return JSONResponse({"logs": entries[:limit]})
+    return JSONResponse({"logs": [_log_entry(e) for e in lines[:limit]]})
+
+
+def _millis(line: LogLine) -> int:
+    return int(line.timestamp * 1000)
+
+
+def _log_entry(line: LogLine) -> dict[str, Any]:
+    """E2B's ``SandboxLogEntry``: every line at ``info``; ``fields.stream`` says whose it is
+    (``console``: PID 1's; ``stdout``, ``stderr``: the start command's)."""
+    return {
+        "timestamp": _rfc3339(line.timestamp),
+        "level": "info",
+        "message": line.line,
+        "fields": {"stream": line.stream},
+    }
 
 
 def _known_params(request: Request, known: set[str]) -> None:
@@ -519,7 +545,10 @@ async def list_v1(request: Request) -> Response:
     key = await authenticate(request)
     _known_params(request, {"metadata"})
     wanted = Listing(metadata=_metadata_filter(request.query_params.get("metadata")))
-    return JSONResponse([_detail(s) async for s in _service(request).list(key.team_id, wanted)])
+    domain = _domain(request)
+    return JSONResponse(
+        [_detail(s, domain) async for s in _service(request).list(key.team_id, wanted)]
+    )
 
 
 @_handler
@@ -559,7 +588,7 @@ async def list_v2(request: Request) -> Response:
                 break
             page.append(sandbox)
     headers = {"X-Next-Token": _page_token(page[-1], oldest_first)} if more else {}
-    return JSONResponse([_detail(s) for s in page], headers=headers)
+    return JSONResponse([_detail(s, _domain(request)) for s in page], headers=headers)
 
 
 routes = [

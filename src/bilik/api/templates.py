@@ -211,21 +211,28 @@ async def start_build(request: Request) -> Response:
         raise ApiError(404, f"build {build_id!r} not found")
     if build.status != "waiting":
         raise ApiError(409, f"build {build.id} has already started ({build.status})")
-    spec = await json_object(request)
-    try:
-        check_spec(spec)
-    except BuildFailed as e:
-        raise ApiError(400, e.message) from None
-    if spec.get("fromTemplate") is not None:
-        template_ref(spec["fromTemplate"], "fromTemplate")
-    limiter = _limiter(request)
-    running = await recorded_sandboxes(request, key.team_id)
-    # (No await from these checks to the start: concurrent starts of one build cannot both
-    # find it waiting, nor concurrent starts of one key both pass a full cap.)
     service = _service(request)
-    if service.running(build.id):
-        raise ApiError(409, f"build {build.id} has already started (building)")
-    limiter.check_start(key, running + limiter.under_way(key.team_id))
+    limiter = _limiter(request)
+    try:
+        spec = await json_object(request)
+        try:
+            check_spec(spec)
+        except BuildFailed as e:
+            raise ApiError(400, e.message) from None
+        if spec.get("fromTemplate") is not None:
+            template_ref(spec["fromTemplate"], "fromTemplate")
+        running = await recorded_sandboxes(request, key.team_id)
+        # (No await from these checks to the start: concurrent starts of one build cannot both
+        # find it waiting, nor concurrent starts of one key both pass a full cap.)
+        if service.running(build.id):
+            raise ApiError(409, f"build {build.id} has already started (building)")
+        limiter.check_start(key, running + limiter.under_way(key.team_id))
+    except ApiError as e:
+        # A build whose own request is wrong never runs: it shows failed, and why, never
+        # waiting for good. One refused by a cap (429) may be started again later.
+        if e.status == 400 and not service.running(build.id):
+            await _store(request).templates.set_status(build, "error", {"message": e.message})
+        raise
     limiter.building(key.team_id, service.start(template, build, spec))
     return Response(status_code=202)
 

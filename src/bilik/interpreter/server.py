@@ -23,6 +23,7 @@ import shlex
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,21 @@ class Unsupported(Exception):
 
 class KernelFailed(Exception):
     """A kernel did not start (a 500, with this message)."""
+
+
+class KernelDied(Exception):
+    """A context's kernel ended (killed at the memory limit, say) while it was being used."""
+
+
+DIED = "the context's kernel died (out of memory?)"
+# What comes of it: a language's default context restarts its kernel by itself (with the next
+# execution, as E2B's does); one the user made is theirs to restart.
+DIED_DEFAULT = "the next execution restarts it, without the context's state"
+DIED_MADE = "restart the context to use it again (its state is gone)"
+RESTARTED = (
+    "bilik: this context's kernel had died (out of memory?) and was restarted: "
+    "the variables and imports of earlier executions are gone\n"
+)
 
 
 @dataclass
@@ -201,16 +217,38 @@ class Interpreter:
         env: dict[str, str],
         emit: Callable[[dict[str, Any]], Awaitable[None]],
     ) -> None:
-        """Run ``code`` in ``context``, emitting E2B's stream items; ends with end_of_execution."""
+        """Run ``code`` in ``context``, emitting E2B's stream items; ends with end_of_execution.
+        A default context whose kernel has died gets a new one first (and the first output
+        says so): one death never makes every later execution fail."""
+        default = context.id in self.defaults.values()
         async with context.lock:
-            if env:
-                await self._silently(context, _env_code(context.language, env, set_them=True))
             try:
-                await self._run(context, code, emit)
-            finally:
+                if not await context.manager.is_alive():
+                    if not default:
+                        raise KernelDied
+                    await self._revive(context)
+                    await emit({"type": "stderr", "text": RESTARTED, "timestamp": _now()})
                 if env:
-                    await self._silently(context, _env_code(context.language, env, set_them=False))
+                    await self._silently(context, _env_code(context.language, env, set_them=True))
+                try:
+                    await self._run(context, code, emit)
+                finally:
+                    if env:
+                        await self._silently(
+                            context, _env_code(context.language, env, set_them=False)
+                        )
+            except KernelDied:
+                then = DIED_DEFAULT if default else DIED_MADE
+                await emit(_error("UnexpectedEndOfExecution", f"{DIED}; {then}"))
+            except KernelFailed as e:
+                await emit(_error("UnexpectedEndOfExecution", str(e)))
         await emit({"type": "end_of_execution"})
+
+    async def _revive(self, context: Context) -> None:
+        try:
+            await self.restart(context.id)
+        except Exception as e:
+            raise KernelFailed(f"the {context.language} kernel did not restart: {e}") from e
 
     async def _silently(self, context: Context, code: str) -> None:
         msg_id = context.client.execute(code, silent=True, store_history=False)
@@ -218,13 +256,24 @@ class Interpreter:
 
     async def _wait_idle(self, context: Context, msg_id: str) -> None:
         while True:
-            message = await context.client.get_iopub_msg(timeout=300)
+            message = await self._next_message(context)
             if (
                 message["parent_header"].get("msg_id") == msg_id
                 and message["msg_type"] == "status"
                 and message["content"]["execution_state"] == "idle"
             ):
                 return
+
+    async def _next_message(self, context: Context) -> dict[str, Any]:
+        """The kernel's next iopub message, however long it takes; KernelDied if the kernel
+        ends first (it is looked at every second it is silent)."""
+        while True:
+            try:
+                message: dict[str, Any] = await context.client.get_iopub_msg(timeout=1)
+                return message
+            except Exception:  # queue.Empty: the kernel is silent; is it still there?
+                if not await context.manager.is_alive():
+                    raise KernelDied from None
 
     async def _run(
         self, context: Context, code: str, emit: Callable[[dict[str, Any]], Awaitable[None]]
@@ -265,13 +314,7 @@ class Interpreter:
                 message = await client.get_iopub_msg(timeout=1)
             except Exception:  # queue.Empty: the kernel is silent; is it still there?
                 if not await context.manager.is_alive():
-                    await emit(
-                        _error(
-                            "UnexpectedEndOfExecution",
-                            "the kernel died while running the code; restart the context",
-                        )
-                    )
-                    return
+                    raise KernelDied from None
                 continue
             parent = message["parent_header"].get("msg_id")
             if parent not in ours:
@@ -324,6 +367,10 @@ class Interpreter:
             await asyncio.sleep(INTERRUPT_GRACE_S)
             if context.running == running:  # stuck: the execution restarts the kernel
                 context.abandoned = running
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
 
 
 def _error(name: str, value: str) -> dict[str, Any]:

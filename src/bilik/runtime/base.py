@@ -65,6 +65,17 @@ class Counters:
 
 
 @dataclasses.dataclass(frozen=True)
+class LogLine:
+    """A line of a sandbox's log: what its PID 1 wrote (``console``, stamped with the sandbox's
+    start: the console keeps no times) or its template's start command (``stdout``,
+    ``stderr``), at ``timestamp`` (seconds since the epoch)."""
+
+    timestamp: float
+    stream: str
+    line: str
+
+
+@dataclasses.dataclass(frozen=True)
 class ExecResult:
     exit_code: int
     stdout: bytes
@@ -188,6 +199,7 @@ class Runtime(Protocol):
     async def usage(self, sandbox_id: str, interval_s: float = ...) -> Usage: ...
     async def counters(self, sandbox_ids: Sequence[str]) -> dict[str, Counters]: ...
     async def console(self, sandbox_id: str, limit_bytes: int = ...) -> builtins.list[str]: ...
+    async def logs(self, sandbox_id: str, limit_bytes: int = ...) -> builtins.list[LogLine]: ...
 
     # -- reaching into a sandbox
     def route(self, sandbox_id: str) -> Route: ...

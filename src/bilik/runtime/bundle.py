@@ -21,15 +21,18 @@ from .backends import Backend
 from .errors import step
 from .fsutil import write_text
 from .layers import Image, LayerStore
+from .lxcfs import Lxcfs
 from .network import HostNetwork
 from .records import RecordStore, SandboxRecord
 from .spec import egress_rule
 
-# PID 1's output, and envd's log: host paths the sandbox cannot reach, on the sandbox's own disk
-# (beside its upper layer, out of its view), so what it writes there counts against its disk,
-# never the host's.
+# PID 1's output, envd's log and the template's start command's output (and the start log's
+# older half): host paths the sandbox cannot reach, on the sandbox's own disk (beside its upper
+# layer, out of its view), so what it writes there counts against its disk, never the host's.
 CONSOLE_LOG = "disk/console.log"
 ENVD_LOG = "disk/envd.log"
+START_LOG = "disk/start.log"
+START_LOG_OLD = "disk/start.log.1"
 
 
 class Bundles:
@@ -42,12 +45,14 @@ class Bundles:
         records: RecordStore,
         network: HostNetwork,
         runtime_dir: Path,
+        lxcfs: Lxcfs,
     ) -> None:
         self.settings = settings
         self.layers = layers
         self.records = records
         self.network = network
         self.runtime_dir = runtime_dir
+        self.lxcfs = lxcfs
 
     def prepare(
         self, record: SandboxRecord, image: Image, access_token: str, backend: Backend
@@ -70,6 +75,9 @@ class Bundles:
             netns = self.network.create(record.sandbox_id, record.address, record.internet)
         with step("egress"):
             self.set_egress(record, on=True)
+        with step("lxcfs"):
+            # (started here, for a sandbox already reserved: nothing stops it meanwhile)
+            lxcfs_dir = self.lxcfs.mountpoint if self.lxcfs.ensure() else None
         with step("bundle"):
             config = oci.config(
                 sandbox_id=record.sandbox_id,
@@ -83,6 +91,7 @@ class Bundles:
                 runtime_dir=self.runtime_dir,
                 control_dir=control,
                 init=backend.init(),
+                lxcfs_dir=lxcfs_dir,
             )
             backend.adapt(config, self.runtime_dir, **prepared)
             (d / "config.json").write_text(json.dumps(config))

@@ -6,6 +6,11 @@ same protocol the SDKs speak.
 
 A process's output is passed on as it comes and only its end is kept (``OUTPUT_KEPT``): what a
 process in a sandbox prints is the sandbox's choice, and must not grow the server.
+
+A template's start command is followed while it runs (:meth:`EnvdClient.follow`), so a create
+learns at once that it ended, and with what; its ready check is run (:func:`wait_ready`) against
+that end: a start command that fails is the template's fault (:class:`StartFailed`), told with
+its exit code and its last lines, not after the whole ready timeout.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -26,10 +32,12 @@ from protobuf import Oneof
 
 from ..proto import process_pb as pb
 from ..proto.contract import ENVD_PORT
-from .errors import StepFailed
+from .errors import StartFailed, StepFailed
 
 # The end of a process's output :meth:`EnvdClient.run` keeps (for error messages), characters.
 OUTPUT_KEPT = 64 << 10
+# Of a start command's output, the end a StartFailed quotes, characters.
+QUOTED = 2000
 # The largest envelope taken from envd (its own are tens of KiB); envd answers from inside a
 # sandbox, so one it did not send may claim any size.
 MAX_FRAME = 4 << 20
@@ -39,6 +47,33 @@ MAX_FRAME = 4 << 20
 class Finished:
     exit_code: int
     output: str  # the end of stdout and stderr, interleaved as they came (OUTPUT_KEPT)
+
+
+class Tail:
+    """The last ``OUTPUT_KEPT`` characters of a process's output, as it comes."""
+
+    def __init__(self) -> None:
+        self._parts: collections.deque[str] = collections.deque()
+        self._kept = 0
+
+    def add(self, text: str) -> None:
+        self._parts.append(text[-OUTPUT_KEPT:])
+        self._kept += len(self._parts[-1])
+        while self._kept - len(self._parts[0]) >= OUTPUT_KEPT:
+            self._kept -= len(self._parts.popleft())
+
+    def text(self) -> str:
+        return "".join(self._parts)[-OUTPUT_KEPT:]
+
+
+@dataclass
+class Started:
+    """A process :meth:`EnvdClient.follow` started: ``ended`` gives its end (StepFailed if
+    its stream broke first); ``tail`` holds its output so far."""
+
+    pid: int
+    ended: asyncio.Task[Finished]
+    tail: Tail
 
 
 # Messages go out and come back in Connect's JSON codec, as the generated protobuf messages.
@@ -97,27 +132,23 @@ class EnvdClient:
     ) -> Finished:
         """Run ``cmd`` with ``/bin/sh -c`` to its end; ``on_output`` gets its output (stdout
         and stderr) as it comes, the result keeps its last ``OUTPUT_KEPT`` characters."""
-        output: collections.deque[str] = collections.deque()
-        kept = 0
+        tail = Tail()
         code = None
         request = self._request(cmd, cwd, env)
         async for event in self._start_stream(request, self._headers(user, timeout_s)):
             if event.field == "data" and event.value.output is not None:
                 # (stdout, stderr and pty output alike)
                 text = bytes(event.value.output.value).decode(errors="replace")
-                output.append(text[-OUTPUT_KEPT:])
-                kept += len(output[-1])
-                while kept - len(output[0]) >= OUTPUT_KEPT:
-                    kept -= len(output.popleft())
+                tail.add(text)
                 if on_output is not None:
                     on_output(text)
             elif event.field == "end":
                 code = event.value.exit_code
         if code is None:
             raise StepFailed("envd", f"'{cmd}' ended without an exit status")
-        return Finished(code, "".join(output)[-OUTPUT_KEPT:])
+        return Finished(code, tail.text())
 
-    async def start(
+    async def follow(
         self,
         cmd: str,
         *,
@@ -125,13 +156,44 @@ class EnvdClient:
         cwd: str | None = None,
         env: dict[str, str] | None = None,
         tag: str | None = None,
-    ) -> int:
-        """Start ``cmd`` and leave it running (envd keeps it); returns its pid."""
+        on_output: Callable[[str, str], None],
+    ) -> Started:
+        """Start ``cmd`` and follow it (envd keeps it running when the stream goes); returns
+        once it started. ``on_output`` gets each piece of its output with its stream's name
+        (``stdout``, ``stderr``) as it comes. The client must stay open while it is followed."""
+        pid: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        tail = Tail()
         request = self._request(cmd, cwd, env, tag or None)
-        async for event in self._start_stream(request, self._headers(user, None)):
-            if event.field == "start":
-                return int(event.value.pid)
-        raise StepFailed("envd", f"'{cmd}' did not start")
+
+        async def watch() -> Finished:
+            code = None
+            async for event in self._start_stream(request, self._headers(user, None)):
+                if event.field == "start" and not pid.done():
+                    pid.set_result(int(event.value.pid))
+                elif event.field == "data" and event.value.output is not None:
+                    text = bytes(event.value.output.value).decode(errors="replace")
+                    tail.add(text)
+                    on_output(event.value.output.field, text)
+                elif event.field == "end":
+                    code = event.value.exit_code
+            if code is None:
+                raise StepFailed("envd", f"'{cmd}' ended without an exit status")
+            return Finished(code, tail.text())
+
+        ended = asyncio.ensure_future(watch())
+        first: set[asyncio.Future[Any]] = {pid, ended}
+        try:
+            await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            ended.cancel()
+            raise
+        if not pid.done():
+            ended.result()  # (its StepFailed, if its stream failed)
+            raise StepFailed("envd", f"'{cmd}' did not start")
+        return Started(pid.result(), ended, tail)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
 
     async def _start_stream(
         self, request: pb.StartRequest, headers: dict[str, str]
@@ -183,23 +245,66 @@ class EnvdClient:
 
 
 async def wait_ready(
-    envd: EnvdClient, ready_cmd: str, user: str, workdir: str, timeout_s: float
+    envd: EnvdClient,
+    ready_cmd: str,
+    user: str,
+    workdir: str,
+    timeout_s: float,
+    start: Started,
 ) -> None:
-    """Run ``ready_cmd`` until it succeeds; StepFailed after ``timeout_s``. One run may take
-    all the time left (E2B's ``wait_for_timeout(ms)`` is a ``sleep`` that must finish)."""
+    """Run ``ready_cmd`` until it succeeds, while the start command ``start`` runs; one run
+    may take all the time left (E2B's ``wait_for_timeout(ms)`` is a ``sleep`` that must
+    finish). StartFailed at once if the start command fails (a non-zero exit); if it ends
+    well, the check decides (a run under way finishes, and one more runs after the end: a
+    command that made what the check looks for and ended is ready); StartFailed too after
+    ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
+    ended = start.ended
     while True:
         left = max(1.0, deadline - time.monotonic())
-        last = await envd.run(ready_cmd, user=user, cwd=workdir, timeout_s=left)
+        check = asyncio.ensure_future(envd.run(ready_cmd, user=user, cwd=workdir, timeout_s=left))
+        try:
+            await asyncio.wait({check, ended}, return_when=asyncio.FIRST_COMPLETED)
+            if ended.done() and not check.done() and ended.result().exit_code != 0:
+                raise _start_failed(ready_cmd, ended.result(), None)
+            last = await check
+        finally:
+            if not check.done():
+                check.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StepFailed):
+                    await check
         if last.exit_code == 0:
             return
+        if ended.done():
+            if ended.result().exit_code == 0:  # (one more check, begun after the end)
+                last = await envd.run(ready_cmd, user=user, cwd=workdir, timeout_s=left)
+                if last.exit_code == 0:
+                    return
+            raise _start_failed(ready_cmd, ended.result(), last)
         if time.monotonic() > deadline:
-            raise StepFailed(
-                "ready-check",
-                f"'{ready_cmd}' did not succeed within {timeout_s:.0f} s "
-                f"(last exit {last.exit_code}: {last.output.strip()[-500:]})",
+            raise StartFailed(
+                f"its ready check '{ready_cmd}' did not succeed within {timeout_s:.0f} s "
+                f"(last exit {last.exit_code}: {_quote(last.output)})",
+                exit_code=None,
+                output=_quote(start.tail.text()),
             )
-        await asyncio.sleep(0.1)
+        # (a start command that ends meanwhile ends the wait)
+        await asyncio.wait({ended}, timeout=0.1)
+
+
+def _start_failed(ready_cmd: str, ended: Finished, last: Finished | None) -> StartFailed:
+    """What a start command that ended before its ready check passed is told as (after
+    "the start command …")."""
+    message = f"it exited with code {ended.exit_code}"
+    if last is not None:
+        message += f" (its ready check '{ready_cmd}' exited {last.exit_code})"
+    return StartFailed(message, exit_code=ended.exit_code, output=_quote(ended.output))
+
+
+def _quote(output: str) -> str:
+    """The last lines of ``output``, at most QUOTED characters."""
+    text = output.strip()
+    return text[-QUOTED:] if len(text) > QUOTED else text
 
 
 def _raise_for_end(payload: bytes) -> None:

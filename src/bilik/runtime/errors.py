@@ -5,7 +5,9 @@ RuntimeFailure
 ├── InvalidSpec         a create asked for something impossible (bad limits, unknown template)
 ├── SandboxExists       a create reused a live id
 ├── TemplateNotFound    no template of that name
-└── StepFailed          a host-side step of create or kill failed (names the step)
+├── StepFailed          a host-side step of create or kill failed (names the step)
+└── StartFailed         the template's start command failed, or its ready check never passed:
+                        the template's fault, not the host's
 """
 
 from __future__ import annotations
@@ -47,6 +49,19 @@ class StepFailed(RuntimeFailure):
         super().__init__(f"{step}: {detail}")
         self.step = step
         self.detail = detail
+
+
+class StartFailed(RuntimeFailure):
+    """The template's start command ended before its ready check passed (``exit_code``), or
+    the check did not pass in time (``exit_code`` None); ``output`` is the command's last
+    lines (what the sandbox printed: shown to the template's owner, never trusted). The
+    message follows "the start command …" (``it exited with code 3``)."""
+
+    def __init__(self, message: str, *, exit_code: int | None, output: str) -> None:
+        said = f"its last output:\n{output}" if output else "it printed nothing"
+        super().__init__(f"{message}; {said}")
+        self.exit_code = exit_code
+        self.output = output
 
 
 @contextlib.contextmanager

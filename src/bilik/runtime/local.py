@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import json
 import os
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -21,14 +22,15 @@ from ..config import Settings
 from ..proto.contract import CONFIG_FILE, CONTROL_DIR, ENVD_PORT, EnvdConfig
 from . import backends, cgroups, debian_image, exec, host, registry_image
 from .backends import RUNTIMES, SECCOMP_FILTER, Backend
-from .base import Counters, ExecResult, Log, Process, Route, SandboxInfo, Usage
-from .bundle import CONSOLE_LOG, ENVD_LOG, Bundles
+from .base import Counters, ExecResult, Log, LogLine, Process, Route, SandboxInfo, Usage
+from .bundle import CONSOLE_LOG, ENVD_LOG, START_LOG, START_LOG_OLD, Bundles
 from .dns import DnsForwarder, DnsPolicy, host_resolvers
-from .envd_client import EnvdClient, wait_ready
+from .envd_client import EnvdClient, Started, wait_ready
 from .envd_zygote import EnvdZygote
 from .errors import InvalidSpec, SandboxExists, SandboxNotFound, StepFailed, step
 from .fsutil import file_lock, lock_fd
 from .layers import BadTree, Image, LayerStore
+from .lxcfs import Lxcfs
 from .network import HostNetwork
 from .records import RecordStore, SandboxRecord
 from .spec import SandboxSpec, egress_rule, is_sandbox_id, new_sandbox_id
@@ -41,6 +43,10 @@ LAYER_GRACE_S = 600.0
 ENVD_SOCKET = "envd.sock"
 # How long a new sandbox's envd may take to listen before the create fails.
 ENVD_START_S = 30.0
+# The start command's log keeps this much, and its older half as much again, bytes; a line
+# longer than LINE_CHARS is kept in pieces.
+START_LOG_BYTES = 512 << 10
+LINE_CHARS = 16 << 10
 
 
 class LocalRuntime:
@@ -55,10 +61,16 @@ class LocalRuntime:
         self.runtime_dir = data / "runtime"
         self.state_root = Path("/run") / settings.instance
         self.network = HostNetwork(settings.instance, settings.subnet)
-        self.bundles = Bundles(settings, self.layers, self.records, self.network, self.runtime_dir)
+        # (started by the first sandbox that needs it; it outlives this process for them)
+        self.lxcfs = Lxcfs(self.state_root, self.log)
+        self.bundles = Bundles(
+            settings, self.layers, self.records, self.network, self.runtime_dir, self.lxcfs
+        )
         self._backends: dict[str, Backend] = {}
         self.zygote = EnvdZygote(self.runtime_dir / "agents", self.runtime_dir / SECCOMP_FILTER)
         self._init_fds: dict[str, tuple[int, asyncio.AbstractEventLoop]] = {}
+        # What follows each sandbox's start command (its output to its start log).
+        self._start_followers: dict[str, asyncio.Task[None]] = {}
         self._by_address: dict[str, SandboxRecord] = {}
         self._by_address_at = 0.0
         self._started = False
@@ -89,10 +101,18 @@ class LocalRuntime:
         self._started = True
 
     async def close(self) -> None:
-        """Stop what this process runs for the sandboxes (they and their envds live on)."""
-        for sandbox_id in list(self._init_fds):
-            self._unfollow_init(sandbox_id)
+        """Stop what this process runs for the sandboxes (they and their envds live on; so
+        does the LXCFS daemon while any sandbox of the instance is left)."""
+        for sandbox_id in {*self._init_fds, *self._start_followers}:
+            self._unfollow(sandbox_id)
         await self.zygote.close()
+        await asyncio.to_thread(self.lxcfs.stop_unless, self._any_sandbox)
+
+    def _any_sandbox(self) -> bool:
+        try:
+            return bool(self.records.ids())
+        except FileNotFoundError:
+            return False
 
     async def serve_dns(self) -> DnsForwarder:
         """Start the sandboxes' DNS forwarder on the gateway; the caller closes it."""
@@ -312,18 +332,49 @@ class LocalRuntime:
         return EnvdClient(self._envd_socket(record), record.address, token)
 
     async def _start_workload(self, record: SandboxRecord, image: Image) -> None:
-        """Start the template's start command, and wait until its ready check passes."""
-        assert image.start_cmd is not None
-        async with self.envd(record.sandbox_id) as envd:
-            await envd.start(image.start_cmd, user=image.user, cwd=image.workdir, tag="start_cmd")
-            if image.ready_cmd:
+        """Start the template's start command, and wait until its ready check passes;
+        StartFailed if the command ends badly first, or the check never passes."""
+        started = await self._follow_start(record, image)
+        if image.ready_cmd:
+            async with self.envd(record.sandbox_id) as envd:
                 await wait_ready(
                     envd,
                     image.ready_cmd,
                     image.user,
                     image.workdir,
                     self.settings.ready_timeout_s,
+                    started,
                 )
+
+    async def _follow_start(self, record: SandboxRecord, image: Image) -> Started:
+        """Start the template's start command and follow it for as long as it runs (or until
+        the sandbox is released), its output going to the sandbox's start log."""
+        assert image.start_cmd is not None
+        envd = self.envd(record.sandbox_id)
+        log = _StartLog(self.records.dir(record.sandbox_id))
+        try:
+            started = await envd.follow(
+                image.start_cmd,
+                user=image.user,
+                cwd=image.workdir,
+                tag="start_cmd",
+                on_output=log.write,
+            )
+        except BaseException:
+            await envd.aclose()
+            raise
+
+        async def follow() -> None:
+            try:
+                await started.ended
+                log.flush()
+            except Exception:  # (its stream broke: the sandbox went; a create learns it itself)
+                pass
+            finally:
+                await envd.aclose()
+
+        self._start_followers[record.sandbox_id] = asyncio.ensure_future(follow())
+        return started
 
     async def _envd_answers(self, record: SandboxRecord) -> bool:
         """Whether the sandbox's envd takes a connection now."""
@@ -416,7 +467,7 @@ class LocalRuntime:
         Every step runs even when an earlier one failed, and each tolerates its thing being
         absent; the failures are reported together at the end.
         """
-        self._unfollow_init(sandbox_id)
+        self._unfollow(sandbox_id)
         errors: list[str] = []
         runtimes = (
             [record.oci_runtime]
@@ -488,7 +539,7 @@ class LocalRuntime:
 
         async with self._locked(sandbox_id):
             record = self._record(sandbox_id)
-            self._unfollow_init(sandbox_id)
+            self._unfollow(sandbox_id)
             await self.oci(record.oci_runtime).delete(sandbox_id)
             deadline = time.monotonic() + 30
             while pids := await asyncio.to_thread(members):
@@ -568,6 +619,14 @@ class LocalRuntime:
         self._init_fds[record.sandbox_id] = (fd, loop)
         loop.add_reader(fd, self._unfollow_init, record.sandbox_id)
 
+    def _unfollow(self, sandbox_id: str) -> None:
+        """Stop following the sandbox's init and its start command (before its disk goes: a
+        cancelled follower writes nothing more)."""
+        follower = self._start_followers.pop(sandbox_id, None)
+        if follower is not None:
+            follower.cancel()
+        self._unfollow_init(sandbox_id)
+
     def _unfollow_init(self, sandbox_id: str) -> None:
         held = self._init_fds.pop(sandbox_id, None)
         if held is not None:
@@ -598,6 +657,16 @@ class LocalRuntime:
                 return []
 
         return await asyncio.to_thread(tail)
+
+    async def logs(self, sandbox_id: str, limit_bytes: int = 1 << 20) -> builtins.list[LogLine]:
+        """What the sandbox's PID 1 wrote (stamped with its start) and its start command (with
+        the time of each line), oldest first: the last ``limit_bytes`` of each."""
+        record = self._record(sandbox_id)
+        console = await self.console(sandbox_id, limit_bytes)
+        d = self.records.dir(sandbox_id)
+        started = await asyncio.to_thread(_read_start_log, d, limit_bytes)
+        lines = [LogLine(record.created_at, "console", line) for line in console]
+        return sorted(lines + started, key=lambda line: line.timestamp)
 
     async def usage(self, sandbox_id: str, interval_s: float = 0.1) -> Usage:
         """What the sandbox uses now: CPU over ``interval_s``, memory, and disk."""
@@ -764,3 +833,74 @@ def _start_time(pid: int) -> int:
     except OSError:
         return 0
     return 0 if fields[0] in (b"Z", b"X") else int(fields[19])
+
+
+class _StartLog:
+    """A sandbox's start command's output: a JSON line for each of its lines, with its time
+    and stream, in the sandbox's START_LOG; past START_LOG_BYTES it becomes START_LOG_OLD and
+    a new one begins. Opened for each write, never held (the disk is unmounted under it), and
+    without following a link."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / START_LOG
+        self.old = directory / START_LOG_OLD
+        self._partial: dict[str, str] = {}  # each stream's unfinished line
+
+    def write(self, stream: str, text: str) -> None:
+        *lines, rest = (self._partial.pop(stream, "") + text).split("\n")
+        while len(rest) > LINE_CHARS:
+            lines.append(rest[:LINE_CHARS])
+            rest = rest[LINE_CHARS:]
+        if rest:
+            self._partial[stream] = rest
+        self._append(stream, lines)
+
+    def flush(self) -> None:
+        """Log the lines the command left unfinished (it ended)."""
+        for stream, rest in self._partial.items():
+            self._append(stream, [rest])
+        self._partial.clear()
+
+    def _append(self, stream: str, lines: builtins.list[str]) -> None:
+        now = time.time()
+        entries = [json.dumps({"t": now, "s": stream, "l": line}) + "\n" for line in lines]
+        data = "".join(entries).encode()[-START_LOG_BYTES:]
+        if not data:
+            return
+        # (A full disk, or a sandbox released meanwhile: the output goes unlogged.)
+        with contextlib.suppress(OSError):
+            if os.lstat(self.path).st_size + len(data) > START_LOG_BYTES:
+                os.replace(self.path, self.old)
+        with contextlib.suppress(OSError):
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(self.path, flags, 0o600)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+
+
+def _read_start_log(directory: Path, limit_bytes: int) -> builtins.list[LogLine]:
+    """The last ``limit_bytes`` of a sandbox's start log (its older half first)."""
+    chunks: builtins.list[bytes] = []
+    left = limit_bytes
+    for path in (directory / START_LOG, directory / START_LOG_OLD):
+        if left <= 0:
+            break
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        with os.fdopen(fd, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - left))
+            chunk = f.read(left)
+        chunks.insert(0, chunk)
+        left -= len(chunk)
+    lines = []
+    for raw in b"".join(chunks).splitlines():
+        try:  # (a line cut by the seek is left out)
+            entry = json.loads(raw)
+            lines.append(LogLine(float(entry["t"]), str(entry["s"]), str(entry["l"])))
+        except (ValueError, TypeError, KeyError):
+            continue
+    return lines

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ..proto.contract import CONTROL_DIR
-from . import gvisor_statx, seccomp
+from . import gvisor_statx, lxcfs, seccomp
 from .spec import Limits
 
 # Capabilities of root inside the sandbox, relative to its own user namespace (Docker's default set
@@ -65,9 +65,12 @@ def config(
     runtime_dir: Path,
     control_dir: Path,
     init: list[str],
+    lxcfs_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Build ``config.json`` for one sandbox (as crun runs it; a backend adapts it to its
-    runtime). ``init`` is PID 1's argv (inside the sandbox)."""
+    runtime). ``init`` is PID 1's argv (inside the sandbox). ``lxcfs_dir``, the instance's
+    LXCFS mount, shows ``/proc/meminfo`` and the like by the sandbox's own limits (None: the
+    kernel's files, the host's totals)."""
     memory = limits.memory_mb * 1024 * 1024
     spec = {
         "ociVersion": "1.0.2",
@@ -148,6 +151,8 @@ def config(
                 "source": str(control_dir),
                 "options": ["rbind", "ro", "nosuid", "nodev", "noexec"],
             },
+            # (after /proc and /sys, over their files)
+            *(lxcfs.mounts(lxcfs_dir) if lxcfs_dir is not None else []),
         ],
         "linux": {
             "uidMappings": [{"containerID": 0, "hostID": uid_base, "size": UID_RANGE}],
@@ -187,6 +192,10 @@ def adapt_for_gvisor(spec: dict[str, Any], runtime_dir: Path, tmp: Path) -> None
     themselves. It ignores set-uid bits and sets ``no_new_privs`` on every process whatever the
     bundle says (google/gvisor#212): ``sudo`` does not work there.
     """
+    # Its /proc and /sys are the Sentry's own: LXCFS, which answers by the reading host
+    # process's cgroup, would answer for the gofer, not for the sandbox.
+    views = {f"/{name}" for name in lxcfs.FILES}
+    spec["mounts"] = [m for m in spec["mounts"] if m["destination"] not in views]
     for mount in spec["mounts"]:
         if mount["destination"] == "/sys":  # gVisor has a sysfs of its own
             mount.update(type="sysfs", source="sysfs", options=["nosuid", "noexec", "nodev", "ro"])

@@ -34,7 +34,7 @@ from ..runtime import (
     SandboxSpec,
     new_sandbox_id,
 )
-from ..runtime.base import Runtime
+from ..runtime.base import LogLine, Runtime
 from ..store import Store
 from ..store.sandboxes import SandboxRow
 from ..templates.service import TemplateService
@@ -64,8 +64,9 @@ class CreateRequest:
     template: str  # a template's name or id
     tag: str = ""  # the template's build tagged so ("" for its latest)
     timeout_s: int = 300
-    cpu: int | None = None  # None: the template's
+    cpu: float | None = None  # None: the template's
     memory_mb: int | None = None
+    disk_mb: int | None = None
     internet: bool = True
     env: dict[str, str] = dataclasses.field(default_factory=dict)
     metadata: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -240,6 +241,7 @@ class SandboxService:
             found.limits,
             cpu=found.limits.cpu if want.cpu is None else want.cpu,
             memory_mb=found.limits.memory_mb if want.memory_mb is None else want.memory_mb,
+            disk_mb=found.limits.disk_mb if want.disk_mb is None else want.disk_mb,
         )
         spec = SandboxSpec(
             template=found.image,
@@ -429,10 +431,10 @@ class SandboxService:
         if not self.metrics.has(sandbox.row.id):
             await self._sample({sandbox.row.id: sandbox.row.started_at})
 
-    async def console(self, key_id: str, sandbox_id: str) -> tuple[Sandbox, builtins.list[str]]:
-        """The sandbox, and what its PID 1 wrote, a line each."""
+    async def logs(self, key_id: str, sandbox_id: str) -> tuple[Sandbox, builtins.list[LogLine]]:
+        """The sandbox, and its log: what its PID 1 and its start command wrote, oldest first."""
         sandbox = await self.get(key_id, sandbox_id)
-        return sandbox, await self.runtime.console(sandbox_id)
+        return sandbox, await self.runtime.logs(sandbox_id)
 
 
 async def _finish(step: Awaitable[T]) -> T:
