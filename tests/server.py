@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -139,3 +141,17 @@ class BilikServer:
         # (veth names are not per instance: the session's leak check covers them)
         left = {k: v for k, v in host_state(SERVER_SETTINGS).items() if v and k != "veths"}
         assert not left, f"the server test left these behind: {left}"
+
+
+@contextlib.contextmanager
+def code_interpreter_server() -> Iterator[BilikServer]:
+    """A started server with ``code-interpreter-v1`` built ahead, beside the server (whose DNS
+    forwarder the build sandboxes use): the first create would otherwise wait for the build."""
+    srv = BilikServer()
+    try:
+        srv.start()
+        built = srv.cli("template", "build-default", "code-interpreter-v1", check=False)
+        assert built.returncode == 0, built.stdout + built.stderr
+        yield srv
+    finally:
+        srv.finish()

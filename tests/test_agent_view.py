@@ -21,19 +21,13 @@ from e2b_code_interpreter import Sandbox as InterpreterSandbox
 from bilik.runtime import Limits, LocalRuntime, SandboxSpec, syscalls
 from bilik.runtime.lxcfs import Lxcfs
 from helpers import run_ok
-from server import BilikServer
+from server import BilikServer, code_interpreter_server
 
 
 @pytest.fixture(scope="module")
 def agent_server() -> Iterator[BilikServer]:
-    srv = BilikServer()
-    try:
-        srv.start()
-        built = srv.cli("template", "build-default", "code-interpreter-v1", check=False)
-        assert built.returncode == 0, built.stdout + built.stderr
+    with code_interpreter_server() as srv:
         yield srv
-    finally:
-        srv.finish()
 
 
 def _params(server: BilikServer) -> dict[str, Any]:

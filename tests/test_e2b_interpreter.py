@@ -12,22 +12,15 @@ import pytest
 from e2b_code_interpreter import Sandbox
 from e2b_code_interpreter.charts import BoxAndWhiskerChart, ChartType
 
-from server import BilikServer
+from server import BilikServer, code_interpreter_server
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
 def interpreter_server() -> Iterator[BilikServer]:
-    srv = BilikServer()
-    try:
-        srv.start()
-        # Built ahead, beside the server (whose DNS forwarder the build sandboxes use).
-        built = srv.cli("template", "build-default", "code-interpreter-v1", check=False)
-        assert built.returncode == 0, built.stdout + built.stderr
+    with code_interpreter_server() as srv:
         yield srv
-    finally:
-        srv.finish()
 
 
 def _params(server: BilikServer) -> dict[str, Any]:

@@ -19,22 +19,15 @@ from e2b import Sandbox, SandboxException, SandboxQuery, SandboxState, TimeoutEx
 from e2b.api.client.models import SandboxLogsV2Response, SandboxMetric
 from e2b_code_interpreter import Sandbox as CodeSandbox
 
-from server import SERVER_SETTINGS, BilikServer
+from server import SERVER_SETTINGS, BilikServer, code_interpreter_server
 
 SERVER_LOG = SERVER_SETTINGS.data_dir / "server.log"
 
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[BilikServer]:
-    srv = BilikServer()
-    try:
-        srv.start()
-        # Built ahead, beside the server (whose DNS forwarder the build sandboxes use).
-        built = srv.cli("template", "build-default", "code-interpreter-v1", check=False)
-        assert built.returncode == 0, built.stdout + built.stderr
+    with code_interpreter_server() as srv:
         yield srv
-    finally:
-        srv.finish()
 
 
 @pytest.fixture(scope="module")

@@ -9,21 +9,13 @@ from typing import Any
 import pytest
 from e2b_code_interpreter import AsyncSandbox, Context, Sandbox
 
-from server import BilikServer
+from server import BilikServer, code_interpreter_server
 
 
 @pytest.fixture(scope="module")
 def interpreter_server() -> Iterator[BilikServer]:
-    srv = BilikServer()
-    try:
-        srv.start()
-        # Built ahead, beside the server (whose DNS forwarder the build sandboxes use); the
-        # first create would otherwise wait for the build.
-        built = srv.cli("template", "build-default", "code-interpreter-v1", check=False)
-        assert built.returncode == 0, built.stdout + built.stderr
+    with code_interpreter_server() as srv:
         yield srv
-    finally:
-        srv.finish()
 
 
 def _params(server: BilikServer) -> dict[str, Any]:

@@ -16,23 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from server import BilikServer
+from server import BilikServer, code_interpreter_server
 
 JS_DIR = Path(__file__).with_name("js")
 
 
 @pytest.fixture(scope="module")
 def js_server() -> Iterator[BilikServer]:
-    srv = BilikServer()
-    try:
-        srv.start()
-        # Built ahead, beside the server: the code interpreter tests' first create would
-        # otherwise wait for it.
-        built = srv.cli("template", "build-default", "code-interpreter-v1", check=False)
-        assert built.returncode == 0, built.stdout + built.stderr
+    with code_interpreter_server() as srv:
         yield srv
-    finally:
-        srv.finish()
 
 
 def test_the_js_suite(js_server: BilikServer) -> None:

@@ -15,19 +15,13 @@ import pytest_asyncio
 
 from bilik import AsyncSandbox, Sandbox
 from bilik.sdk import ChartType, NotFoundException, OutputMessage, Result, TimeoutException
-from server import BilikServer
+from server import BilikServer, code_interpreter_server
 
 
 @pytest.fixture(scope="module")
 def code_server() -> Iterator[BilikServer]:
-    srv = BilikServer()
-    try:
-        srv.start()
-        built = srv.cli("template", "build-default", "code-interpreter-v1", check=False)
-        assert built.returncode == 0, built.stdout + built.stderr
+    with code_interpreter_server() as srv:
         yield srv
-    finally:
-        srv.finish()
 
 
 def _opts(server: BilikServer) -> dict[str, Any]:
