@@ -47,6 +47,7 @@ class Server:
             # No warm pool unless the bench asks: pooled sandboxes starting in the background
             # would time themselves into every other figure.
             "BILIK_WARM_POOL": warm_pool,
+            "BILIK_OCI_RUNTIME": settings.oci_runtime,
         }
         log = open(settings.data_dir / "bench-server.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(

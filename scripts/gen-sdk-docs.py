@@ -21,6 +21,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # The order of the page: what people reach for first.
 SECTIONS = [
     ("Sandboxes", ["Sandbox", "AsyncSandbox", "SandboxPaginator", "AsyncSandboxPaginator"]),
+    (
+        "Pause, snapshots and fork",
+        ["SandboxLifecycle", "SnapshotInfo", "SnapshotPaginator", "AsyncSnapshotPaginator"],
+    ),
     ("Files", ["Filesystem", "AsyncFilesystem", "WatchHandle", "AsyncWatchHandle"]),
     ("Commands and terminals", ["Commands", "AsyncCommands", "Pty", "AsyncPty"]),
     ("Command handles", ["CommandHandle", "AsyncCommandHandle"]),

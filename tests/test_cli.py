@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -81,8 +82,11 @@ def test_create_exec_list_kill() -> None:
             256,
             False,
         )
+        assert (row["templateName"], row["owner"], row["warmPool"]) == ("base", key_id, False)
         table = bilik("sandbox", "list").stdout
-        assert sandbox_id in table and table.startswith("sandboxId")
+        assert table.split()[:5] == ["sandboxId", "template", "state", "owner", "cpu"]
+        line = next(x for x in table.splitlines() if x.startswith(sandbox_id))
+        assert line.split()[:6] == [sandbox_id, "base", "running", key_id, "0.5", "256"]
     finally:
         assert bilik("sandbox", "kill", sandbox_id).returncode == 0
     assert sandbox_id not in bilik("sandbox", "list").stdout
@@ -92,11 +96,12 @@ def test_errors_are_one_clear_line(tmp_path: Path) -> None:
     def fails(*args: str, stdin: int | None = None) -> str:
         done = bilik(*args) if stdin is None else _with_stdin(stdin, *args)
         assert done.returncode != 0, done.stdout
-        # One line, the last (after the key a create acts as and its progress, if it got
-        # that far), and no traceback.
-        said = [x for x in done.stderr.splitlines() if x.startswith("bilik: ")]
+        # One line, after only the key a create acts as (no progress: it was no terminal),
+        # and no traceback.
+        said = done.stderr.splitlines()
         errors = [x for x in said if not x.startswith("bilik: acting as ")]
-        assert len(errors) == 1 and done.stderr.endswith(errors[0] + "\n"), done.stderr
+        assert len(errors) == 1 and errors[0].startswith("bilik: "), done.stderr
+        assert done.stderr.endswith(errors[0] + "\n"), done.stderr
         assert "Traceback" not in done.stderr, done.stderr
         return errors[0]
 
@@ -205,7 +210,7 @@ def test_help_reads_well() -> None:
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[BilikServer]:
-    srv = BilikServer()
+    srv = BilikServer(warm_pool="base=1")
     try:
         srv.start()
         yield srv
@@ -239,6 +244,14 @@ def test_what_the_cli_creates_is_the_keys(served: BilikServer, tmp_path: Path) -
     assert f"{served.key[:10]}… from {key_file}" in created.stderr
     sandbox_id = created.stdout.strip()
     try:
+        # The operator's list: the template by its name, whole CPUs as whole numbers, the
+        # owner, and the warm pool's sandbox marked as no one's.
+        table = _cli(served, "sandbox", "list").stdout
+        line = next(x for x in table.splitlines() if x.startswith(sandbox_id))
+        assert line.split()[1:5] == ["cli-tpl", "running", _team(served), "1"], table
+        pooled = _pooled(served)
+        assert pooled["owner"] == "(warm pool)" and pooled["templateName"] == "base"
+        assert pooled["sandboxId"] + "  base " in _cli(served, "sandbox", "list").stdout
         detail = httpx.get(
             f"{served.url}/sandboxes/{sandbox_id}", headers={"X-API-Key": served.key}
         ).json()
@@ -254,6 +267,68 @@ def test_what_the_cli_creates_is_the_keys(served: BilikServer, tmp_path: Path) -
         assert sdk.stdout.startswith("made-by-cli\n")
     finally:
         _cli(served, "sandbox", "kill", sandbox_id)
+
+
+def _team(server: BilikServer) -> str:
+    """The team of the server's first-start key."""
+    rows = json.loads(_cli(server, "keys", "list", "--json").stdout)
+    return str(next(r["team"] for r in rows if server.key.startswith(r["prefix"])))
+
+
+def _pooled(server: BilikServer) -> dict[str, object]:
+    """The warm pool's sandbox, as ``sandbox list --json`` shows it, once there is one."""
+    deadline = time.monotonic() + 120
+    while True:
+        rows = json.loads(_cli(server, "sandbox", "list", "--json").stdout)
+        pooled = [r for r in rows if r["warmPool"]]
+        if pooled or time.monotonic() > deadline:
+            assert pooled, rows
+            return dict(pooled[0])
+        time.sleep(0.5)
+
+
+def test_build_log_reads_as_a_dockerfile(served: BilikServer, tmp_path: Path) -> None:
+    (tmp_path / "hello.txt").write_text("hi\n")
+    file = tmp_path / "cli_log.py"
+    file.write_text(
+        "from bilik.sdk.template import Template\n"
+        "template = (Template().from_base_image()\n"
+        "    .run_cmd('echo; echo made; echo', user='root')\n"
+        "    .copy('hello.txt', '/srv/hello.txt', user='user', mode=0o644)\n"
+        "    .set_envs({'MODE': 'two words'}))\n"
+    )
+    built = _cli(served, "template", "build", str(file), "--name", "cli-log", "--skip-cache")
+    assert built.returncode == 0, built.stdout + built.stderr
+    lines = built.stdout.splitlines()
+    # The step's user as Docker and E2B show it, never glued on like an argument.
+    assert any(x.endswith("] [1/3] RUN (as root) echo; echo made; echo") for x in lines), lines
+    copy = "] [2/3] COPY --chown=user --chmod=0644 hello.txt /srv/hello.txt"
+    assert any(x.endswith(copy) for x in lines), lines
+    assert any(x.endswith("] [3/3] ENV MODE='two words'") for x in lines), lines
+    assert any(x.endswith("] made") for x in lines), lines
+    # No step prefix with nothing after it (the step's blank output lines).
+    assert not [x for x in lines if re.fullmatch(r"\[\s*[\d.]+s\s+\d+/\d+\]\s*", x)], lines
+
+
+def test_a_failed_create_says_only_why(served: BilikServer, tmp_path: Path) -> None:
+    file = tmp_path / "cli_fails.py"
+    # Ready while it is built; its start command ends at once in a sandbox made with FAIL.
+    file.write_text(
+        "from bilik.sdk.template import Template, wait_for_file\n"
+        "template = Template().from_base_image().set_start_cmd(\n"
+        "    'echo starting; if [ -n \"$FAIL\" ]; then echo giving up >&2; exit 3; fi; '\n"
+        "    'touch /tmp/up; sleep infinity', wait_for_file('/tmp/up'))\n"
+    )
+    built = _cli(served, "template", "build", str(file), "--name", "cli-fails")
+    assert built.returncode == 0, built.stdout + built.stderr
+    for here in ([], ["--disk-mb", "512"]):  # through the server, and made by the CLI itself
+        failed = _cli(
+            served, "sandbox", "create", "--template", "cli-fails", "--env", "FAIL=1", *here
+        )
+        assert failed.returncode == 1, failed.stdout
+        said = failed.stderr.splitlines()
+        assert len(said) == 2 and said[0].startswith("bilik: acting as "), failed.stderr
+        assert said[1].startswith("bilik: ") and "giving up" in said[1], failed.stderr
 
 
 def test_exec_says_when_the_sandbox_ends_under_it(served: BilikServer) -> None:

@@ -194,9 +194,11 @@ def test_connect_only_extends_and_refresh(server: BilikServer, log_start: int) -
 @pytest.mark.parametrize(
     ("body", "named"),
     [
-        ({"autoPause": True}, "autoPause"),
-        ({"autoResume": {"enabled": True}}, "autoResume"),
-        ({"lifecycle": {"onTimeout": "pause"}}, "lifecycle.onTimeout"),
+        ({"autoResume": {"enabled": True}}, "auto-resume"),
+        (
+            {"autoPause": True, "autoPauseMemory": False, "autoResume": {"enabled": True}},
+            "auto-resume",
+        ),
         ({"mcp": {"github": {"token": "x"}}}, "mcp"),
         ({"volumeMounts": [{"name": "v", "path": "/data"}]}, "volumeMounts"),
         ({"network": {"rules": {"example.com": [{"transform": {}}]}}}, "network.rules"),
@@ -237,7 +239,6 @@ def test_what_sdks_send_by_default_is_accepted(server: BilikServer, log_start: i
     Sandbox.kill(answer.json()["sandboxID"], **_params(server))
     # The official SDK's own options for what bilik cannot do yet are refused by name.
     for options in (
-        {"lifecycle": {"on_timeout": "pause"}},
         {"network": {"allow_public_traffic": False}},
         {"mcp": {"exa": {"apiKey": "x"}}},
     ):

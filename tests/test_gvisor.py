@@ -73,3 +73,25 @@ async def test_the_loaders_variables_reach_the_command_only(runtime: LocalRuntim
         assert loaded.stdout.split() == [b"/opt/lib", b"Seccomp:", b"2"]
     finally:
         await runtime.kill(info.sandbox_id)
+
+
+async def test_file_metadata_gvisor_cannot_keep_is_a_clear_400(runtime: LocalRuntime) -> None:
+    """gVisor keeps no user xattrs, where an upload's ``X-Metadata-*`` is kept: such an upload
+    is refused as a request bilik cannot honour there (400, saying why), and writes nothing;
+    the same upload without metadata succeeds."""
+    info = await runtime.create(SandboxSpec(), oci_runtime="runsc")
+    try:
+        async with runtime.envd(info.sandbox_id) as envd:
+            client = envd._client  # (the runtime's own client has no metadata parameter)
+            params = {"path": "/tmp/tagged", "username": "user"}
+            refused = await client.post(
+                "/files", params=params, content=b"x", headers={"X-Metadata-Team": "blue"}
+            )
+            assert refused.status_code == 400, refused.text
+            assert "metadata" in refused.json()["message"]
+            gone = await envd.run("test -e /tmp/tagged")
+            assert gone.exit_code == 1, gone
+            plain = await client.post("/files", params=params, content=b"x")
+            assert plain.status_code == 200, plain.text
+    finally:
+        await runtime.kill(info.sandbox_id)

@@ -28,7 +28,9 @@ def js_server() -> Iterator[BilikServer]:
 
 
 def test_the_js_suite(js_server: BilikServer) -> None:
-    node = shutil.which("node")
+    # (scripts/install.sh --test puts a node of its own there where the host's is too old)
+    own = JS_DIR.parents[1] / ".venv-node" / "bin" / "node"
+    node = str(own) if own.exists() else shutil.which("node")
     assert node, "node is missing: run scripts/install.sh --test"
     assert (JS_DIR / "node_modules" / "e2b").is_dir(), "run scripts/install.sh --test (npm ci)"
     env = {

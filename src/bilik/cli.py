@@ -2,39 +2,46 @@
 
 Commands that make something act as an API key (see :mod:`.cli_identity`), through the same
 services as the server, so what they make is that key's team's, as if made through the API.
+
+Startup is kept short: this module and the command modules it wires in (``cli_*``) import
+only the standard library's light modules and :mod:`.config` when loaded; a command imports
+what it needs (the runtime, the store, the SDK) when it runs. ``tests/test_cli_startup.py``
+holds ``bilik --help`` to that.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
-import dataclasses
-import importlib.metadata
-import json
 import os
-import secrets
 import sys
-import threading
 import time
-from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from . import cli_identity, cli_spawn, cli_template
-from .api.errors import ApiError
-from .api.limits import CreateLimiter
-from .api.parse import template_ref
+# (``import bilik.X as X``, not ``from . import X``: the latter asks the package for the
+# attribute first, and ``bilik.__getattr__`` answers by loading the whole SDK)
+import bilik.cli_identity as cli_identity
+import bilik.cli_lifecycle as cli_lifecycle
+import bilik.cli_spawn as cli_spawn
+import bilik.cli_template as cli_template
+
 from .config import InvalidSettings, Settings
-from .runtime import Limits, LocalRuntime, RuntimeFailure, SandboxInfo, SandboxNotFound
-from .runtime.backends import RUNTIMES
-from .runtime.spec import MIN_DISK_MB, MIN_MEMORY_MB
-from .sandboxes import CreateRequest, SandboxService
-from .store import ApiKey, KeyCaps, KeyNotFound, Store, database_url
-from .templates import BuildFailed, TemplateService, default_builds
-from .templates.defaults import DEFAULTS
-from .templates.service import TemplateUnavailable
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from .runtime import LocalRuntime, SandboxInfo
+    from .store import ApiKey, Store
+
+# The OCI runtimes ``--oci-runtime`` offers and bilik's own templates, named here so that
+# parsing the command line needs neither the runtime nor the templates (held equal to
+# ``bilik.runtime.backends.RUNTIMES`` and ``bilik.templates.defaults.DEFAULTS`` by the tests).
+OCI_RUNTIMES = ("crun", "runsc")
+DEFAULT_TEMPLATES = ("base", "code-interpreter-v1")
+# The least memory and disk a sandbox may have, MiB (``bilik.runtime.spec``'s, as above).
+MIN_MEMORY_MB = 32
+MIN_DISK_MB = 16
 
 DESCRIPTION = """\
 bilik runs sandboxes for AI agents and speaks E2B's API.
@@ -84,8 +91,11 @@ _CONNECTION_FLAGS = {
 }
 
 
-def _runtime(args: argparse.Namespace) -> LocalRuntime:
-    return LocalRuntime(_settings(args), log=lambda line: print(line, file=sys.stderr))
+def _runtime(args: argparse.Namespace, log: Callable[[str], None] | None = None) -> LocalRuntime:
+    """The host's runtime, what it says going to ``log`` (default: stderr)."""
+    from .runtime import LocalRuntime
+
+    return LocalRuntime(_settings(args), log=log or (lambda line: print(line, file=sys.stderr)))
 
 
 def _env_pairs(pairs: Sequence[str]) -> dict[str, str]:
@@ -98,12 +108,15 @@ def _env_pairs(pairs: Sequence[str]) -> dict[str, str]:
     return env
 
 
-def _row(info: SandboxInfo) -> dict[str, object]:
+def _row(info: SandboxInfo, names: dict[str, str] | None = None) -> dict[str, object]:
+    """One sandbox for ``list`` and ``inspect``; ``names``: the templates' names by image."""
     return {
         "sandboxId": info.sandbox_id,
         "template": info.template,
+        # (a user template's image is TEMPLATE_ID:BUILD_ID; people know it by NAME[:TAG])
+        "templateName": (names or {}).get(info.template, info.template),
         "state": info.state,
-        "cpu": info.limits.cpu,
+        "cpu": _whole(info.limits.cpu),
         "memoryMB": info.limits.memory_mb,
         "diskMB": info.limits.disk_mb,
         "internet": info.internet,
@@ -124,23 +137,165 @@ def _in_range(option: str, value: float | None, low: float, high: float) -> None
 
 def _number(value: float) -> str:
     """A number as people write it: 1, 0.5, 99999999 (never 1e+08)."""
-    return str(int(value)) if float(value).is_integer() else str(value)
+    return str(_whole(value))
 
 
-async def _sandbox_create(args: argparse.Namespace) -> int:
+def _whole(value: float) -> float:
+    """``value`` as an int when it is a whole number (1, not 1.0), in tables and JSON alike."""
+    return int(value) if float(value).is_integer() else value
+
+
+class _Status:
+    """What a command tells while it works: on a terminal, one line on stderr that each new
+    message replaces and that is cleared when the command is done; elsewhere nothing, so that
+    a command that fails says only why (its one ``bilik: ...`` line)."""
+
+    def __init__(self) -> None:
+        self.live = sys.stderr.isatty()
+        self.shown = False
+
+    def __call__(self, line: str) -> None:
+        if self.live and line.strip():
+            width = max(20, os.get_terminal_size(sys.stderr.fileno()).columns - 1)
+            sys.stderr.write("\r\x1b[2K" + line.strip()[:width])
+            sys.stderr.flush()
+            self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            sys.stderr.write("\r\x1b[2K")
+            sys.stderr.flush()
+            self.shown = False
+
+
+def _server_url(args: argparse.Namespace) -> tuple[str, bool]:
+    """The server a command talks to: ``--url``, else ``BILIK_URL``, else ``E2B_API_URL``,
+    else where ``bilik serve`` listens with these settings (``BILIK_HOST``, ``BILIK_PORT``);
+    and whether it was given (by the flag or a variable)."""
+    if getattr(args, "url", None):
+        return str(args.url).rstrip("/"), True
+    for variable in ("BILIK_URL", "E2B_API_URL"):
+        if value := os.environ.get(variable, "").strip():
+            return value.rstrip("/"), True
+    settings = _settings(args)
+    host = "127.0.0.1" if settings.host in ("", "0.0.0.0", "::") else settings.host
+    return f"http://{f'[{host}]' if ':' in host else host}:{settings.port}", False
+
+
+def _create_through_server(
+    args: argparse.Namespace, url: str, given: bool, chosen: cli_identity.ChosenKey
+) -> str | None:
+    """Create the sandbox with ``POST /sandboxes`` at ``url``, as the SDKs do; its id, or
+    None when no server listens at the address these settings' server would (a server
+    ``given`` must answer). (The standard library's client: it loads in milliseconds.)"""
+    import http.client
+    import json
+    import urllib.parse
+
+    body: dict[str, object] = {
+        "templateID": args.template,
+        "timeout": args.timeout,
+        "allow_internet_access": not args.no_internet,
+        "envVars": _env_pairs(args.env),
+    }
+    if args.cpu is not None:
+        body["cpuCount"] = int(args.cpu)
+    if args.memory_mb is not None:
+        body["memoryMB"] = args.memory_mb
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise CliError(f"the server's URL must be http(s)://HOST[:PORT], got {url!r}")
+    connection = (
+        http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    )(parts.hostname, parts.port, timeout=_CREATE_TIMEOUT_S)
+    try:
+        connection.request(
+            "POST",
+            parts.path.rstrip("/") + "/sandboxes",
+            json.dumps(body),
+            {"X-API-Key": chosen.key, "Content-Type": "application/json"},
+        )
+        response = connection.getresponse()
+        answer = response.read()
+    except ConnectionRefusedError:
+        if not given:
+            return None
+        raise CliError(
+            f"no server answers at {url}: start `bilik serve`, or give its address with --url "
+            "or BILIK_URL (with neither set and no server running, create makes the sandbox "
+            "itself)"
+        ) from None
+    except OSError as e:
+        raise CliError(f"the server at {url} did not answer: {e}") from None
+    finally:
+        connection.close()
+    cli_identity.announce(chosen)  # (a server answered: the key is what it judged)
+    try:
+        data = json.loads(answer)
+    except ValueError:
+        data = {}
+    if response.status == 201 and isinstance(data, dict) and "sandboxID" in data:
+        return str(data["sandboxID"])
+    if response.status == 401:
+        raise cli_identity.NoKey(cli_identity.not_active(chosen))
+    message = data.get("message") if isinstance(data, dict) else None
+    raise CliError(message or f"the server at {url} answered {response.status} {response.reason}")
+
+
+# A create may wait for a default template's first build (minutes), never for ever.
+_CREATE_TIMEOUT_S = 1800
+
+
+def _sandbox_create(args: argparse.Namespace) -> int:
+    # (not a coroutine: a create through the server needs no event loop, and asyncio takes
+    # longer to load than the create takes)
     settings = _settings(args)
     caps = settings.caps
+    # (the caps of this host's settings, checked before anything is asked of anyone)
     _in_range("--cpu", args.cpu, 0.1, caps.cpu)
     _in_range("--memory-mb", args.memory_mb, MIN_MEMORY_MB, caps.memory_mb)
     _in_range("--disk-mb", args.disk_mb, MIN_DISK_MB, caps.disk_mb)
     _in_range("--timeout", args.timeout, 1, caps.lifetime_s)
+    chosen = cli_identity.choose(args.key, settings.data_dir)
+    # A running server makes it, as an API create: fast, and the server's warm pool and
+    # caches serve it. What only this host's runtime can honour is made here.
+    here_only = args.disk_mb is not None or args.oci_runtime is not None
+    if args.cpu is not None and not float(args.cpu).is_integer():
+        here_only = True
+    if not here_only:
+        made = _create_through_server(args, *_server_url(args), chosen)
+        if made is not None:
+            print(made)
+            return 0
+    import asyncio
+
+    return asyncio.run(_create_here(args, settings, chosen))
+
+
+async def _create_here(
+    args: argparse.Namespace, settings: Settings, chosen: cli_identity.ChosenKey
+) -> int:
+    """Create the sandbox in this process, through the same service as the server's API."""
+    import contextlib
+    import secrets
+    from collections.abc import Iterator
+
+    from .api.errors import ApiError
+    from .api.limits import CreateLimiter
+    from .api.parse import template_ref
+    from .runtime import Limits
+    from .sandboxes import CreateRequest, SandboxService
+    from .store import Store, database_url
+    from .templates import TemplateService
+    from .templates.service import TemplateUnavailable
+
     try:
         name, tag = template_ref(args.template, "--template")
     except ApiError as e:
         raise CliError(e.message) from None
-    chosen = cli_identity.choose(args.key, settings.data_dir)
     store = await Store.open(database_url(settings.data_dir, settings.database_url))
-    runtime = _runtime(args)
+    status = _Status()
+    runtime = _runtime(args, log=status)
     try:
         key = await cli_identity.verify(chosen, store)
         cli_identity.announce(chosen, key)
@@ -182,6 +337,7 @@ async def _sandbox_create(args: argparse.Namespace) -> int:
             if dns is not None:
                 await dns.close()
     finally:
+        status.clear()
         await runtime.close()
         await store.close()
     print(sandbox.info.sandbox_id)
@@ -189,6 +345,10 @@ async def _sandbox_create(args: argparse.Namespace) -> int:
 
 
 async def _sandbox_exec(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .runtime import SandboxNotFound
+
     runtime = _runtime(args)
     command = list(args.command)
     if command and command[0].startswith("-") and "--" in command:
@@ -241,6 +401,9 @@ async def _pump_stdin(writer: asyncio.StreamWriter | None) -> None:
     Reads happen in a daemon thread: a blocked read of a pipe that never closes must not keep
     the command from exiting when the process is done.
     """
+    import asyncio
+    import threading
+
     if writer is None:
         return
     loop = asyncio.get_running_loop()
@@ -265,14 +428,68 @@ async def _pump_stdin(writer: asyncio.StreamWriter | None) -> None:
 
 
 async def _sandbox_list(args: argparse.Namespace) -> int:
-    rows = [_row(i) for i in await _runtime(args).list()]
-    columns = ["sandboxId", "template", "state", "cpu", "memoryMB", "internet", "endAt"]
-    _print_rows(rows, columns, as_json=args.json)
+    rows = await _rows(args, await _runtime(args).list())
+    if args.json:
+        _print_rows(rows, [], as_json=True)
+        return 0
+    columns = ["sandboxId", "template", "state", "owner", "cpu", "memoryMB", "internet", "endAt"]
+    shown = [{**r, "template": r["templateName"]} for r in rows]
+    _print_rows(shown, columns, as_json=False)
     return 0
+
+
+async def _rows(args: argparse.Namespace, sandboxes: Sequence[SandboxInfo]) -> list[dict[str, Any]]:
+    """``sandboxes`` as ``list`` and ``inspect`` show them: with their templates' names and
+    their owners (the team whose key made them; a warm-pool sandbox is no one's yet)."""
+    names, owners = await _names_and_owners(args, sandboxes)
+    rows = []
+    for info in sandboxes:
+        row = _row(info, names)
+        row["owner"] = "(warm pool)" if info.pooled else owners.get(info.sandbox_id, "-")
+        rows.append(row)
+    return rows
+
+
+async def _names_and_owners(
+    args: argparse.Namespace, sandboxes: Sequence[SandboxInfo]
+) -> tuple[dict[str, str], dict[str, str]]:
+    """The names templates go by, by image; and each made sandbox's owning team, by id.
+
+    An image is ``NAME:VERSION`` for bilik's own templates (shown as ``NAME``), a user
+    template's id for its default build (shown as its name) and ``ID:BUILD_ID`` for a tagged
+    build (shown as ``NAME:TAG``)."""
+    if not sandboxes:
+        return {}, {}  # (nothing to name: the store is not even loaded)
+    store = await _open_store(args)
+    try:
+        made = {r.id: r for r in await store.sandboxes.all()}
+        names: dict[str, str] = {}
+        for info in sandboxes:
+            template_id, _, build_id = info.template.partition(":")
+            if template_id in DEFAULT_TEMPLATES:
+                names[info.template] = template_id
+                continue
+            row = made.get(info.sandbox_id)
+            if row is None or info.template in names:
+                continue
+            template = await store.templates.get(template_id, row.key_id)
+            if template is None:
+                continue
+            names[info.template] = template.name
+            if build_id:
+                tags = await store.templates.tags(template_id)
+                tagged = sorted(t.tag for t in tags if t.build_id == build_id)
+                if tagged and "default" not in tagged:  # (the default build goes by the name)
+                    names[info.template] = f"{template.name}:{tagged[0]}"
+    finally:
+        await store.close()
+    return names, {sandbox_id: row.key_id for sandbox_id, row in made.items()}
 
 
 def _print_rows(rows: list[dict[str, object]], columns: list[str], *, as_json: bool) -> None:
     """Rows as aligned columns for people, or as JSON for scripts."""
+    import json
+
     if as_json:
         print(json.dumps(rows, indent=1))
         return
@@ -283,7 +500,10 @@ def _print_rows(rows: list[dict[str, object]], columns: list[str], *, as_json: b
 
 
 async def _sandbox_inspect(args: argparse.Namespace) -> int:
-    print(json.dumps(_row(await _runtime(args).inspect(args.sandbox_id)), indent=1))
+    import json
+
+    rows = await _rows(args, [await _runtime(args).inspect(args.sandbox_id)])
+    print(json.dumps(rows[0], indent=1))
     return 0
 
 
@@ -293,6 +513,10 @@ async def _sandbox_kill(args: argparse.Namespace) -> int:
 
 
 async def _sandbox_logs(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+    from datetime import UTC, datetime
+
     lines = await _runtime(args).logs(args.sandbox_id)
     if args.json:
         print(json.dumps([dataclasses.asdict(line) for line in lines], indent=1))
@@ -316,6 +540,8 @@ async def _sandbox_metrics(args: argparse.Namespace) -> int:
         "diskTotalMiB": round(usage.disk_total / mib, 1),
     }
     if args.json:
+        import json
+
         print(json.dumps(row, indent=1))
     else:
         _print_rows([row], list(row), as_json=False)
@@ -323,6 +549,9 @@ async def _sandbox_metrics(args: argparse.Namespace) -> int:
 
 
 async def _template_build_default(args: argparse.Namespace) -> int:
+    from .templates import BuildFailed, default_builds
+    from .templates.defaults import DEFAULTS
+
     runtime = _runtime(args)
     await runtime.start()
     try:
@@ -342,6 +571,8 @@ async def _template_build_default(args: argparse.Namespace) -> int:
 
 
 async def _open_store(args: argparse.Namespace) -> Store:
+    from .store import Store, database_url
+
     settings = _settings(args)
     return await Store.open(database_url(settings.data_dir, settings.database_url))
 
@@ -378,6 +609,8 @@ _KEY_COLUMNS = [
 
 
 async def _keys_create(args: argparse.Namespace) -> int:
+    from .store import KeyCaps
+
     store = await _open_store(args)
     try:
         caps = KeyCaps(
@@ -437,6 +670,16 @@ def _serve(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     # The benchmarks live in the bench/ tree of the source checkout, beside src/.
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    if args.suite == "cli":
+        from bench import cli as bench_cli
+
+        return bench_cli.main(_settings(args), samples=args.samples or 9)
+    if args.suite == "pause":
+        from bench import pause as bench_pause
+
+        runtimes = args.runtimes.split(",")
+        return bench_pause.main(_settings(args), samples=args.samples or 20, runtimes=runtimes)
+    args.samples = args.samples or 200
     from bench import api as bench_api
     from bench import envd as bench_envd
     from bench import interpreter as bench_interpreter
@@ -497,9 +740,7 @@ def _parser() -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = _Parser(
         prog="bilik", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--version", action="version", version=f"bilik {_version()}", help="print the version"
-    )
+    parser.add_argument("--version", action=_Version, help="print the version")
     data = argparse.ArgumentParser(add_help=False)
     data.add_argument(
         "--data-dir", type=Path, help="data directory (BILIK_DATA_DIR, default /var/lib/bilik)"
@@ -515,7 +756,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_instance(common)
     common.add_argument(
         "--oci-runtime",
-        choices=list(RUNTIMES),
+        choices=OCI_RUNTIMES,
         help="OCI runtime of new sandboxes (BILIK_OCI_RUNTIME, default crun)",
     )
     as_json = argparse.ArgumentParser(add_help=False)
@@ -552,9 +793,18 @@ def _parser() -> argparse.ArgumentParser:
         parents=[common],
         help="create a sandbox as an API key, print its id",
         description="Create a sandbox as an API key and print its id. It is that key's, as "
-        "if made through the API: Sandbox.connect(ID) with the key reaches it.",
+        "if made through the API: Sandbox.connect(ID) with the key reaches it. The server "
+        "makes it, as an API create (--url, else BILIK_URL, else E2B_API_URL, else where "
+        "`bilik serve` listens with these settings); with none of those set and no server "
+        "running, or with --disk-mb, a fractional --cpu or --oci-runtime (which only this "
+        "host's runtime honours), this command makes it itself.",
     )
     cli_identity.add_key_option(create)
+    create.add_argument(
+        "--url",
+        help="the server (BILIK_URL, else E2B_API_URL, else http://BILIK_HOST:BILIK_PORT, "
+        "default http://127.0.0.1:3000)",
+    )
     create.add_argument(
         "--template",
         default="base",
@@ -572,7 +822,7 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument(
         "--env", action="append", default=[], metavar="NAME=VALUE", help="an environment variable"
     )
-    create.set_defaults(func=_sandbox_create)
+    create.set_defaults(func=_sandbox_create, sync=True)
     exe = sb.add_parser(
         "exec",
         parents=[host, _EXEC_OPTIONS],
@@ -610,13 +860,16 @@ def _parser() -> argparse.ArgumentParser:
     metrics.add_argument("sandbox_id", metavar="SANDBOX_ID", help="the sandbox's id")
     metrics.set_defaults(func=_sandbox_metrics)
     cli_spawn.add_command(sb)
+    cli_lifecycle.add_commands(sb)
 
     template = sub.add_parser("template", help="build, list and delete templates")
     tp = template.add_subparsers(dest="action", required=True, metavar="ACTION")
     default = tp.add_parser(
         "build-default", parents=[common], help="build bilik's default templates ahead of use"
     )
-    default.add_argument("names", nargs="*", help=f"which (default: all: {', '.join(DEFAULTS)})")
+    default.add_argument(
+        "names", nargs="*", help=f"which (default: all: {', '.join(DEFAULT_TEMPLATES)})"
+    )
     default.add_argument(
         "--rebuild", action="store_true", help="run every step again (packages up to date)"
     )
@@ -656,7 +909,10 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", parents=[common], help="measure speed and memory")
     bench.add_argument(
-        "suite", choices=["runtime", "envd", "api", "interpreter"], help="what to measure"
+        "suite",
+        choices=["runtime", "envd", "api", "interpreter", "cli", "pause"],
+        help="what to measure (cli: how long commands take to start; pause: pause, resume "
+        "and fork)",
     )
     bench.add_argument(
         "--creates", type=int, default=50, help="runtime: creates to time (default: %(default)s)"
@@ -664,8 +920,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--samples",
         type=int,
-        default=200,
-        help="envd, api, interpreter: samples to time (default: %(default)s)",
+        default=None,
+        help="samples to time (default: 200; cli: 9; pause: 20 cycles per mode)",
     )
     bench.add_argument(
         "--idle",
@@ -674,17 +930,53 @@ def _parser() -> argparse.ArgumentParser:
         help="idle (running) sandboxes to hold at once (default: %(default)s)",
     )
     bench.add_argument(
-        "--runtimes", default="crun,runsc", help="OCI runtimes to compare (default: %(default)s)"
+        "--runtimes",
+        default="crun,runsc",
+        help="runtime, pause: OCI runtimes to compare (default: %(default)s)",
     )
     bench.set_defaults(func=_bench, sync=True)
     return parser
 
 
+class _Version(argparse.Action):
+    """``--version``: the installed version, looked up only when asked for."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> NoReturn:
+        print(f"bilik {_version()}")
+        parser.exit()
+
+
 def _version() -> str:
+    import importlib.metadata
+
     try:
         return importlib.metadata.version("bilik")
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
+
+
+# Errors the user can do something about, by the module that defines them: one ``bilik: ...``
+# line each. By name, so that checking for them never imports a module the command did not
+# need (an error of a module never imported cannot have been raised).
+_USER_ERRORS = {
+    "bilik.runtime.errors": "RuntimeFailure",
+    "bilik.store.keys": "KeyNotFound",
+}
+
+
+def _is_user_error(error: BaseException) -> bool:
+    if isinstance(
+        error, CliError | InvalidSettings | cli_identity.NoKey | cli_template.TemplateFileError
+    ):
+        return True
+    for module, name in _USER_ERRORS.items():
+        loaded = sys.modules.get(module)
+        if loaded is not None and isinstance(error, getattr(loaded, name)):
+            return True
+    return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -693,19 +985,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if getattr(args, "sync", False):
             return int(args.func(args))
+        import asyncio
+
         return int(asyncio.run(args.func(args)))
-    except (
-        RuntimeFailure,
-        InvalidSettings,
-        KeyNotFound,
-        CliError,
-        cli_identity.NoKey,
-        cli_template.TemplateFileError,
-    ) as e:
-        print(f"bilik: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # (the reader went away, as with `| head`: nothing more to say, and nowhere to say it)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except Exception as e:
+        if not _is_user_error(e):
+            raise
+        print(f"bilik: {_one_line(str(e))}", file=sys.stderr)
+        return 1
+
+
+def _one_line(message: str) -> str:
+    """A message of several lines (a start command's last output) as one line."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return " / ".join(lines).replace(": / ", ": ") if lines else message
 
 
 if __name__ == "__main__":

@@ -12,8 +12,10 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .store import ApiKey, Store
+if TYPE_CHECKING:  # (the store loads only when a command opens it: ``--help`` stays fast)
+    from .store import ApiKey, Store
 
 # As long as the ``prefix`` column of ``bilik keys list``: a key is told by it.
 _SHOWN = 10
@@ -70,11 +72,16 @@ async def verify(chosen: ChosenKey, store: Store) -> ApiKey:
     """The active key record of ``chosen``; NoKey if it is not one."""
     record = await store.keys.verify(chosen.key)
     if record is None:
-        raise NoKey(
-            f"the API key from {chosen.source} ({chosen.key[:_SHOWN]}…) is not an active key "
-            "of this server (see `bilik keys list`)"
-        )
+        raise NoKey(not_active(chosen))
     return record
+
+
+def not_active(chosen: ChosenKey) -> str:
+    """What to say when the server knows no active key ``chosen``."""
+    return (
+        f"the API key from {chosen.source} ({chosen.key[:_SHOWN]}…) is not an active key "
+        "of this server (see `bilik keys list`)"
+    )
 
 
 def announce(chosen: ChosenKey, record: ApiKey | None = None) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import signal
 import stat
@@ -11,18 +10,13 @@ import sys
 import termios
 import tty
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bilik import cli_identity
+import bilik.cli_identity as cli_identity  # (not `from bilik import`: see cli.py)
 from bilik.config import Settings
-from bilik.sdk import (
-    AsyncSandbox,
-    AuthenticationException,
-    CommandExitException,
-    PtySize,
-    SandboxException,
-    ServiceBusyException,
-)
+
+if TYPE_CHECKING:  # (the SDK loads when spawn runs: ``--help`` stays fast)
+    from bilik.sdk import AsyncSandbox, PtySize
 
 # While someone is attached, the sandbox's lifetime is renewed; it ends this long after the
 # terminal goes away (a lost connection, a killed CLI).
@@ -30,6 +24,8 @@ LEASE_S = 300
 
 
 def _size() -> PtySize:
+    from bilik.sdk import PtySize
+
     try:
         columns, lines = os.get_terminal_size(sys.stdout.fileno())
     except OSError:
@@ -39,6 +35,13 @@ def _size() -> PtySize:
 
 async def spawn(args: argparse.Namespace) -> int:
     """Open a login shell in a new sandbox (or ``--connect`` to one) and hand it the terminal."""
+    from bilik.sdk import (
+        AsyncSandbox,
+        AuthenticationException,
+        SandboxException,
+        ServiceBusyException,
+    )
+
     if not _pollable(sys.stdin.fileno()):
         print(
             "bilik: spawn needs a terminal (or a pipe) as its input; to run one command, use "
@@ -77,6 +80,10 @@ def _pollable(fd: int) -> bool:
 
 
 async def _attach(sandbox: AsyncSandbox) -> int:
+    import asyncio
+
+    from bilik.sdk import CommandExitException
+
     loop = asyncio.get_running_loop()
     out = sys.stdout.buffer
 

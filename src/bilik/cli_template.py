@@ -9,31 +9,36 @@ the file's name without ``.py``.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
-import importlib.util
-import json
 import re
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from . import cli_identity
+import bilik.cli_identity as cli_identity  # (not `from . import`: see cli.py)
+
 from .config import Settings
-from .sdk.config import ApiParams
-from .sdk.exceptions import (
-    AuthenticationException,
-    BuildException,
-    NotFoundException,
-    SandboxException,
-    ServiceBusyException,
-)
-from .sdk.template import AsyncTemplate, LogEntry, LogEntryEnd, LogEntryStart
-from .sdk.template.builder import TemplateBase, TemplateBuilder, TemplateFinal, definition
 
-SDK_ERRORS = (SandboxException, AuthenticationException, ServiceBusyException, BuildException)
+if TYPE_CHECKING:  # (the SDK loads when a command runs: ``--help`` stays fast)
+    from .sdk.config import ApiParams
+    from .sdk.template import LogEntry
+    from .sdk.template.builder import TemplateBase
+
+
+def sdk_errors() -> tuple[type[Exception], ...]:
+    """The SDK's errors a template command reports as one line."""
+    from .sdk.exceptions import (
+        AuthenticationException,
+        BuildException,
+        SandboxException,
+        ServiceBusyException,
+    )
+
+    return (SandboxException, AuthenticationException, ServiceBusyException, BuildException)
+
+
 _SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
 _TICK_S = 0.15
 
@@ -63,6 +68,10 @@ def _on_path(directory: Path) -> Iterator[None]:
 
 def load_template(spec: str) -> tuple[TemplateBase, Path]:
     """Run ``FILE.py`` (or ``FILE.py:NAME``) and return the template it defines."""
+    import importlib.util
+
+    from .sdk.template.builder import TemplateBase, TemplateBuilder, TemplateFinal, definition
+
     path, _, variable = spec.rpartition(":") if not Path(spec).exists() else (spec, "", "")
     if not path:
         path, variable = spec, ""
@@ -143,6 +152,8 @@ class Progress:
         return time.monotonic() - self.started
 
     def __call__(self, entry: LogEntry) -> None:
+        from .sdk.template import LogEntryEnd, LogEntryStart
+
         if isinstance(entry, LogEntryStart | LogEntryEnd):
             return
         step = entry.step
@@ -160,8 +171,12 @@ class Progress:
         elif step == "base" and entry.level == "error":
             self.failed_step = step
         prefix = f"[{self.elapsed():6.1f}s {self.done:>{len(str(self.total))}}/{self.total}]"
+        # (a step's blank output lines say nothing: no prefix with nothing after it)
+        lines = [line for line in entry.message.splitlines() if line.strip()]
+        if not lines:
+            return
         self._clear()
-        for line in entry.message.splitlines() or [""]:
+        for line in lines:
             print(f"{prefix} {line}", file=self.out)
         self._draw()
 
@@ -180,6 +195,8 @@ class Progress:
 
     async def tick(self) -> None:
         """Redraw the status line (the spinner and the clock) until cancelled."""
+        import asyncio
+
         while True:
             await asyncio.sleep(_TICK_S)
             self._frame += 1
@@ -196,6 +213,10 @@ class Progress:
 
 async def build(args: argparse.Namespace) -> int:
     """``bilik template build FILE.py``."""
+    import asyncio
+
+    from .sdk.template import AsyncTemplate
+
     try:
         template, file = load_template(args.file)
     except TemplateFileError as e:
@@ -217,7 +238,7 @@ async def build(args: argparse.Namespace) -> int:
             on_build_logs=progress,
             **api,
         )
-    except SDK_ERRORS as e:
+    except sdk_errors() as e:
         ticker.cancel()
         progress.close()
         where = f" at step {progress.failed_step}" if progress.failed_step else ""
@@ -238,9 +259,13 @@ async def build(args: argparse.Namespace) -> int:
 
 async def list_templates(args: argparse.Namespace) -> int:
     """``bilik template list``."""
+    import json
+
+    from .sdk.template import AsyncTemplate
+
     try:
         templates = await AsyncTemplate.list(**_api(args))
-    except SDK_ERRORS as e:
+    except sdk_errors() as e:
         print(f"bilik: {e}", file=sys.stderr)
         return 1
     rows: list[dict[str, object]] = [
@@ -268,12 +293,15 @@ async def list_templates(args: argparse.Namespace) -> int:
 
 async def delete(args: argparse.Namespace) -> int:
     """``bilik template delete NAME``."""
+    from .sdk.exceptions import NotFoundException
+    from .sdk.template import AsyncTemplate
+
     try:
         await AsyncTemplate.delete(args.name, **_api(args))
     except NotFoundException:
         print(f"bilik: template {args.name!r} not found", file=sys.stderr)
         return 1
-    except SDK_ERRORS as e:
+    except sdk_errors() as e:
         print(f"bilik: {e}", file=sys.stderr)
         return 1
     print(f"deleted {args.name}")

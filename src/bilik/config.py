@@ -66,6 +66,8 @@ class Settings:
     # Requests and websockets relayed to the sandboxes of one key at once (their ports take no
     # key, so without it one tenant's hanging ports could hold every connection); past it, 429.
     max_streams_per_key: int = 256
+    # How long a paused sandbox is kept (seconds; 30 days by default): then it is killed.
+    paused_retention_s: int = 30 * 86400
     caps: Caps = dataclasses.field(default_factory=Caps)
 
     @classmethod

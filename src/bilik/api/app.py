@@ -89,12 +89,13 @@ def create_app(settings: Settings) -> SandboxPlane:
         pool = warm_pool(runtime, app.state.templates, pool_sizes(settings), log.info)
         plane = app.state.plane
         service = SandboxService(
-            runtime, store, app.state.templates, pool, plane.owned.add, plane.end
+            runtime, store, app.state.templates, pool, plane.owned.add, plane.end, plane.cut
         )
         # The runtime's truth wins (the store is settled from it); then the pool fills, after
         # the DNS forwarder: a pooled sandbox's start command may resolve names.
         await service.start()
         app.state.sandboxes = service
+        plane.gate = service.admit_traffic
         app.state.pool = pool
         # (one sampler of every sandbox's usage, for the metrics history)
         tasks = [

@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ..runtime import InvalidSpec, RuntimeFailure, SandboxExists, SandboxNotFound, TemplateNotFound
-from ..runtime.errors import StartFailed
+from ..runtime.errors import SandboxNotPaused, SandboxPaused, StartFailed
 
 log = logging.getLogger("bilik.api")
 
@@ -36,6 +36,10 @@ def from_runtime(exc: RuntimeFailure) -> ApiError:
         return ApiError(400, str(exc))
     if isinstance(exc, SandboxExists):
         return ApiError(409, str(exc))
+    if isinstance(exc, SandboxPaused):
+        return ApiError(409, f"sandbox {exc.sandbox_id!r} is paused (or being paused or resumed)")
+    if isinstance(exc, SandboxNotPaused):
+        return ApiError(409, f"sandbox {exc.sandbox_id!r} is not paused")
     if isinstance(exc, StartFailed):  # (the template's fault: its owner fixes it, not the server's)
         return ApiError(400, f"the template's start command failed: {exc}")
     log.error("runtime failure: %s", exc)

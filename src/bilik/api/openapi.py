@@ -127,7 +127,87 @@ _SCHEMAS: dict[str, Any] = {
         envVars=_STR_MAP,
         allow_internet_access={"type": "boolean", "default": True},
         secure=_BOOL,
-        autoPause=_BOOL,
+        autoPause={**_BOOL, "description": "pause the sandbox at its timeout, not kill it"},
+        autoPauseMemory={
+            **_BOOL,
+            "description": "that pause keeps its memory (default) or only its files",
+        },
+        autoResume=_ref("SandboxAutoResumeConfig"),
+        lifecycle={
+            "type": "object",
+            "description": "the same as onTimeout/autoResume (not with the fields above)",
+            "properties": {
+                "onTimeout": {
+                    "oneOf": [
+                        {"type": "string", "enum": ["kill", "pause"]},
+                        _obj(
+                            ["action"],
+                            action={"type": "string", "enum": ["kill", "pause"]},
+                            mode={"type": "string", "enum": ["full", "filesystem"]},
+                        ),
+                    ]
+                },
+                "autoResume": _BOOL,
+            },
+        },
+    ),
+    "SandboxAutoResumeConfig": _obj(
+        ["enabled"],
+        enabled={**_BOOL, "description": "a request to the paused sandbox resumes it"},
+    ),
+    "SandboxLifecycle": _obj(
+        ["onTimeout", "autoResume"],
+        onTimeout={"type": "string", "enum": ["kill", "pause"]},
+        autoResume=_BOOL,
+    ),
+    "BilikPause": _obj(
+        ["mechanism", "memory", "durable", "memoryLost", "pausedAt"],
+        mechanism={
+            "type": "string",
+            "description": "freezer (held in RAM), checkpoint (on disk) or disk (files only)",
+        },
+        memory=_BOOL,
+        durable={**_BOOL, "description": "survives a restart of the machine"},
+        memoryLost={**_BOOL, "description": "a memory pause whose memory a restart lost"},
+        pausedAt=_TIME,
+    ),
+    "SandboxPauseRequest": _obj(
+        memory={**_BOOL, "default": True}, requireHealthyGuest={**_BOOL, "default": False}
+    ),
+    "ConnectSandbox": _obj(
+        timeout={"type": "integer", "minimum": 0},
+        memory={
+            **_BOOL,
+            "description": "false: a fresh boot (only for a sandbox paused without memory)",
+        },
+    ),
+    "ResumedSandbox": _obj(
+        timeout={"type": "integer", "minimum": 0}, autoPause=_BOOL, memory=_BOOL, cpuCount=_INT
+    ),
+    "SandboxSnapshotRequest": _obj(name=_STR, memory=_BOOL),
+    "SnapshotInfo": _obj(["snapshotID", "names"], snapshotID=_STR, names=_STRINGS),
+    "CreatedSnapshot": {
+        "allOf": [
+            _ref("SnapshotInfo"),
+            _obj(
+                ["bilikSnapshot"],
+                bilikSnapshot=_obj(
+                    ["mode", "memory"],
+                    mode={"type": "string", "enum": ["filesystem"]},
+                    memory=_BOOL,
+                    why=_STR,
+                ),
+            ),
+        ]
+    },
+    "SandboxForkRequest": _obj(
+        count={"type": "integer", "minimum": 1, "maximum": 20, "default": 1},
+        timeout={"type": "integer", "minimum": 0},
+    ),
+    "SandboxForkResult": _obj(
+        sandbox=_ref("Sandbox"),
+        error=_ref("Error"),
+        forkMode={"type": "string", "enum": ["filesystem"]},
     ),
     "Sandbox": _obj(
         ["templateID", "sandboxID", "clientID", "envdVersion"],
@@ -152,6 +232,9 @@ _SCHEMAS: dict[str, Any] = {
                 state={"type": "string", "enum": ["running", "paused"]},
                 metadata=_STR_MAP,
                 allowInternetAccess={"type": "boolean", "nullable": True},
+                lifecycle=_ref("SandboxLifecycle"),
+                pauseMode={"type": "string", "enum": ["full", "filesystem"]},
+                bilikPause=_ref("BilikPause"),
             ),
         ]
     },
@@ -339,13 +422,17 @@ _LIST_PARAMS = [
 ]
 _SANDBOXES = _array(_ref("SandboxDetail"))
 _CONNECT = _op(
-    "Connect to a running sandbox (and extend its timeout)",
+    "Connect to a sandbox: a running one's timeout only extends (200), a paused one resumes (201)",
     200,
     _ref("Sandbox"),
-    errors=(400, 401, 404, 413),
+    errors=(400, 401, 404, 409, 413, 500),
     params=[_SANDBOX_ID],
-    request=_TIMEOUT_BODY,
+    request=_json_body(_ref("ConnectSandbox"), required=False),
 )
+_CONNECT["responses"]["201"] = {
+    "description": "Resumed",
+    "content": {"application/json": {"schema": _ref("Sandbox")}},
+}
 _TEMPLATE_UPDATE = _json_body(_ref("TemplateUpdateRequest"))
 
 _PATHS: dict[str, Any] = {
@@ -454,12 +541,55 @@ _PATHS: dict[str, Any] = {
     },
     "/sandboxes/{sandboxID}/resume": {
         "post": _op(
-            "Legacy resume: sandboxes never pause here, so a live one is 409",
+            "Legacy resume: a paused sandbox resumed with its id; a running one is 409",
             201,
             _ref("Sandbox"),
-            errors=(400, 401, 404, 409, 413),
+            errors=(400, 401, 404, 409, 413, 500),
             params=[_SANDBOX_ID],
-            request=_TIMEOUT_BODY,
+            request=_json_body(_ref("ResumedSandbox"), required=False),
+        ),
+    },
+    "/sandboxes/{sandboxID}/pause": {
+        "post": _op(
+            "Pause a sandbox (409 if paused already)",
+            204,
+            errors=(400, 401, 404, 409, 413, 500, 503),
+            params=[_SANDBOX_ID],
+            request=_json_body(_ref("SandboxPauseRequest"), required=False),
+        ),
+    },
+    "/sandboxes/{sandboxID}/snapshots": {
+        "post": _op(
+            "Snapshot the sandbox's files as a template of the team's",
+            201,
+            _ref("CreatedSnapshot"),
+            errors=(400, 401, 404, 409, 413, 500),
+            params=[_SANDBOX_ID],
+            request=_json_body(_ref("SandboxSnapshotRequest"), required=False),
+        ),
+    },
+    "/sandboxes/{sandboxID}/fork": {
+        "post": _op(
+            "New sandboxes with a copy of the sandbox's files, from one snapshot",
+            201,
+            _array(_ref("SandboxForkResult")),
+            errors=(400, 401, 404, 409, 413, 429, 500),
+            params=[_SANDBOX_ID],
+            request=_json_body(_ref("SandboxForkRequest"), required=False),
+        ),
+    },
+    "/snapshots": {
+        "get": _op(
+            "The team's snapshots, newest first, a page at a time",
+            200,
+            _array(_ref("SnapshotInfo")),
+            errors=(400, 401),
+            params=[
+                _query("sandboxID", _STR, "only those of this sandbox"),
+                _query("name", _STR, "only the one of this name or id"),
+                *_PAGE_PARAMS,
+            ],
+            headers=_NEXT_TOKEN_HEADER,
         ),
     },
     "/sandboxes/{sandboxID}/connect": {"post": _CONNECT},

@@ -1,13 +1,14 @@
 """E2B's sandbox lifecycle endpoints: create, get, list, kill, timeout, connect, refresh, metrics
-and logs.
+and logs; pause, resume, snapshots and forks.
 
-What E2B's API takes and bilik cannot do yet (pausing, MCP, volumes, egress transforms, ...) is
-refused with a 400 that names it, never dropped without a word; the values the SDKs send when
-nothing is asked (``autoPause: false``, ``secure: true``) pass.
+What E2B's API takes and bilik cannot do yet (MCP, volumes, egress transforms, ...) is refused
+with a 400 that names it, never dropped without a word; the values the SDKs send when nothing
+is asked (``secure: true``) pass.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
@@ -26,10 +27,13 @@ from starlette.routing import Route
 
 from ..runtime import Limits, RuntimeFailure
 from ..runtime.base import LogLine
+from ..runtime.errors import SandboxPaused
 from ..runtime.spec import is_sandbox_id
 from ..sandboxes import CreateRequest, IdempotencyConflict, Listing, Sandbox, SandboxService
+from ..sandboxes.lifecycle import Lifecycle
 from ..sandboxes.metrics import Sample
-from ..sandboxes.service import start_micros
+from ..sandboxes.service import shown_state, start_micros
+from ..sandboxes.states import PAUSED, TransitionRefused
 from ..store import Store
 from ..templates.service import TemplateUnavailable
 from .auth import authenticate
@@ -106,28 +110,73 @@ def _unsupported(what: str, field: str) -> ApiError:
     return ApiError(400, f"{what} ({field}) is not supported by this server yet")
 
 
+def _lifecycle(data: dict[str, Any]) -> Lifecycle:
+    """What a create asks of its sandbox's timeout: E2B's ``autoPause``, ``autoPauseMemory``
+    and ``autoResume: {enabled}`` (what the SDKs send), and/or the ``lifecycle`` object its
+    info shows (``onTimeout``: ``kill``, ``pause`` or ``{action, mode}``; ``autoResume``).
+    Both forms given must agree; what cannot be (auto-resume of a files-only pause, a pause
+    mode without a pause) is a 400."""
+    pause = _flag(data, "autoPause")
+    memory = _flag(data, "autoPauseMemory")
+    resume_config = data.get("autoResume")
+    resume: bool | None = None
+    if resume_config is not None:
+        if not isinstance(resume_config, dict):
+            raise ApiError(400, "autoResume must be an object: {enabled: true | false}")
+        resume = _flag(resume_config, "enabled")
+    if memory is not None and not pause:
+        raise ApiError(400, "autoPauseMemory is only for a sandbox that autoPause pauses")
+    flat = _checked_lifecycle(pause, memory, resume)
+    lifecycle = data.get("lifecycle")
+    if lifecycle is None:
+        return flat
+    if not isinstance(lifecycle, dict):
+        raise ApiError(400, "lifecycle must be an object")
+    if unknown := sorted(set(lifecycle) - {"onTimeout", "autoResume"}):
+        raise ApiError(400, f"lifecycle: unknown field(s): {', '.join(unknown)}")
+    action = lifecycle.get("onTimeout")
+    mode_memory: bool | None = None
+    if isinstance(action, dict):
+        if unknown := sorted(set(action) - {"action", "mode"}):
+            raise ApiError(400, f"lifecycle.onTimeout: unknown field(s): {', '.join(unknown)}")
+        mode = action.get("mode")
+        if mode not in (None, "full", "filesystem"):
+            raise ApiError(400, "lifecycle.onTimeout.mode must be full or filesystem")
+        if mode is not None and action.get("action") != "pause":
+            raise ApiError(400, "lifecycle.onTimeout.mode is only for action pause")
+        mode_memory = None if mode is None else mode == "full"
+        action = action.get("action")
+    if action not in (None, "kill", "pause"):
+        raise ApiError(400, "lifecycle.onTimeout must be kill or pause")
+    nested = _checked_lifecycle(
+        None if action is None else action == "pause",
+        mode_memory,
+        _flag(lifecycle, "autoResume"),
+    )
+    given_flat = pause is not None or memory is not None or resume is not None
+    if given_flat and nested != flat:
+        raise ApiError(
+            400, "lifecycle and autoPause/autoPauseMemory/autoResume ask for different things"
+        )
+    return nested
+
+
+def _checked_lifecycle(pause: bool | None, memory: bool | None, resume: bool | None) -> Lifecycle:
+    try:
+        return Lifecycle(
+            on_timeout="pause" if pause else "kill",
+            pause_memory=True if memory is None else memory,
+            auto_resume=bool(resume),
+        )
+    except ValueError as e:
+        raise ApiError(400, str(e)) from None
+
+
 def _refuse_unsupported(data: dict[str, Any]) -> None:
     """A 400 for each thing a create asks for that bilik cannot do yet, naming it. What an
     SDK sends when nothing is asked (a false, an empty list or object, a null) passes."""
-    if _flag(data, "autoPause"):
-        raise _unsupported("pausing a sandbox at its timeout", "autoPause")
-    _flag(data, "autoPauseMemory")  # (only ever read with autoPause)
     if _flag(data, "secure") is False:
         raise _unsupported("envd without an access token", "secure: false")
-    resume = data.get("autoResume")
-    if resume is not None:
-        if not isinstance(resume, dict):
-            raise ApiError(400, "autoResume must be an object")
-        if _flag(resume, "enabled"):
-            raise _unsupported("resuming a paused sandbox on traffic", "autoResume")
-    lifecycle = data.get("lifecycle")
-    if lifecycle is not None:
-        if not isinstance(lifecycle, dict):
-            raise ApiError(400, "lifecycle must be an object")
-        if lifecycle.get("onTimeout") not in (None, "kill"):
-            raise _unsupported("anything but a kill at a sandbox's timeout", "lifecycle.onTimeout")
-        if _flag(lifecycle, "autoResume"):
-            raise _unsupported("resuming a paused sandbox on traffic", "lifecycle.autoResume")
     if data.get("mcp") not in (None, {}):
         raise _unsupported("an MCP gateway in the sandbox", "mcp")
     if data.get("volumeMounts") not in (None, []):
@@ -177,19 +226,35 @@ def _sandbox(sandbox: Sandbox, domain: str) -> dict[str, Any]:
 
 
 def _detail(sandbox: Sandbox, domain: str) -> dict[str, Any]:
-    """E2B's ``SandboxDetail`` / ``ListedSandbox``."""
+    """E2B's ``SandboxDetail`` / ``ListedSandbox``; a paused one's says how its pause keeps
+    it (``pauseMode``, and bilik's ``bilikPause``: by what mechanism, whether it lasts
+    through a restart of the machine, whether its memory was lost to one)."""
     info, row = sandbox.info, sandbox.row
-    return {
+    detail = {
         **_sandbox(sandbox, domain),
         "startedAt": _rfc3339(row.started_at),
         "endAt": _rfc3339(info.end_at),
         "cpuCount": info.limits.cpu,
         "memoryMB": info.limits.memory_mb,
         "diskSizeMB": info.limits.disk_mb,
-        "state": "running",
+        "state": shown_state(row.state),
         "metadata": row.metadata,
         "allowInternetAccess": info.internet,
+        "lifecycle": {"onTimeout": row.on_timeout, "autoResume": row.auto_resume},
     }
+    if row.state == PAUSED:
+        pause = info.pause
+        memory = bool(row.pause_memory) and not (pause is not None and pause.memory_lost)
+        detail["pauseMode"] = "full" if memory else "filesystem"
+        if pause is not None:
+            detail["bilikPause"] = {
+                "mechanism": pause.mechanism,
+                "memory": pause.memory,
+                "durable": pause.durable,
+                "memoryLost": pause.memory_lost,
+                "pausedAt": _rfc3339(pause.paused_at),
+            }
+    return detail
 
 
 def _domain(request: Request) -> str:
@@ -227,6 +292,9 @@ def _answers() -> Iterator[None]:
         raise ApiError(status, e.message) from None
     except IdempotencyConflict as e:
         raise ApiError(409, str(e)) from None
+    except TransitionRefused as e:
+        # (another request moved the sandbox first: a pause racing a kill, say)
+        raise ApiError(409, f"the sandbox changed state meanwhile: {e}") from None
 
 
 def _handler(
@@ -251,6 +319,7 @@ async def create(request: Request) -> Response:
     if template is None or template == "":
         raise ApiError(400, "templateID is required")
     _refuse_unsupported(data)
+    lifecycle = _lifecycle(data)
     name, tag = template_ref(template, "templateID")  # (a 400 if it is no template's name)
     metadata = _strings(data, "metadata")
     if len(json.dumps(metadata)) > MAX_METADATA:
@@ -276,6 +345,7 @@ async def create(request: Request) -> Response:
         deny_out=deny_out,
         access_token=secrets.token_hex(16),
         idempotency_key=idempotency_key or None,
+        lifecycle=lifecycle,
     )
     limiter = _limiter(request)
 
@@ -320,16 +390,52 @@ async def set_timeout(request: Request) -> Response:
     return Response(status_code=204)
 
 
+# E2B's connect to a paused sandbox without a timeout: it runs this long once resumed.
+CONNECT_TIMEOUT_S = 300
+
+
 @_handler
 async def connect(request: Request) -> Response:
+    """E2B's connect: a running sandbox's end only ever moves later (200); a paused one is
+    resumed with its id, ending ``timeout`` from now (201). ``memory: false`` asks for a
+    fresh boot, which only a sandbox paused without its memory gets."""
     key = await authenticate(request)
     sandbox_id = path_sandbox_id(request)
-    timeout = _timeout(await json_object(request, required=False), None)
+    data = await json_object(request, required=False)
+    _known_fields(data, {"timeout", "memory"})
+    timeout = _timeout(data, None)
+    memory = _flag(data, "memory")
     if timeout is not None:
         _limiter(request).check_size(key, timeout_s=timeout)
-    # (a connect only ever moves a running sandbox's end later)
-    sandbox = await _service(request).extend(key.team_id, sandbox_id, timeout)
-    return JSONResponse(_sandbox(sandbox, _domain(request)))
+    service = _service(request)
+    sandbox = await service.get(key.team_id, sandbox_id)
+    if sandbox.row.state == "running":
+        # (a connect only ever moves a running sandbox's end later)
+        with contextlib.suppress(SandboxPaused):  # (paused meanwhile: resumed below)
+            sandbox = await service.extend(key.team_id, sandbox_id, timeout)
+            return JSONResponse(_sandbox(sandbox, _domain(request)))
+    sandbox, resumed = await _resume(request, key.team_id, sandbox_id, timeout, memory)
+    return JSONResponse(_sandbox(sandbox, _domain(request)), status_code=201 if resumed else 200)
+
+
+async def _resume(
+    request: Request, key_id: str, sandbox_id: str, timeout: int | None, memory: bool | None
+) -> tuple[Sandbox, bool]:
+    try:
+        return await _service(request).resume(
+            key_id,
+            sandbox_id,
+            CONNECT_TIMEOUT_S if timeout is None else timeout,
+            memory=memory is not False,
+        )
+    except ValueError as e:
+        raise ApiError(400, str(e)) from None
+
+
+def _known_fields(data: dict[str, Any], known: set[str]) -> None:
+    """A 400 for a body field the endpoint does not know (one bilik would otherwise drop)."""
+    if unknown := sorted(set(data) - known):
+        raise ApiError(400, f"unknown field(s): {', '.join(unknown)}")
 
 
 @_handler
@@ -409,10 +515,169 @@ async def metrics_of_many(request: Request) -> Response:
 
 @_handler
 async def resume(request: Request) -> Response:
-    """The legacy resume (SDK 2.0-2.5): sandboxes here never pause, so a live one is 409."""
+    """E2B's legacy resume (SDK 2.0-2.5): a paused sandbox resumed with its id (201); a
+    running one is 409. ``autoPause`` sets what its next timeout does."""
     key = await authenticate(request)
-    sandbox = await _service(request).get(key.team_id, path_sandbox_id(request))
-    raise ApiError(409, f"sandbox {sandbox.info.sandbox_id!r} is already running")
+    sandbox_id = path_sandbox_id(request)
+    data = await json_object(request, required=False)
+    _known_fields(data, {"timeout", "autoPause", "memory", "cpuCount"})
+    if "cpuCount" in data:
+        raise _unsupported("a new CPU count on resume", "cpuCount")
+    timeout = _timeout(data, None)
+    if timeout is not None:
+        _limiter(request).check_size(key, timeout_s=timeout)
+    if _flag(data, "autoPause") is not None:
+        raise _unsupported("changing autoPause on resume", "autoPause")
+    sandbox = await _service(request).get(key.team_id, sandbox_id)
+    if sandbox.row.state == "running":
+        raise ApiError(409, f"sandbox {sandbox_id!r} is already running")
+    sandbox, _ = await _resume(request, key.team_id, sandbox_id, timeout, _flag(data, "memory"))
+    return JSONResponse(_sandbox(sandbox, _domain(request)), status_code=201)
+
+
+@_handler
+async def pause(request: Request) -> Response:
+    """E2B's pause: 204 once paused (keeping its memory unless ``memory: false``); 409 if it
+    is paused already. ``requireHealthyGuest``: only if a process starts in it now."""
+    key = await authenticate(request)
+    sandbox_id = path_sandbox_id(request)
+    data = await json_object(request, required=False)
+    _known_fields(data, {"memory", "requireHealthyGuest"})
+    memory = _flag(data, "memory")
+    service = _service(request)
+    if _flag(data, "requireHealthyGuest"):
+        await service.running(key.team_id, sandbox_id)
+        try:
+            result = await asyncio.wait_for(service.runtime.run(sandbox_id, ["true"]), 10)
+        except (TimeoutError, RuntimeFailure) as e:
+            raise ApiError(503, f"the sandbox's guest is not healthy: {e or 'no answer'}") from None
+        if result.exit_code != 0:
+            raise ApiError(503, "the sandbox's guest is not healthy: a process failed to run")
+    await service.pause(key.team_id, sandbox_id, memory=memory is not False)
+    return Response(status_code=204)
+
+
+@_handler
+async def snapshot(request: Request) -> Response:
+    """E2B's snapshot: a template of the caller's (``name``, or named by its id) that
+    sandboxes are created from, holding the sandbox's files now (201). Only files: the
+    response says so (``bilikSnapshot``), whatever ``memory`` asked."""
+    key = await authenticate(request)
+    sandbox_id = path_sandbox_id(request)
+    data = await json_object(request, required=False)
+    _known_fields(data, {"name", "memory"})
+    memory = _flag(data, "memory")
+    name = data.get("name")
+    if name is not None:
+        if not isinstance(name, str):
+            raise ApiError(400, "name must be a string")
+        name, tag = template_ref(name, "name")
+        if tag:
+            raise _unsupported("a tag in a snapshot's name", "name")
+    try:
+        template = await _service(request).snapshot(key.team_id, sandbox_id, name or None)
+    except ValueError as e:
+        raise ApiError(409, str(e)) from None
+    return JSONResponse(
+        {
+            "snapshotID": template.id,
+            "names": [template.name],
+            "bilikSnapshot": {
+                "mode": "filesystem",
+                "memory": False,
+                "why": (
+                    "memory snapshots are not possible on this server: a sandbox made from "
+                    "the snapshot boots afresh with its files"
+                    if memory is not False
+                    else "a filesystem snapshot, as asked"
+                ),
+            },
+        },
+        status_code=201,
+    )
+
+
+@_handler
+async def list_snapshots(request: Request) -> Response:
+    """E2B's snapshot list: the caller's snapshots, newest first, of one sandbox
+    (``sandboxID``) or with one name (``name``), ``limit`` at a time, ``X-Next-Token`` naming
+    the next page."""
+    key = await authenticate(request)
+    params = request.query_params
+    _known_params(request, {"sandboxID", "name", "limit", "nextToken"})
+    limit = _whole(params.get("limit", str(MAX_PAGE)), "limit", 1, MAX_PAGE)
+    token = params.get("nextToken")
+    offset = 0
+    if token:
+        try:
+            offset = int(base64.urlsafe_b64decode(token.encode("ascii")).decode())
+        except (ValueError, binascii.Error, UnicodeError):
+            raise ApiError(400, "nextToken is not valid") from None
+        if offset < 0:
+            raise ApiError(400, "nextToken is not valid")
+    snapshots = await _store(request).templates.snapshots(key.team_id)
+    if sandbox_id := params.get("sandboxID"):
+        snapshots = [t for t in snapshots if t.source_sandbox_id == sandbox_id]
+    if name := params.get("name"):
+        # (E2B's "namespace/name:tag" form: bilik's snapshots have one build a tag, "default")
+        base, _, tag = name.rpartition("/")[2].partition(":")
+        if tag in ("", "default"):
+            snapshots = [t for t in snapshots if base in (t.name, t.id)]
+        else:
+            snapshots = []
+    page = snapshots[offset : offset + limit]
+    more = offset + limit < len(snapshots)
+    next_token = base64.urlsafe_b64encode(str(offset + limit).encode()).decode()
+    return JSONResponse(
+        [{"snapshotID": t.id, "names": [t.name]} for t in page],
+        headers={"X-Next-Token": next_token} if more else {},
+    )
+
+
+MAX_FORKS = 20
+
+
+@_handler
+async def fork(request: Request) -> Response:
+    """E2B's fork: ``count`` new sandboxes (1 to 20) with a copy of the sandbox's files, from
+    one snapshot of them; a result each (``sandbox`` or ``error``), in order (201). The
+    children boot afresh (``forkMode: filesystem``); the sandbox goes on."""
+    key = await authenticate(request)
+    sandbox_id = path_sandbox_id(request)
+    data = await json_object(request, required=False)
+    _known_fields(data, {"count", "timeout"})
+    count = data.get("count", 1)
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_FORKS:
+        raise ApiError(400, f"count must be a whole number from 1 to {MAX_FORKS}")
+    timeout = _timeout(data, 300)
+    assert timeout is not None
+    limiter = _limiter(request)
+    limiter.check_size(key, timeout_s=timeout)
+
+    @contextlib.contextmanager
+    def admit(running: int, limits: Limits) -> Iterator[None]:
+        limiter.check(
+            key, running + limiter.under_way(key.team_id), timeout, limits.cpu, limits.memory_mb
+        )
+        with limiter.creating(key.team_id):
+            yield
+
+    results = await _service(request).fork(key.team_id, sandbox_id, count, timeout, admit)
+    domain = _domain(request)
+    answer: list[dict[str, Any]] = []
+    for result in results:
+        if isinstance(result, Sandbox):
+            answer.append({"sandbox": _sandbox(result, domain), "forkMode": "filesystem"})
+            continue
+        try:
+            with _answers():
+                raise result
+        except ApiError as e:
+            error = e
+        except Exception:
+            error = ApiError(500, "internal error")
+        answer.append({"error": {"code": error.status, "message": error.message}})
+    return JSONResponse(answer, status_code=201)
 
 
 @_handler
@@ -541,10 +806,13 @@ async def recorded_sandboxes(request: Request, key_id: str) -> int:
 
 @_handler
 async def list_v1(request: Request) -> Response:
-    """The caller's running sandboxes, newest first, filtered by ``metadata``."""
+    """The caller's sandboxes, running and paused, newest first, filtered by ``metadata``."""
     key = await authenticate(request)
     _known_params(request, {"metadata"})
-    wanted = Listing(metadata=_metadata_filter(request.query_params.get("metadata")))
+    wanted = Listing(
+        metadata=_metadata_filter(request.query_params.get("metadata")),
+        states=frozenset({"running", "paused"}),
+    )
     domain = _domain(request)
     return JSONResponse(
         [_detail(s, domain) async for s in _service(request).list(key.team_id, wanted)]
@@ -554,7 +822,7 @@ async def list_v1(request: Request) -> Response:
 @_handler
 async def list_v2(request: Request) -> Response:
     """E2B's list: the caller's sandboxes in the ``state``s asked for (running and paused if
-    none: none is paused here), newest first (or oldest first: ``order=asc``), filtered by
+    none), newest first (or oldest first: ``order=asc``), filtered by
     ``metadata``, ``template`` and ``startedAfter`` (included), a page of ``limit`` at a time
     with ``X-Next-Token`` naming the next page."""
     key = await authenticate(request)
@@ -578,15 +846,15 @@ async def list_v2(request: Request) -> Response:
         started_after=None if after is None else _time_param(after, "startedAfter"),
         oldest_first=oldest_first,
         after=_page_cursor(token, oldest_first) if token else None,
+        states=frozenset(states),
     )
     page: list[Sandbox] = []
     more = False
-    if "running" in states:
-        async for sandbox in _service(request).list(key.team_id, wanted):
-            if len(page) == limit:
-                more = True
-                break
-            page.append(sandbox)
+    async for sandbox in _service(request).list(key.team_id, wanted):
+        if len(page) == limit:
+            more = True
+            break
+        page.append(sandbox)
     headers = {"X-Next-Token": _page_token(page[-1], oldest_first)} if more else {}
     return JSONResponse([_detail(s, _domain(request)) for s in page], headers=headers)
 
@@ -607,4 +875,8 @@ routes = [
     Route("/sandboxes/{sandbox_id}/resume", resume, methods=["POST"]),
     Route("/sandboxes/{sandbox_id}/connect", connect, methods=["POST"]),
     Route("/v2/sandboxes/{sandbox_id}/connect", connect, methods=["POST"]),
+    Route("/sandboxes/{sandbox_id}/pause", pause, methods=["POST"]),
+    Route("/sandboxes/{sandbox_id}/snapshots", snapshot, methods=["POST"]),
+    Route("/sandboxes/{sandbox_id}/fork", fork, methods=["POST"]),
+    Route("/snapshots", list_snapshots, methods=["GET"]),
 ]

@@ -279,5 +279,10 @@ async def _file_error(send: Send, e: OSError, path: str) -> None:
         await json_error(send, 403, f"permission denied: '{path}'")
     elif e.errno in (errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG, errno.EINVAL, errno.ENXIO):
         await json_error(send, 400, f"path '{path}': {e.strerror}")
+    elif e.errno == errno.EOPNOTSUPP:
+        # (gVisor keeps no user xattrs: nothing was written; the request is one not honoured)
+        await json_error(
+            send, 400, f"path '{path}': this sandbox's filesystem cannot keep file metadata"
+        )
     else:
         await json_error(send, 500, f"path '{path}': {e.strerror or e}")

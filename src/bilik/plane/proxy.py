@@ -50,6 +50,7 @@ from ..envd import signing
 from ..proto.contract import ENVD_PORT
 from ..runtime import Runtime, SandboxNotFound
 from ..runtime.base import Route
+from ..runtime.errors import SandboxPaused
 from ..runtime.spec import is_sandbox_id
 
 log = logging.getLogger("bilik.plane")
@@ -156,6 +157,9 @@ class Owner(NamedTuple):
 
 # The store's live sandboxes: (envd access token, owning key) by sandbox id.
 Owners = Callable[[], Awaitable[dict[str, tuple[str, str]]]]
+# Asked before a request goes to a sandbox: whether it may go now (the sandbox runs, or was
+# resumed for it), or not (it is paused, and only a connect resumes it).
+Gate = Callable[[str], Awaitable[bool]]
 
 
 class OwnedSandboxes:
@@ -278,12 +282,19 @@ class SandboxPlane:
         # Those under way by sandbox: each a future that is set when the sandbox's end begins.
         self._ends: dict[str, set[asyncio.Future[None]]] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        # Set by the server once its sandbox service runs (paused sandboxes are held there).
+        self.gate: Gate | None = None
         logging.getLogger("uvicorn.error").addFilter(_QUIET_CUTS)
 
     def end(self, sandbox_id: str) -> None:
         """The sandbox's end has begun: from now on it is not found, and whatever is under way
         to it ends."""
         self.owned.end(sandbox_id)
+        self.cut(sandbox_id)
+
+    def cut(self, sandbox_id: str) -> None:
+        """The sandbox is being paused: whatever is under way to it ends (a frozen sandbox
+        would never answer it); new requests meet the gate."""
         for ended in self._ends.pop(sandbox_id, ()):
             if not ended.done():
                 ended.set_result(None)
@@ -325,6 +336,9 @@ class SandboxPlane:
             return
         sandbox_id, port = target
         owner = await self.owned.owner(sandbox_id)
+        if owner is not None and self.gate is not None and not await self.gate(sandbox_id):
+            await _deny(scope, receive, send, 502, _paused(sandbox_id))
+            return
         # The one question to the runtime per request: where the sandbox is.
         where = self._where(sandbox_id) if owner is not None else None
         if owner is None or where is None:
@@ -383,7 +397,7 @@ class SandboxPlane:
         """Where the sandbox is, if it is one to route to (None whichever the reason)."""
         try:
             return self.runtime.route(sandbox_id)
-        except SandboxNotFound:
+        except (SandboxNotFound, SandboxPaused):  # (paused since the gate let it by)
             return None
 
     async def _envd_by_credentials(self, scope: Scope) -> str | None:
@@ -632,6 +646,16 @@ async def _body(receive: Receive) -> AsyncIterator[bytes]:
 def _not_found(sandbox_id: str) -> dict[str, Any]:
     """The one answer for a sandbox that is not there to route to, whatever the reason."""
     return {"sandboxId": sandbox_id, "message": "The sandbox was not found", "code": 502}
+
+
+def _paused(sandbox_id: str) -> dict[str, Any]:
+    """A paused sandbox's answer (E2B's proxy's for one: not found, so the SDKs raise their
+    "not running" error), saying that a connect resumes it."""
+    return {
+        "sandboxId": sandbox_id,
+        "message": "The sandbox was not found: it is paused; connect to it to resume it",
+        "code": 502,
+    }
 
 
 def _port_closed(sandbox_id: str, port: int) -> dict[str, Any]:

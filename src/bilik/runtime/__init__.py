@@ -1,11 +1,13 @@
 """The node runtime: template layers, OCI bundles, cgroups, networking, sandbox lifecycle."""
 
-from .base import ExecResult, Process, Runtime, SandboxInfo, Usage
+from .base import ExecResult, PauseInfo, Process, Runtime, SandboxInfo, Usage
 from .errors import (
     InvalidSpec,
     RuntimeFailure,
     SandboxExists,
     SandboxNotFound,
+    SandboxNotPaused,
+    SandboxPaused,
     StepFailed,
     TemplateNotFound,
 )
@@ -17,12 +19,15 @@ __all__ = [
     "InvalidSpec",
     "Limits",
     "LocalRuntime",
+    "PauseInfo",
     "Process",
     "Runtime",
     "RuntimeFailure",
     "SandboxExists",
     "SandboxInfo",
     "SandboxNotFound",
+    "SandboxNotPaused",
+    "SandboxPaused",
     "SandboxSpec",
     "StepFailed",
     "TemplateNotFound",

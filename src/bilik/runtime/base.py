@@ -8,25 +8,46 @@ import contextlib
 import dataclasses
 import os
 import signal
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ..config import Settings
 from .dns import DnsForwarder
-from .envd_client import EnvdClient
 from .fsutil import read_pid
 from .layers import Image, LayerStore
 from .spec import Limits, SandboxSpec
 
+if TYPE_CHECKING:
+    from .envd_client import EnvdClient
+
 Log = Callable[[str], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class PauseInfo:
+    """How a paused sandbox is kept.
+
+    ``memory``: its processes and memory are kept and a resume continues them; else only its
+    files are, and a resume cold-boots it (its start command and envd run again).
+    ``mechanism``: ``"freezer"`` (its cgroup frozen in place: RAM stays held), ``"checkpoint"``
+    (gVisor's state image on disk) or ``"disk"`` (files only). ``durable``: it survives a
+    restart of the machine (a frozen sandbox does not). ``memory_lost``: a memory pause whose
+    memory did not survive (the machine restarted): now files only, said so."""
+
+    memory: bool
+    mechanism: str
+    durable: bool
+    paused_at: float
+    memory_lost: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
 class SandboxInfo:
     sandbox_id: str
     template: str
-    state: str  # "running", "stopped" (its container is gone) or "creating"
+    # "running", "paused" (``pause`` says how), "stopped" (its container is gone) or "creating"
+    state: str
     limits: Limits
     internet: bool
     address: str
@@ -36,6 +57,10 @@ class SandboxInfo:
     metadata: dict[str, str]
     env: dict[str, str]
     pooled: bool = False  # waiting in the warm pool, no one's yet
+    pause: PauseInfo | None = None  # set while paused
+    # its egress rules as its create gave them (a fork's children get the same)
+    allow_out: tuple[str, ...] = ()
+    deny_out: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,7 +199,7 @@ class Runtime(Protocol):
     async def close(self) -> None: ...
     async def serve_dns(self) -> DnsForwarder: ...
     async def reconcile(self) -> None: ...
-    async def reap_expired(self) -> builtins.list[str]: ...
+    async def reap_expired(self, *, keep: Collection[str] = ...) -> builtins.list[str]: ...
     def collect_layers(self, *, grace_s: float = ...) -> builtins.list[str]: ...
 
     # -- images
@@ -192,6 +217,28 @@ class Runtime(Protocol):
     async def kill(self, sandbox_id: str) -> None: ...
     async def stop(self, sandbox_id: str) -> None: ...
     async def commit(self, sandbox_id: str, key: str) -> None: ...
+    async def pause(self, sandbox_id: str, *, memory: bool) -> SandboxInfo:
+        """Pause the sandbox (``memory``: its processes kept, else its files alone) and return
+        it paused (``SandboxInfo.pause`` says how) once the pause is as durable as it says.
+        SandboxPaused if it is paused; StepFailed, the sandbox still running, if it failed.
+        While paused it is listed, never reaped nor released by a reconcile, and killed like
+        any; what needs it running (route, exec, run, envd, usage, set_timeout) raises
+        SandboxPaused."""
+        ...
+
+    async def resume(self, sandbox_id: str, timeout_s: float) -> SandboxInfo:
+        """Run a paused sandbox again, with the same id and address, ending ``timeout_s`` from
+        now (paused time does not count): its processes continue (a memory pause), or it boots
+        anew over its files (envd with the same access token; the template's start command and
+        ready check again). SandboxNotPaused if it is not paused."""
+        ...
+
+    async def snapshot(self, sandbox_id: str, image_name: str) -> Image:
+        """Save the sandbox's files as image ``image_name`` (its image plus one layer of what
+        it changed), from which new sandboxes cold-boot. A running sandbox keeps running, a
+        paused one stays paused."""
+        ...
+
     async def list(self) -> builtins.list[SandboxInfo]: ...
     async def inspect(self, sandbox_id: str) -> SandboxInfo: ...
     async def is_running(self, sandbox_id: str) -> bool: ...

@@ -133,6 +133,11 @@ class Bundles:
         os.chmod(d, 0o710)
         rootfs = d / "rootfs"
         rootfs.mkdir()
+        self._mount_rootfs(d, record)
+        return rootfs
+
+    def _mount_rootfs(self, d: Path, record: SandboxRecord) -> None:
+        rootfs = d / "rootfs"
         lower = ":".join(str(self.layers.path(k)) for k in reversed(record.layers))
         syscalls.mount(
             "overlay",
@@ -141,7 +146,31 @@ class Bundles:
             syscalls.MS_NODEV,
             f"lowerdir={lower},upperdir={d}/disk/upper,workdir={d}/disk/work,volatile",
         )
-        return rootfs
+
+    def remake(self, record: SandboxRecord) -> None:
+        """Make again, over the sandbox's existing disk (never formatted anew), what of its
+        host side is gone (a restart of the host takes its mounts and network namespace): a
+        files-paused sandbox is then ready to start again. What is there is kept."""
+        d = self.records.dir(record.sandbox_id)
+        with step("mount-disk"):
+            if not os.path.ismount(d / "disk"):
+                with syscalls.loop_device(str(d / "disk.img")) as device:
+                    flags = syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOATIME
+                    syscalls.mount(device, str(d / "disk"), "ext4", flags)
+        with step("mount-rootfs"):
+            if not os.path.ismount(d / "rootfs"):
+                # A volatile overlay ended uncleanly leaves a mark in its work directory
+                # (``work/incompat/volatile``) and refuses to mount while it is there; the
+                # directory is the overlay's scratch, which the sandbox never sees.
+                shutil.rmtree(d / "disk" / "work" / "work", ignore_errors=True)
+                self._mount_rootfs(d, record)
+        if not self.network.netns_path(record.sandbox_id).exists():
+            with step("network"):
+                self.network.create(record.sandbox_id, record.address, record.internet)
+            with step("egress"):
+                self.set_egress(record, on=True)
+        with step("lxcfs"):
+            self.lxcfs.ensure()
 
     def _etc(self, d: Path, record: SandboxRecord) -> Path:
         """The sandbox's hostname, hosts and resolv.conf (bind-mounted read-only)."""

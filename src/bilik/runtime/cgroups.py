@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,7 @@ def create(instance: str, sandbox_id: str, resources: dict[str, Any]) -> list[Pa
         (CGROUP_ROOT / "cgroup.subtree_control").write_text(_V2_CONTROLLERS)
         path.parent.mkdir(exist_ok=True)
         (path.parent / "cgroup.subtree_control").write_text(_V2_CONTROLLERS)
-        path.mkdir()
+        path.mkdir(exist_ok=True)  # (kept by a files pause, which then starts it again)
         for name, value in (
             ("memory.max", memory),
             ("memory.swap.max", swap - memory),
@@ -186,3 +187,63 @@ def _read_int(path: Path) -> int:
     except OSError:
         return 0
     return int(text) if text.isdigit() else 0
+
+
+# How long a freeze may take to settle (processes in uninterruptible sleep hold it up).
+FREEZE_S = 10.0
+
+
+def _freezer(instance: str, sandbox_id: str) -> tuple[Path, str, str]:
+    """The file that freezes the sandbox's cgroup, and what it reads frozen and thawed."""
+    if is_v2():
+        return CGROUP_ROOT / instance / sandbox_id / "cgroup.freeze", "1", "0"
+    return CGROUP_ROOT / "freezer" / instance / sandbox_id / "freezer.state", "FROZEN", "THAWED"
+
+
+def is_frozen(instance: str, sandbox_id: str) -> bool:
+    """Whether the sandbox's cgroup is frozen (or freezing): its processes run no more."""
+    if is_v2():
+        try:
+            events = (CGROUP_ROOT / instance / sandbox_id / "cgroup.events").read_text()
+        except OSError:
+            return False
+        return (
+            "frozen 1" in events.splitlines()
+            or _read_int(CGROUP_ROOT / instance / sandbox_id / "cgroup.freeze") == 1
+        )
+    path, _, thawed = _freezer(instance, sandbox_id)
+    try:
+        return path.read_text().strip() != thawed
+    except OSError:
+        return False
+
+
+def freeze(instance: str, sandbox_id: str) -> None:
+    """Freeze every process of the sandbox, and return once all are frozen; OSError if they
+    are not within FREEZE_S (thawed again: a failed freeze leaves the sandbox running)."""
+    path, frozen, thawed = _freezer(instance, sandbox_id)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{sandbox_id} has no freezer cgroup")
+    path.write_text(frozen)
+    deadline = time.monotonic() + FREEZE_S
+    delay = 0.0005
+    while not _settled(instance, sandbox_id, path, frozen):
+        if time.monotonic() > deadline:
+            path.write_text(thawed)
+            raise TimeoutError(f"{sandbox_id} did not freeze within {FREEZE_S:.0f} s")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.02)
+
+
+def _settled(instance: str, sandbox_id: str, path: Path, frozen: str) -> bool:
+    if is_v2():
+        events = (CGROUP_ROOT / instance / sandbox_id / "cgroup.events").read_text()
+        return "frozen 1" in events.splitlines()
+    return path.read_text().strip() == frozen
+
+
+def thaw(instance: str, sandbox_id: str) -> None:
+    """Let the sandbox's processes run again (nothing if it has no cgroup, or is not frozen)."""
+    path, _, thawed = _freezer(instance, sandbox_id)
+    with contextlib.suppress(FileNotFoundError):
+        path.write_text(thawed)

@@ -5,6 +5,8 @@ RuntimeFailure
 ├── InvalidSpec         a create asked for something impossible (bad limits, unknown template)
 ├── SandboxExists       a create reused a live id
 ├── TemplateNotFound    no template of that name
+├── SandboxPaused       the sandbox is paused: resume it first (or it is, and a pause was asked)
+├── SandboxNotPaused    a resume of a sandbox that is not paused
 ├── StepFailed          a host-side step of create or kill failed (names the step)
 └── StartFailed         the template's start command failed, or its ready check never passed:
                         the template's fault, not the host's
@@ -40,6 +42,22 @@ class TemplateNotFound(InvalidSpec):
     def __init__(self, name: str) -> None:
         super().__init__(f"template {name!r} not found")
         self.name = name
+
+
+class SandboxPaused(RuntimeFailure):
+    """The sandbox is paused: what was asked needs it running (or was a pause)."""
+
+    def __init__(self, sandbox_id: str) -> None:
+        super().__init__(f"sandbox {sandbox_id!r} is paused")
+        self.sandbox_id = sandbox_id
+
+
+class SandboxNotPaused(RuntimeFailure):
+    """A resume of a sandbox that is not paused."""
+
+    def __init__(self, sandbox_id: str) -> None:
+        super().__init__(f"sandbox {sandbox_id!r} is not paused")
+        self.sandbox_id = sandbox_id
 
 
 class StepFailed(RuntimeFailure):

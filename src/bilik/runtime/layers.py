@@ -143,6 +143,32 @@ class LayerStore:
             _drop_empty_dir(scratch, "run", "bilik")  # the sandbox's control mount point
             self.publish(key, scratch)
 
+    def snapshot_upper(self, disk: Path) -> str:
+        """Publish a copy of the upper directory on a sandbox's ``disk`` (the caller keeps
+        the sandbox from changing it meanwhile) as a new layer keyed by its content (the same
+        files make the same layer); returns its key."""
+        scratch = self.scratch(f"snapshot-{time.time_ns()}")
+        try:
+            disk_fd = os.open(disk, _DIR)
+            try:
+                upper = os.open("upper", _DIR, dir_fd=disk_fd)
+            finally:
+                os.close(disk_fd)
+            try:
+                copy_tree(upper, scratch)
+            finally:
+                os.close(upper)
+            _drop_empty_dir(scratch, "run", "bilik")
+            key = layer_key("snapshot", tree_digest(scratch))
+            with self.lock(key):
+                if self.has(key):
+                    os.utime(self.path(key))  # (young again: collect_layers' grace)
+                else:
+                    self.publish(key, scratch)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return key
+
     def discard_scratch(self) -> None:
         """Remove build directories left by builds that died; they were never published.
 
@@ -213,6 +239,34 @@ class LayerStore:
 def _image_file(name: str) -> str:
     # Template names may hold '/' and ':' (team/name:tag); keep them one flat file each.
     return name.replace("/", "%2F").replace(":", "%3A")
+
+
+def tree_digest(root: Path) -> str:
+    """A hash of a tree bilik copied (never a link followed): every entry's name, type, mode,
+    owner, extended attributes, and its content or link target or device."""
+    h = hashlib.sha256()
+    top = os.fspath(root)
+    for path, dirs, files in os.walk(top):
+        dirs.sort()
+        for name in [".", *sorted(dirs + files)]:
+            full = os.path.join(path, name)
+            st = os.lstat(full)
+            rel = os.path.relpath(full, top)
+            h.update(f"{rel}\0{st.st_mode}\0{st.st_uid}\0{st.st_gid}\0".encode())
+            if not stat.S_ISLNK(st.st_mode):
+                for attr in sorted(os.listxattr(full, follow_symlinks=False)):
+                    value = os.getxattr(full, attr, follow_symlinks=False)
+                    h.update(attr.encode() + b"\0" + hashlib.sha256(value).digest())
+            if stat.S_ISLNK(st.st_mode):
+                h.update(os.fsencode(os.readlink(full)))
+            elif stat.S_ISREG(st.st_mode):
+                with open(full, "rb", opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW)) as f:
+                    while chunk := f.read(1 << 20):
+                        h.update(chunk)
+            elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+                h.update(str(st.st_rdev).encode())
+            h.update(b"\n")
+    return h.hexdigest()
 
 
 class BadTree(Exception):

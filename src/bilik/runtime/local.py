@@ -4,7 +4,7 @@ A sandbox is a directory ``sandboxes/<id>`` holding its record, its disk image (
 ``disk``), its rootfs (an overlay of the template's layers and the disk's ``upper``) and its OCI
 bundle; plus a network namespace, a veth on the instance's bridge, and cgroups (made by crun, or
 by bilik for runsc). Create undoes its partial work on failure; kill and reconcile release
-everything.
+everything. Pause, resume and snapshots are in ``pausing``.
 """
 
 from __future__ import annotations
@@ -15,25 +15,35 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config import Settings
 from ..proto.contract import CONFIG_FILE, CONTROL_DIR, ENVD_PORT, EnvdConfig
-from . import backends, cgroups, debian_image, exec, host, registry_image
+from . import backends, cgroups, debian_image, exec, host, pausing, registry_image
 from .backends import RUNTIMES, SECCOMP_FILTER, Backend
 from .base import Counters, ExecResult, Log, LogLine, Process, Route, SandboxInfo, Usage
 from .bundle import CONSOLE_LOG, ENVD_LOG, START_LOG, START_LOG_OLD, Bundles
 from .dns import DnsForwarder, DnsPolicy, host_resolvers
-from .envd_client import EnvdClient, Started, wait_ready
 from .envd_zygote import EnvdZygote
-from .errors import InvalidSpec, SandboxExists, SandboxNotFound, StepFailed, step
+from .errors import (
+    InvalidSpec,
+    SandboxExists,
+    SandboxNotFound,
+    SandboxPaused,
+    StepFailed,
+    step,
+)
 from .fsutil import file_lock, lock_fd
 from .layers import BadTree, Image, LayerStore
 from .lxcfs import Lxcfs
 from .network import HostNetwork
 from .records import RecordStore, SandboxRecord
 from .spec import SandboxSpec, egress_rule, is_sandbox_id, new_sandbox_id
+
+if TYPE_CHECKING:  # (envd's client, and httpx with it, loads when a sandbox is reached)
+    from .envd_client import EnvdClient, Started
 
 # How old an unused layer must be before collect_layers deletes it.
 LAYER_GRACE_S = 600.0
@@ -249,6 +259,8 @@ class LocalRuntime:
         record = self._record(sandbox_id)
         if record.pooled or not self.network.is_sandbox_address(record.address):
             raise SandboxNotFound(sandbox_id)
+        if record.pause is not None:
+            raise SandboxPaused(sandbox_id)
         return Route(record.address, self._envd_socket(record))
 
     async def hand_over(
@@ -306,7 +318,7 @@ class LocalRuntime:
         was killed from inside); True if envd answers now. Its processes live on, unknown to
         the new envd. Where the backend's init runs envd, the init starts it again itself."""
         async with self._locked(sandbox_id):
-            record = self._record(sandbox_id)
+            record = self._running_record(sandbox_id)
             if not await self.is_running(sandbox_id):
                 return False
             if await self._envd_answers(record):
@@ -324,11 +336,16 @@ class LocalRuntime:
 
     def envd(self, sandbox_id: str) -> EnvdClient:
         """A client of the sandbox's envd, for the runtime's own work inside it."""
-        record = self._record(sandbox_id)
-        config = self.records.dir(sandbox_id) / "control" / CONFIG_FILE
+        return self._envd_of(self._running_record(sandbox_id))
+
+    def _envd_of(self, record: SandboxRecord) -> EnvdClient:
+        """:meth:`envd`, paused or not (a resume's cold boot talks to envd before it ends)."""
+        config = self.records.dir(record.sandbox_id) / "control" / CONFIG_FILE
         # (read-only inside the sandbox; opened without following a link all the same)
         with os.fdopen(os.open(config, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as f:
             token = EnvdConfig.loads(f.read()).access_token
+        from .envd_client import EnvdClient
+
         return EnvdClient(self._envd_socket(record), record.address, token)
 
     async def _start_workload(self, record: SandboxRecord, image: Image) -> None:
@@ -336,7 +353,9 @@ class LocalRuntime:
         StartFailed if the command ends badly first, or the check never passes."""
         started = await self._follow_start(record, image)
         if image.ready_cmd:
-            async with self.envd(record.sandbox_id) as envd:
+            async with self._envd_of(record) as envd:
+                from .envd_client import wait_ready
+
                 await wait_ready(
                     envd,
                     image.ready_cmd,
@@ -350,7 +369,7 @@ class LocalRuntime:
         """Start the template's start command and follow it for as long as it runs (or until
         the sandbox is released), its output going to the sandbox's start log."""
         assert image.start_cmd is not None
-        envd = self.envd(record.sandbox_id)
+        envd = self._envd_of(record)
         log = _StartLog(self.records.dir(record.sandbox_id))
         try:
             started = await envd.follow(
@@ -457,6 +476,9 @@ class LocalRuntime:
                 allow_out=list(spec.allow_out),
                 deny_out=list(spec.deny_out),
                 pooled=spec.pooled,
+                start_cmd=image.start_cmd,
+                ready_cmd=image.ready_cmd,
+                image_env=dict(image.env),
             )
             self.records.save(record)
             return record
@@ -468,6 +490,7 @@ class LocalRuntime:
         absent; the failures are reported together at the end.
         """
         self._unfollow(sandbox_id)
+        await self._thaw(record)
         errors: list[str] = []
         runtimes = (
             [record.oci_runtime]
@@ -515,38 +538,59 @@ class LocalRuntime:
         running; under gVisor the Sentry and its gofer); then whatever is still in the
         sandbox's cgroups, the only place its processes can be, is killed until none is left.
         """
-        from signal import SIGKILL, pidfd_send_signal  # (stop's alone)
-
-        instance = self.settings.instance
-
-        def members() -> builtins.list[int]:
-            pids: set[int] = set()
-            for top in cgroups.sandbox_cgroup_dirs(instance, sandbox_id):
-                with contextlib.suppress(OSError, ValueError):  # (gone meanwhile: empty)
-                    for procs in top.rglob("cgroup.procs"):
-                        pids.update(int(p) for p in procs.read_text().split())
-            return sorted(pids)
-
-        def kill_members(pids: builtins.list[int]) -> None:
-            for pid in pids:
-                with contextlib.suppress(OSError):
-                    fd = os.pidfd_open(pid)
-                    try:  # (the pidfd holds the process: its pid cannot be another's here)
-                        if cgroups.holds(instance, sandbox_id, pid):
-                            pidfd_send_signal(fd, SIGKILL)
-                    finally:
-                        os.close(fd)
-
         async with self._locked(sandbox_id):
             record = self._record(sandbox_id)
             self._unfollow(sandbox_id)
-            await self.oci(record.oci_runtime).delete(sandbox_id)
-            deadline = time.monotonic() + 30
-            while pids := await asyncio.to_thread(members):
-                if time.monotonic() > deadline:
-                    raise StepFailed("stop", f"processes {pids} of {sandbox_id} would not end")
-                await asyncio.to_thread(kill_members, pids)
-                await asyncio.sleep(0.01)
+            await self._thaw(record)
+            await self._stop_locked(record)
+
+    async def _thaw(self, record: SandboxRecord | None) -> None:
+        """Thaw a sandbox before it is ended (a paused sandbox is killed like any): a frozen
+        process cannot die, and runsc cannot delete a sandbox it paused."""
+        if record is None:
+            return
+        instance = self.settings.instance
+        await asyncio.to_thread(cgroups.thaw, instance, record.sandbox_id)
+        if record.pause is not None or record.pause_op is not None:
+            with contextlib.suppress(StepFailed):
+                await self.oci(record.oci_runtime).thaw(instance, record.sandbox_id)
+
+    async def _stop_locked(self, record: SandboxRecord, *, kill_first: bool = False) -> None:
+        """:meth:`stop`'s work (the caller holds the lock, and thawed the sandbox); with
+        ``kill_first``, every process is killed at once before the container is deleted."""
+        sandbox_id = record.sandbox_id
+        if kill_first:
+            await asyncio.to_thread(self._kill_members, sandbox_id)
+        await self.oci(record.oci_runtime).delete(sandbox_id)
+        deadline = time.monotonic() + 30
+        while pids := await asyncio.to_thread(self._members, sandbox_id):
+            if time.monotonic() > deadline:
+                raise StepFailed("stop", f"processes {pids} of {sandbox_id} would not end")
+            await asyncio.to_thread(self._kill_members, sandbox_id, pids)
+            await asyncio.sleep(0.01)
+
+    def _members(self, sandbox_id: str) -> builtins.list[int]:
+        """Every process in the sandbox's cgroups (the only place its processes can be)."""
+        pids: set[int] = set()
+        for top in cgroups.sandbox_cgroup_dirs(self.settings.instance, sandbox_id):
+            with contextlib.suppress(OSError, ValueError):  # (gone meanwhile: empty)
+                for procs in top.rglob("cgroup.procs"):
+                    pids.update(int(p) for p in procs.read_text().split())
+        return sorted(pids)
+
+    def _kill_members(self, sandbox_id: str, pids: builtins.list[int] | None = None) -> None:
+        """SIGKILL ``pids`` (default: every member) that are still in the sandbox's cgroups."""
+        from signal import SIGKILL, pidfd_send_signal
+
+        instance = self.settings.instance
+        for pid in self._members(sandbox_id) if pids is None else pids:
+            with contextlib.suppress(OSError):
+                fd = os.pidfd_open(pid)
+                try:  # (the pidfd holds the process: its pid cannot be another's here)
+                    if cgroups.holds(instance, sandbox_id, pid):
+                        pidfd_send_signal(fd, SIGKILL)
+                finally:
+                    os.close(fd)
 
     async def commit(self, sandbox_id: str, key: str) -> None:
         """Keep what the sandbox changed (its upper layer) as layer ``key``: the sandbox is
@@ -567,6 +611,59 @@ class LocalRuntime:
             raise SandboxNotFound(sandbox_id)
         return record
 
+    def _running_record(self, sandbox_id: str) -> SandboxRecord:
+        """The record of a sandbox that is not paused (SandboxPaused if it is)."""
+        record = self._record(sandbox_id)
+        if record.pause is not None:
+            raise SandboxPaused(sandbox_id)
+        return record
+
+    async def _update(self, sandbox_id: str, **changes: object) -> SandboxRecord:
+        """Change fields of the sandbox's record, durably, under the records lock (as
+        set_timeout takes it: neither change is lost)."""
+
+        def change() -> SandboxRecord:
+            with file_lock(self.settings.data_dir / "locks" / "sandboxes"):
+                record = self._record(sandbox_id)
+                for name, value in changes.items():
+                    setattr(record, name, value)
+                self.records.save(record)
+                return record
+
+        return await asyncio.to_thread(change)
+
+    async def _alive(self, record: SandboxRecord) -> bool:
+        """Whether the sandbox's container runs (frozen or not)."""
+        if record.init_pid:
+            return _start_time(record.init_pid) == record.init_start
+        state = await self.oci(record.oci_runtime).state(record.sandbox_id)
+        return str((state or {}).get("status")) in ("running", "paused")
+
+    # -- pause, resume, snapshot (``pausing``) ------------------------------------------------
+
+    async def pause(self, sandbox_id: str, *, memory: bool) -> SandboxInfo:
+        """Pause the sandbox: with ``memory``, frozen in place (its processes continue on
+        resume; ``PauseInfo.mechanism`` "freezer", not durable); else its files alone are kept
+        (flushed to its disk, every process ended; "disk", durable) and a resume cold-boots it.
+        Returns once the pause is as durable as it says. SandboxPaused if it is paused already;
+        StepFailed (the sandbox still running) if the pause failed."""
+        return await pausing.pause(self, sandbox_id, memory=memory)
+
+    async def resume(self, sandbox_id: str, timeout_s: float) -> SandboxInfo:
+        """Run a paused sandbox again, with the same id and address, ending ``timeout_s`` from
+        now: thawed (a memory pause) or booted anew over the same disk (a files pause: envd with
+        the same access token, then the template's start command and ready check).
+        SandboxNotPaused if it is not paused."""
+        return await pausing.resume(self, sandbox_id, timeout_s)
+
+    async def snapshot(self, sandbox_id: str, image_name: str) -> Image:
+        """Save the sandbox's files now as image ``image_name``: its own image with one more,
+        content-addressed layer (what it changed). A running sandbox is frozen for the copy
+        alone; a paused one stays paused (SandboxPaused if its disk is not mounted: after a
+        host restart, resume it first). New sandboxes of ``template=image_name`` cold-boot
+        from those files."""
+        return await pausing.snapshot(self, sandbox_id, image_name)
+
     def _info(self, record: SandboxRecord, state: str) -> SandboxInfo:
         return SandboxInfo(
             sandbox_id=record.sandbox_id,
@@ -581,6 +678,9 @@ class LocalRuntime:
             metadata=dict(record.metadata),
             env=dict(record.env),
             pooled=record.pooled,
+            pause=pausing.pause_info(record) if state == "paused" else None,
+            allow_out=tuple(record.allow_out),
+            deny_out=tuple(record.deny_out),
         )
 
     async def _states(self) -> dict[str, str]:
@@ -591,9 +691,11 @@ class LocalRuntime:
         return states
 
     async def _state(self, record: SandboxRecord) -> str:
-        """``running`` or ``stopped``: from PID 1 itself when the record knows it (a pidfd
-        followed by the event loop, so a list of hundreds costs nothing), else from the OCI
-        runtime."""
+        """``paused`` (as the record says), ``running`` or ``stopped``: from PID 1 itself when
+        the record knows it (a pidfd followed by the event loop, so a list of hundreds costs
+        nothing), else from the OCI runtime."""
+        if record.pause is not None:
+            return "paused"
         if record.sandbox_id in self._init_fds:
             return "running"
         if record.init_pid:
@@ -670,7 +772,7 @@ class LocalRuntime:
 
     async def usage(self, sandbox_id: str, interval_s: float = 0.1) -> Usage:
         """What the sandbox uses now: CPU over ``interval_s``, memory, and disk."""
-        record = self._record(sandbox_id)
+        record = self._running_record(sandbox_id)
         instance = self.settings.instance
         before = cgroups.usage(instance, sandbox_id)
         started = time.monotonic()
@@ -697,7 +799,7 @@ class LocalRuntime:
             found: dict[str, Counters] = {}
             for sandbox_id in sandbox_ids:
                 record = self.records.load(sandbox_id)
-                if record is None:
+                if record is None or record.pause is not None:  # (a paused one uses nothing)
                     continue
                 try:
                     disk = os.statvfs(self.records.dir(sandbox_id) / "disk")
@@ -722,7 +824,7 @@ class LocalRuntime:
 
         def extend() -> None:
             with file_lock(self.settings.data_dir / "locks" / "sandboxes"):
-                record = self._record(sandbox_id)
+                record = self._running_record(sandbox_id)
                 record.end_at = min(
                     time.time() + seconds, record.created_at + self.settings.caps.lifetime_s
                 )
@@ -731,11 +833,18 @@ class LocalRuntime:
         await asyncio.to_thread(extend)
         return await self.inspect(sandbox_id)
 
-    async def reap_expired(self) -> builtins.list[str]:
-        """Kill every sandbox past its end time; returns their ids."""
+    async def reap_expired(self, *, keep: Collection[str] = ()) -> builtins.list[str]:
+        """Kill every sandbox past its end time but those in ``keep``; returns their ids. A
+        paused one is never reaped: its time does not run (what becomes of it is its owner's
+        to decide)."""
         now = time.time()
         expired = [
-            r.sandbox_id for r in await asyncio.to_thread(self.records.all) if r.end_at <= now
+            r.sandbox_id
+            for r in await asyncio.to_thread(self.records.all)
+            if r.end_at <= now
+            and r.pause is None
+            and r.pause_op is None
+            and r.sandbox_id not in keep
         ]
         reaped = await asyncio.gather(*(self._reap(i, now) for i in expired))
         return [i for i, done in zip(expired, reaped, strict=True) if done]
@@ -743,7 +852,7 @@ class LocalRuntime:
     async def _reap(self, sandbox_id: str, now: float) -> bool:
         async with self._locked(sandbox_id):
             record = self.records.load(sandbox_id)  # set_timeout may have moved the end
-            if record is None or record.end_at > now:
+            if record is None or record.end_at > now or record.pause is not None:
                 return False
             await self._release_locked(sandbox_id, record)
             return True
@@ -754,8 +863,18 @@ class LocalRuntime:
         A record whose container is gone, a container with no record, and any leftover (a
         directory, network namespace or cgroup of no live sandbox) are released. Each is checked
         again under its lock, so a sandbox another process is creating right now is left alone.
+        A paused sandbox is kept, and a pause or resume a crash interrupted is settled from
+        what runs (``pausing.settle``): it is then running or paused, never released.
         """
-        records = {r.sandbox_id for r in await asyncio.to_thread(self.records.all)}
+        all_records = await asyncio.to_thread(self.records.all)
+        records = {r.sandbox_id for r in all_records}
+        for r in all_records:
+            if r.pause is not None or r.pause_op is not None:
+                async with self._locked(r.sandbox_id):
+                    try:
+                        await pausing.settle(self, r.sandbox_id)
+                    except StepFailed as e:
+                        self.log(f"reconcile: {r.sandbox_id}: {e}")
         states = await self._states()
         found = (
             records
@@ -770,6 +889,8 @@ class LocalRuntime:
                 continue
             async with self._locked(sandbox_id):
                 record = self.records.load(sandbox_id)
+                if record and (record.pause is not None or record.pause_op is not None):
+                    continue  # (settled above, or paused meanwhile)
                 state = await self.oci(record.oci_runtime if record else None).state(sandbox_id)
                 if record and state and state.get("status") == "running":
                     continue
@@ -794,7 +915,7 @@ class LocalRuntime:
         stdin: bool = False,
     ) -> Process:
         """Start ``argv`` in the sandbox as ``user`` (a name from its /etc/passwd)."""
-        record = self._record(sandbox_id)
+        record = self._running_record(sandbox_id)
         layers = [self.layers.path(k) for k in record.layers]
         return await exec.start(
             self.oci(record.oci_runtime),

@@ -19,8 +19,10 @@ import json
 import os
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pyroute2 import IPRoute
+if TYPE_CHECKING:
+    from pyroute2 import IPRoute
 
 from . import syscalls
 from .errors import StepFailed
@@ -68,7 +70,7 @@ class HostNetwork:
     def ensure(self) -> None:
         """Create the bridge and load the rules (idempotent; called at every start)."""
         Path("/proc/sys/net/ipv4/ip_forward").write_text("1")
-        with IPRoute() as ipr:
+        with _iproute() as ipr:
             # Checked before anything is made, so a clash changes nothing on the host.
             for addr in ipr.get_addr(family=2):
                 cidr = f"{addr.get_attr('IFA_ADDRESS')}/{addr['prefixlen']}"
@@ -186,7 +188,7 @@ table inet {self.table} {{
         """Remove the bridge and the rules (used when an instance is removed, e.g. by tests)."""
         with contextlib.suppress(StepFailed):
             _nft(f"table inet {self.table} {{}}\ndelete table inet {self.table}\n")
-        with IPRoute() as ipr:
+        with _iproute() as ipr:
             for idx in ipr.link_lookup(ifname=self.bridge):
                 ipr.link("del", index=idx)
 
@@ -216,7 +218,7 @@ table inet {self.table} {{
         try:
             inner = _new_netns(path)
             try:
-                with IPRoute() as ipr:
+                with _iproute() as ipr:
                     ipr.link(
                         "add",
                         ifname=veth,
@@ -294,7 +296,7 @@ table inet {self.table} {{
         path = self.netns_path(sandbox_id)
         if address:
             self.set_internet(address, True)
-        with IPRoute() as ipr:
+        with _iproute() as ipr:
             for idx in ipr.link_lookup(ifname=veth_name(sandbox_id)):
                 with contextlib.suppress(Exception):
                     ipr.link("del", index=idx)
@@ -342,7 +344,7 @@ def _new_netns(path: Path) -> IPRoute:
             # and ping without CAP_NET_RAW.
             (sysctl / "ipv4/ip_unprivileged_port_start").write_text("0")
             (sysctl / "ipv4/ping_group_range").write_text("0 2147483647")
-            return IPRoute()
+            return _iproute()
         finally:
             syscalls.setns(home, syscalls.CLONE_NEWNET)
     finally:
@@ -376,3 +378,11 @@ def _nft_capture(command: str) -> str:
     if proc.returncode != 0:
         raise StepFailed("nftables", proc.stderr.strip())
     return proc.stdout
+
+
+def _iproute() -> IPRoute:
+    """A netlink socket. (pyroute2 loads on first use: a command that only reads the
+    sandboxes' records starts without it.)"""
+    from pyroute2 import IPRoute
+
+    return IPRoute()

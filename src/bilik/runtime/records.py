@@ -48,6 +48,17 @@ class SandboxRecord:
     # A warm-pool sandbox not handed over yet (see ``SandboxSpec.pooled``): after a restart,
     # nothing remembers its access token, so it is of no use to anyone and is released.
     pooled: bool = False
+    # What a files pause's resume runs again, as the template said when the sandbox was made
+    # (the template may have changed since), and the template's own environment (a snapshot's
+    # image carries it, not the create's additions).
+    start_cmd: str | None = None
+    ready_cmd: str | None = None
+    image_env: dict[str, str] | None = None
+    # Set while paused: ``PauseInfo``'s fields (see ``base.PauseInfo``).
+    pause: dict[str, Any] | None = None
+    # A pause or resume in flight, recorded before it acts (``{"op": "pause"|"resume",
+    # "memory": bool}``) and cleared with its result: what ``reconcile`` settles after a crash.
+    pause_op: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -20,11 +20,12 @@ import builtins
 import contextlib
 import dataclasses
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from ..runtime import (
     Limits,
@@ -35,13 +36,17 @@ from ..runtime import (
     new_sandbox_id,
 )
 from ..runtime.base import LogLine, Runtime
+from ..runtime.errors import SandboxNotPaused, SandboxPaused
+from ..runtime.faults import fault
 from ..store import Store
 from ..store.sandboxes import SandboxRow
-from ..templates.service import TemplateService
+from ..store.templates import BuildRow, TemplateRow
+from ..templates.service import TemplateService, build_image
 from . import states
+from .lifecycle import Lifecycle, Locks, SingleFlight
 from .metrics import BUCKET_S, MetricsHistory, Sample
 from .pool import WarmPool
-from .states import CREATING, KILLED, RUNNING, State
+from .states import CREATING, KILLED, PAUSED, PAUSING, RESUMING, RUNNING, State
 
 log = logging.getLogger("bilik.sandboxes")
 
@@ -51,6 +56,7 @@ T = TypeVar("T")
 # sandbox plane routes to it from then on, before its next read of the store.
 Owned = Callable[[str, str, str], None]
 # Called (with its id) the moment a sandbox's end begins: the sandbox plane stops routing to it.
+# Also the type of the call made when a pause begins: what is under way to it is cut.
 Ending = Callable[[str], None]
 # Entered once a create knows how many sandboxes its key runs and what it asks for: raises
 # (nothing is made) if the key's caps refuse it, else counts the create as under way until
@@ -74,6 +80,7 @@ class CreateRequest:
     deny_out: tuple[str, ...] = ()
     access_token: str = ""  # what its envd is to ask of clients (a pooled one has its own)
     idempotency_key: str | None = None
+    lifecycle: Lifecycle = dataclasses.field(default_factory=Lifecycle)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +107,8 @@ class Listing:
 
     metadata: dict[str, str] = dataclasses.field(default_factory=dict)
     template: str | None = None
+    # (E2B's states: "running" covers one on its way to or from a pause too)
+    states: frozenset[str] = frozenset({"running"})
     started_after: int | None = None  # (microseconds, included)
     oldest_first: bool = False
     # Only those after this (start microseconds, id) in the order: a page's last, whether or
@@ -113,7 +122,8 @@ class Listing:
 
     def wants(self, row: SandboxRow) -> bool:
         return (
-            all(row.metadata.get(k) == v for k, v in self.metadata.items())
+            shown_state(row.state) in self.states
+            and all(row.metadata.get(k) == v for k, v in self.metadata.items())
             and (not self.template or row.template_id == self.template)
             and (self.started_after is None or start_micros(row.started_at) >= self.started_after)
             and (self.after is None or self.key(row) > self._cursor_key(self.after))
@@ -122,6 +132,12 @@ class Listing:
     def _cursor_key(self, after: tuple[int, str]) -> tuple[int, str]:
         micros, sandbox_id = after
         return (micros if self.oldest_first else -micros, sandbox_id)
+
+
+def shown_state(state: str) -> str:
+    """A sandbox's state as E2B's API names it: ``paused`` once its pause is done, else
+    ``running`` (one pausing is paused only once that is certain; one resuming still is)."""
+    return "paused" if state in (PAUSED, RESUMING) else "running"
 
 
 class IdempotencyConflict(Exception):
@@ -141,6 +157,7 @@ class SandboxService:
         pool: WarmPool | None = None,
         owned: Owned | None = None,
         ending: Ending | None = None,
+        pausing: Ending | None = None,
     ) -> None:
         self.runtime = runtime
         self.store = store
@@ -148,42 +165,120 @@ class SandboxService:
         self.pool = pool
         self.owned: Owned = owned or (lambda sandbox_id, token, key_id: None)
         self.ending: Ending = ending or (lambda sandbox_id: None)
+        self.pausing: Ending = pausing or (lambda sandbox_id: None)
         self.metrics = MetricsHistory(runtime.settings.caps.lifetime_s)
         # Sandboxes whose end has begun: gone to every caller, though the runtime may still
         # be killing them.
         self._ending: set[str] = set()
+        # Sandboxes not running (pausing, paused, resuming): the sandbox plane asks
+        # :meth:`admit_traffic` of these only, so a running sandbox's request costs no query.
+        self._held: set[str] = set()
+        self._locks = Locks()
+        self._resumes: SingleFlight[Sandbox] = SingleFlight()
+        # How many times the runtime was asked to resume a sandbox (operators, and the tests
+        # that check that many requests at once make one resume).
+        self.resumes = 0
+        self.paused_retention_s = runtime.settings.paused_retention_s
 
     # -- the server's own work -----------------------------------------------------------
 
     async def start(self) -> None:
         """Settle the store from the runtime's truth, then fill the warm pool. A sandbox left
-        ``creating`` by a stop was never answered for: it is killed. One the runtime no longer
-        has is forgotten."""
-        live = {info.sandbox_id for info in await self.runtime.list()}
-        for sandbox_id, state in (await self.store.sandboxes.states()).items():
+        ``creating`` by a stop was never answered for: it is killed. One left ``pausing`` or
+        ``resuming`` is what the runtime says it is (paused, running, or gone). One the
+        runtime no longer has is forgotten."""
+        live = {info.sandbox_id: info for info in await self.runtime.list()}
+        for sandbox_id, recorded in (await self.store.sandboxes.states()).items():
+            info = live.get(sandbox_id)
+            state = cast(State, recorded)
             if state == CREATING:
                 log.warning("sandbox %s was cut short mid-create by a stop: killed", sandbox_id)
-                await self._undo(sandbox_id, CREATING, made=sandbox_id in live)
-            elif sandbox_id not in live:
-                await states.transition(self.store.sandboxes, sandbox_id, RUNNING, KILLED)
+                await self._undo(sandbox_id, CREATING, made=info is not None)
+            elif info is None:
+                if state != RUNNING:
+                    log.warning(
+                        "sandbox %s (%s) is gone from the runtime: forgotten", sandbox_id, state
+                    )
+                await states.transition(self.store.sandboxes, sandbox_id, state, KILLED)
+            else:
+                await self._settle(sandbox_id, state, info)
         if self.pool is not None:
             await self.pool.start()
+
+    async def _settle(self, sandbox_id: str, state: State, info: SandboxInfo) -> None:
+        """Make the row of a sandbox the runtime has say what the runtime says of it."""
+        paused = info.state == "paused"
+        if paused and state != PAUSED:
+            pause = info.pause
+            log.warning("sandbox %s was left %s by a stop: it is paused", sandbox_id, state)
+            record = {
+                "paused_at": pause.paused_at if pause else time.time(),
+                "pause_memory": bool(pause.memory and not pause.memory_lost) if pause else False,
+            }
+            if state == RUNNING:  # (a pause no one recorded: record it in two moves)
+                await states.transition(self.store.sandboxes, sandbox_id, RUNNING, PAUSING)
+                state = PAUSING
+            await states.transition(self.store.sandboxes, sandbox_id, state, PAUSED, record=record)
+        elif not paused and state != RUNNING:
+            log.warning("sandbox %s was left %s by a stop: it runs", sandbox_id, state)
+            if state == PAUSED:
+                await states.transition(self.store.sandboxes, sandbox_id, PAUSED, RESUMING)
+                state = RESUMING
+            await states.transition(
+                self.store.sandboxes, sandbox_id, state, RUNNING, record=_RESUMED
+            )
+        if paused:
+            self._held.add(sandbox_id)
+            if info.pause is not None and info.pause.memory_lost:
+                log.warning(
+                    "sandbox %s: its memory did not survive the machine's restart; its files "
+                    "did, and its resume boots it afresh",
+                    sandbox_id,
+                )
 
     async def close(self) -> None:
         if self.pool is not None:
             await self.pool.close()
 
     async def reap(self) -> list[str]:
-        """Kill the sandboxes past their end time; their ids. A key's sandbox ends for its
-        clients before the runtime kills it, and once its end has come it is killed even if
-        its end moves meanwhile (a timeout set in that moment comes too late)."""
+        """Kill the sandboxes past their end time; their ids. A sandbox made to pause at its
+        timeout is paused instead (and killed only if that fails), and a paused one is killed
+        once kept the retention. A key's sandbox ends for its clients before the runtime
+        kills it, and once its end has come it is killed even if its end moves meanwhile (a
+        timeout set in that moment comes too late)."""
         now = time.time()
-        due = [i.sandbox_id for i in await self.runtime.list() if i.end_at <= now]
+        listed = await self.runtime.list()
+        due = [i.sandbox_id for i in listed if i.end_at <= now and i.state == "running"]
+        rows = {r.id: r for r in await self.store.sandboxes.all()}
+        for sandbox_id in due:
+            row = rows.get(sandbox_id)
+            if row is not None and row.state == RUNNING and row.on_timeout == "pause":
+                await self._pause_at_timeout(row)
+        expired = [
+            r
+            for r in rows.values()
+            if r.state == PAUSED and (r.paused_at or now) + self.paused_retention_s <= now
+        ]
+        for row in expired:
+            log.warning(
+                "sandbox %s was kept paused %d s, the retention: killed",
+                row.id,
+                self.paused_retention_s,
+            )
+            with contextlib.suppress(SandboxNotFound):
+                await self._kill(row.id)
         owned = set(await self.store.sandboxes.running()) if due else set()
-        due = [sandbox_id for sandbox_id in due if sandbox_id in owned]
+        due = [
+            sandbox_id
+            for sandbox_id in due
+            if sandbox_id in owned and rows.get(sandbox_id, _NO_ROW).on_timeout != "pause"
+        ]
         for sandbox_id in due:
             self._end(sandbox_id)
-        reaped = await self.runtime.reap_expired()
+        # (one whose timeout pauses it is never the runtime's to kill, even if its end came
+        # after ``now``: the next pass pauses it)
+        pauses = {r.id for r in rows.values() if r.on_timeout == "pause"}
+        reaped = await self.runtime.reap_expired(keep=pauses)
         for sandbox_id in set(due) - set(reaped):
             with contextlib.suppress(SandboxNotFound):
                 await self.runtime.kill(sandbox_id)
@@ -192,6 +287,19 @@ class SandboxService:
             await states.transition(self.store.sandboxes, sandbox_id, RUNNING, KILLED)
             self._ending.discard(sandbox_id)
         return reaped
+
+    async def _pause_at_timeout(self, row: SandboxRow) -> None:
+        """Pause a sandbox its timeout pauses; kill it if that fails (as a timeout would)."""
+        try:
+            await self._pause(row.id, memory=row.auto_pause_memory, why="its timeout")
+        except (SandboxPaused, states.TransitionRefused):
+            pass  # (paused already, or another step moved it first)
+        except SandboxNotFound:
+            pass
+        except RuntimeFailure as e:
+            log.error("sandbox %s: its pause at its timeout failed (%s): killed", row.id, e)
+            with contextlib.suppress(SandboxNotFound):
+                await self._kill(row.id)
 
     def _end(self, sandbox_id: str) -> None:
         """The sandbox's end begins: no caller reaches it from now on."""
@@ -257,17 +365,29 @@ class SandboxService:
         with admit(running, limits):
             return await self._create(want, spec)
 
-    async def _create(self, want: CreateRequest, spec: SandboxSpec) -> Sandbox:
+    async def _create(
+        self, want: CreateRequest, spec: SandboxSpec, *, pooled: bool = True
+    ) -> Sandbox:
         """Make the sandbox, from the pool or anew, and record who owns it; or make nothing.
         Each attempt is recorded ``creating`` before it acts, so a crash leaves a row that the
         next start settles."""
         template = f"{want.template}:{want.tag}" if want.tag else want.template
         while True:
-            member = self.pool.take(spec) if self.pool is not None else None
+            member = self.pool.take(spec) if self.pool is not None and pooled else None
             sandbox_id = member.sandbox_id if member else new_sandbox_id()
             token = member.access_token if member else spec.access_token
             row = SandboxRow(
-                sandbox_id, want.key_id, template, spec.metadata, token, time.time(), CREATING
+                sandbox_id,
+                want.key_id,
+                template,
+                spec.metadata,
+                token,
+                time.time(),
+                CREATING,
+                on_timeout=want.lifecycle.on_timeout,
+                auto_pause_memory=want.lifecycle.pause_memory,
+                auto_resume=want.lifecycle.auto_resume,
+                timeout_s=want.timeout_s,
             )
             # (A pool member runs already: out of the pool, it is this create's to undo.)
             made = member is not None
@@ -341,76 +461,358 @@ class SandboxService:
     # -- a key's sandboxes -----------------------------------------------------------------
 
     async def get(self, key_id: str, sandbox_id: str) -> Sandbox:
-        """The sandbox, if ``key_id`` owns it and the runtime still has it; else
-        SandboxNotFound (another key's sandbox is as good as missing)."""
+        """The sandbox, running or paused (or on its way between), if ``key_id`` owns it and
+        the runtime still has it; else SandboxNotFound (another key's sandbox is as good as
+        missing)."""
         row = await self.store.sandboxes.get(sandbox_id, key_id)
-        live = row is not None and row.state == RUNNING and sandbox_id not in self._ending
+        live = row is not None and row.state != CREATING and sandbox_id not in self._ending
         info = await self._live(row) if row is not None and live else None
         if row is None or info is None:
             raise SandboxNotFound(sandbox_id)
         return Sandbox(info, row)
 
+    async def running(self, key_id: str, sandbox_id: str) -> Sandbox:
+        """The sandbox, as :meth:`get`, if it runs; SandboxPaused if it is paused (or on its
+        way to or from a pause): what needs it running is refused, never resumes it."""
+        sandbox = await self.get(key_id, sandbox_id)
+        if sandbox.row.state != RUNNING:
+            raise SandboxPaused(sandbox_id)
+        return sandbox
+
     async def _live(self, row: SandboxRow) -> SandboxInfo | None:
-        """What the runtime says of a running sandbox's row; None, and the row forgotten, if
+        """What the runtime says of a made sandbox's row; None, and the row forgotten, if
         the runtime no longer has it (killed from the command line, reaped by another
         process): the one place the store follows the runtime while the server runs."""
         try:
             return await self.runtime.inspect(row.id)
         except SandboxNotFound:
-            await states.transition(self.store.sandboxes, row.id, RUNNING, KILLED)
+            with contextlib.suppress(states.TransitionRefused):
+                await states.transition(
+                    self.store.sandboxes, row.id, cast(State, row.state), KILLED
+                )
+            self._held.discard(row.id)
             return None
 
     async def count(self, key_id: str) -> int:
-        """How many of the key's sandboxes the runtime still has (creates under way are the
-        caller's to count)."""
+        """How many of the key's sandboxes run (as E2B counts against a team's cap: a paused
+        one does not; creates under way are the caller's to count)."""
         rows = await self.store.sandboxes.of_key(key_id)
-        return sum([await self._live(r) is not None for r in rows if r.state == RUNNING])
+        counted = (RUNNING, PAUSING, RESUMING)
+        return sum([await self._live(r) is not None for r in rows if r.state in counted])
 
     async def list(self, key_id: str, wanted: Listing) -> AsyncIterator[Sandbox]:
-        """The key's running sandboxes that ``wanted`` asks for, in its order; each is looked
-        up in the runtime only when the caller gets to it."""
+        """The key's sandboxes that ``wanted`` asks for, in its order; each is looked up in
+        the runtime only when the caller gets to it."""
         rows = [
             r
             for r in await self.store.sandboxes.of_key(key_id)
-            if r.state == RUNNING and r.id not in self._ending and wanted.wants(r)
+            if r.state != CREATING and r.id not in self._ending and wanted.wants(r)
         ]
         rows.sort(key=wanted.key)
         for row in rows:
             info = await self._live(row)
-            if info is not None and info.state == "running":
+            if info is not None and info.state in ("running", "paused"):
                 yield Sandbox(info, row)
 
     async def kill(self, key_id: str, sandbox_id: str) -> None:
-        sandbox = await self.get(key_id, sandbox_id)
-        self._end(sandbox_id)
-        try:
-            with contextlib.suppress(SandboxNotFound):
-                await self.runtime.kill(sandbox_id)
-            await states.transition(self.store.sandboxes, sandbox.row.id, RUNNING, KILLED)
-        finally:
-            self._ending.discard(sandbox_id)
+        """Kill the sandbox, running or paused (a pause or resume under way ends first)."""
+        await self.get(key_id, sandbox_id)
+        await self._kill(sandbox_id)
+
+    async def _kill(self, sandbox_id: str) -> None:
+        async with self._locks.hold(sandbox_id):
+            row = await self.store.sandboxes.by_id(sandbox_id)
+            if row is None or sandbox_id in self._ending:
+                raise SandboxNotFound(sandbox_id)
+            self._end(sandbox_id)
+            try:
+                with contextlib.suppress(SandboxNotFound):
+                    await self.runtime.kill(sandbox_id)
+                await states.transition(
+                    self.store.sandboxes, sandbox_id, cast(State, row.state), KILLED
+                )
+            finally:
+                self._ending.discard(sandbox_id)
+                self._held.discard(sandbox_id)
 
     async def set_timeout(self, key_id: str, sandbox_id: str, timeout_s: int) -> Sandbox:
         """The sandbox, ending ``timeout_s`` from now (sooner or later than it would)."""
-        sandbox = await self.get(key_id, sandbox_id)
+        sandbox = await self.running(key_id, sandbox_id)
         info = await self.runtime.set_timeout(sandbox_id, timeout_s)
         return Sandbox(info, sandbox.row)
 
     async def extend(self, key_id: str, sandbox_id: str, timeout_s: int | None) -> Sandbox:
         """The sandbox, ending no sooner than ``timeout_s`` from now (if that is given): a
         connect or a refresh only ever moves a sandbox's end later, as on E2B."""
-        sandbox = await self.get(key_id, sandbox_id)
+        sandbox = await self.running(key_id, sandbox_id)
         if timeout_s is None or time.time() + timeout_s <= sandbox.info.end_at:
             return sandbox
         info = await self.runtime.set_timeout(sandbox_id, timeout_s)
         return Sandbox(info, sandbox.row)
 
+    # -- pause and resume ------------------------------------------------------------------
+
+    async def pause(self, key_id: str, sandbox_id: str, *, memory: bool = True) -> Sandbox:
+        """Pause the sandbox: keeping its memory (its processes go on where they were on a
+        resume) or only its files (a resume boots it afresh). SandboxPaused if it is paused
+        already (or on its way to or from a pause)."""
+        await self.get(key_id, sandbox_id)
+        return await self._pause(sandbox_id, memory=memory, why="a request")
+
+    async def _pause(self, sandbox_id: str, *, memory: bool, why: str) -> Sandbox:
+        async with self._locks.hold(sandbox_id):
+            row = await self.store.sandboxes.by_id(sandbox_id)
+            if row is None or sandbox_id in self._ending:
+                raise SandboxNotFound(sandbox_id)
+            if row.state != RUNNING:
+                raise SandboxPaused(sandbox_id)
+            await states.transition(
+                self.store.sandboxes, sandbox_id, RUNNING, PAUSING, record={"pause_memory": memory}
+            )
+            # From here the plane holds new requests until the pause is done, and what is
+            # under way to the sandbox is cut (its answer would never come while it is frozen).
+            self._held.add(sandbox_id)
+            self.pausing(sandbox_id)
+            self.metrics.forget(sandbox_id)
+            fault("pause:record")
+            try:
+                info = await _finish(self.runtime.pause(sandbox_id, memory=memory))
+            except SandboxNotFound:
+                await states.transition(self.store.sandboxes, sandbox_id, PAUSING, KILLED)
+                self._held.discard(sandbox_id)
+                self.ending(sandbox_id)
+                raise
+            except SandboxPaused:
+                info = await self.runtime.inspect(sandbox_id)
+            except BaseException:
+                log.exception("sandbox %s: its pause failed; it runs on", sandbox_id)
+                await _shielded(
+                    states.transition(self.store.sandboxes, sandbox_id, PAUSING, RUNNING)
+                )
+                self._held.discard(sandbox_id)
+                raise
+            fault("pause:recorded")
+            pause = info.pause
+            record = {
+                "paused_at": pause.paused_at if pause else time.time(),
+                "pause_memory": pause.memory if pause else memory,
+            }
+            await states.transition(
+                self.store.sandboxes, sandbox_id, PAUSING, PAUSED, record=record
+            )
+            mechanism = pause.mechanism if pause else "?"
+            log.info(
+                "sandbox %s paused (%s, %s) by %s",
+                sandbox_id,
+                "memory" if record["pause_memory"] else "files only",
+                mechanism,
+                why,
+            )
+            row = dataclasses.replace(
+                row,
+                state=PAUSED,
+                paused_at=float(record["paused_at"]),
+                pause_memory=bool(record["pause_memory"]),
+            )
+            return Sandbox(info, row)
+
+    async def resume(
+        self, key_id: str, sandbox_id: str, timeout_s: int, *, memory: bool = True
+    ) -> tuple[Sandbox, bool]:
+        """The sandbox running, resumed with its id if it was paused (then ending
+        ``timeout_s`` from now: time paused is not counted), and whether it was resumed (by
+        this call or one it joined). Concurrent resumes of one sandbox make one resume of the
+        runtime. ``memory=False`` asks for a fresh boot, which only a files-only pause gives
+        (the runtime cannot drop a kept memory): otherwise SandboxPaused's sibling, a
+        ValueError."""
+        sandbox = await self.get(key_id, sandbox_id)
+        if sandbox.row.state == RUNNING and not self._resumes.running(sandbox_id):
+            return sandbox, False
+        if not memory and sandbox.row.pause_memory and sandbox.row.state == PAUSED:
+            raise ValueError(
+                "this sandbox was paused with its memory; resuming it with a fresh boot "
+                "(memory: false) is not supported by this server"
+            )
+        return await self._resume(sandbox_id, timeout_s, why="a request")
+
+    async def _resume(self, sandbox_id: str, timeout_s: int, *, why: str) -> tuple[Sandbox, bool]:
+        async def step() -> Sandbox:
+            async with self._locks.hold(sandbox_id):
+                return await self._resume_locked(sandbox_id, timeout_s, why)
+
+        sandbox, _ = await self._resumes.run(sandbox_id, step)
+        return sandbox, True
+
+    async def _resume_locked(self, sandbox_id: str, timeout_s: int, why: str) -> Sandbox:
+        row = await self.store.sandboxes.by_id(sandbox_id)
+        if row is None or sandbox_id in self._ending:
+            raise SandboxNotFound(sandbox_id)
+        if row.state == RUNNING:  # (resumed by another step meanwhile)
+            return Sandbox(await self.runtime.inspect(sandbox_id), row)
+        if row.state != PAUSED:
+            raise SandboxNotPaused(sandbox_id)
+        await states.transition(self.store.sandboxes, sandbox_id, PAUSED, RESUMING)
+        fault("resume:record")
+        self.resumes += 1
+        try:
+            info = await _finish(self.runtime.resume(sandbox_id, timeout_s))
+        except SandboxNotFound:
+            await states.transition(self.store.sandboxes, sandbox_id, RESUMING, KILLED)
+            self._held.discard(sandbox_id)
+            self.ending(sandbox_id)
+            raise
+        except SandboxNotPaused:
+            info = await self.runtime.inspect(sandbox_id)
+        except BaseException:
+            log.exception("sandbox %s: its resume failed; it stays paused", sandbox_id)
+            await _shielded(states.transition(self.store.sandboxes, sandbox_id, RESUMING, PAUSED))
+            raise
+        fault("resume:recorded")
+        await states.transition(
+            self.store.sandboxes, sandbox_id, RESUMING, RUNNING, record=_RESUMED
+        )
+        self._held.discard(sandbox_id)
+        log.info("sandbox %s resumed by %s", sandbox_id, why)
+        row = dataclasses.replace(row, state=RUNNING, paused_at=None, pause_memory=None)
+        return Sandbox(info, row)
+
+    async def admit_traffic(self, sandbox_id: str) -> bool:
+        """Whether the sandbox plane may pass a request on to the sandbox now: yes if it runs
+        (after waiting out a pause or resume under way); a paused one made to resume on
+        traffic (and paused with its memory) is resumed first, one resume however many
+        requests come; any other paused one: no."""
+        if sandbox_id not in self._held:
+            return True
+        # (a pause under way ends first: then the request meets what it left)
+        async with self._locks.hold(sandbox_id):
+            row = await self.store.sandboxes.by_id(sandbox_id)
+        if row is None:
+            return False
+        if row.state == RUNNING:
+            return True
+        if row.state != PAUSED or not (row.auto_resume and row.pause_memory):
+            return False
+        try:
+            await self._resume(sandbox_id, row.timeout_s, why="a request to it")
+        except (RuntimeFailure, states.TransitionRefused) as e:
+            log.error("sandbox %s: its resume by a request failed: %s", sandbox_id, e)
+            return False
+        return True
+
+    def paused_now(self, sandbox_id: str) -> bool:
+        """Whether the sandbox plane knows the sandbox as held (paused or on the way)."""
+        return sandbox_id in self._held
+
+    # -- snapshots and forks ---------------------------------------------------------------
+
+    async def snapshot(self, key_id: str, sandbox_id: str, name: str | None) -> TemplateRow:
+        """A snapshot of the sandbox's files (running or paused, it stays so): a template of
+        the key's (``name``, or named by its id) whose one new build's image is the
+        runtime's snapshot of the sandbox, which sandboxes are then created from. Only files
+        are kept: no runtime here keeps a snapshot's memory (the API says so)."""
+        sandbox = await self.get(key_id, sandbox_id)
+        limits = sandbox.info.limits
+        async with self._locks.hold(sandbox_id):
+            template, build, new = await self.store.templates.request_snapshot(
+                key_id, name, sandbox_id, max(1, round(limits.cpu)), limits.memory_mb
+            )
+            image_name = build_image(template.id, build.id)
+            fault("snapshot:record")
+            try:
+                image = await _finish(self.runtime.snapshot(sandbox_id, image_name))
+                for saved in (image_name, template.id):
+                    await asyncio.to_thread(
+                        self.runtime.layers.save_image, dataclasses.replace(image, name=saved)
+                    )
+            except BaseException as e:
+                await _shielded(self._drop_snapshot(template, build, new, e))
+                raise
+            await self.store.templates.set_status(build, "ready")
+        log.info("sandbox %s: snapshot %s (%s) taken", sandbox_id, template.id, template.name)
+        return dataclasses.replace(template, ready_build_id=build.id)
+
+    async def _drop_snapshot(
+        self, template: TemplateRow, build: BuildRow, new: bool, error: BaseException
+    ) -> None:
+        """Undo a snapshot that failed: its build fails, a template made for it goes."""
+        await self.store.templates.set_status(build, "error", {"message": str(error)})
+        if new:
+            build_ids = await self.store.templates.remove(template.id)
+            await asyncio.to_thread(self.templates.forget, template.id, build_ids)
+
+    async def fork(
+        self, key_id: str, sandbox_id: str, count: int, timeout_s: int, admit: Admit
+    ) -> builtins.list[Sandbox | Exception]:
+        """``count`` new sandboxes, each with a copy of the sandbox's files (it keeps
+        running, or paused), from one snapshot of them: each booted afresh from it (their
+        processes are not the sandbox's), with its limits, network rules, environment,
+        metadata and lifecycle, each independent of the others. Each succeeds or fails on its
+        own (its error in its place). The snapshot's image goes once they are made (their
+        layers stay for as long as a sandbox stands on them)."""
+        parent = await self.get(key_id, sandbox_id)
+        info, row = parent.info, parent.row
+        allow_out, deny_out = info.allow_out, info.deny_out
+        image_name = f"fork-{sandbox_id}-{secrets.token_hex(6)}"
+        async with self._locks.hold(sandbox_id):
+            fault("fork:record")
+            await _finish(self.runtime.snapshot(sandbox_id, image_name))
+        lifecycle = Lifecycle(row.on_timeout, row.auto_pause_memory, row.auto_resume)
+        try:
+
+            async def child() -> Sandbox:
+                want = CreateRequest(
+                    key_id=key_id,
+                    template=row.template_id,
+                    timeout_s=timeout_s,
+                    internet=info.internet,
+                    env=dict(info.env),
+                    metadata=dict(row.metadata),
+                    allow_out=allow_out,
+                    deny_out=deny_out,
+                    access_token=secrets.token_hex(16),
+                    lifecycle=lifecycle,
+                )
+                spec = SandboxSpec(
+                    template=image_name,
+                    limits=info.limits,
+                    allow_out=allow_out,
+                    deny_out=deny_out,
+                    timeout_s=timeout_s,
+                    internet=info.internet,
+                    env=want.env,
+                    metadata=want.metadata,
+                    access_token=want.access_token,
+                )
+                with admit(await self.count(key_id), info.limits):
+                    return await self._create(want, spec, pooled=False)
+
+            made = await asyncio.gather(*(child() for _ in range(count)), return_exceptions=True)
+        finally:
+            with contextlib.suppress(OSError, KeyError):
+                await asyncio.to_thread(self.runtime.layers.remove_image, image_name)
+        results: builtins.list[Sandbox | Exception] = []
+        for result in made:
+            if isinstance(result, BaseException) and not isinstance(result, Exception):
+                raise result
+            results.append(result)
+        log.info(
+            "sandbox %s forked: %s",
+            sandbox_id,
+            ", ".join(r.row.id if isinstance(r, Sandbox) else f"failed ({r})" for r in results),
+        )
+        return results
+
+    # -- usage and logs --------------------------------------------------------------------
+
     async def usage(
         self, key_id: str, sandbox_id: str, start: float, end: float
     ) -> builtins.list[Sample]:
         """The sandbox's usage samples from ``start`` to ``end`` (unix seconds), oldest first.
-        A sandbox not sampled yet is sampled now, so a first look finds its usage."""
-        await self._sampled(await self.get(key_id, sandbox_id))
+        A sandbox not sampled yet is sampled now, so a first look finds its usage. A paused
+        sandbox has none while it is paused (E2B answers the same: no samples)."""
+        sandbox = await self.get(key_id, sandbox_id)
+        if sandbox.row.state == RUNNING:
+            await self._sampled(sandbox)
         return self.metrics.samples(sandbox_id, start, end)
 
     async def latest_usage(self, key_id: str, sandbox_ids: Collection[str]) -> dict[str, Sample]:
@@ -419,8 +821,8 @@ class SandboxService:
         found: dict[str, Sample] = {}
         for sandbox_id in sandbox_ids:
             try:
-                await self._sampled(await self.get(key_id, sandbox_id))
-            except SandboxNotFound:
+                await self._sampled(await self.running(key_id, sandbox_id))
+            except (SandboxNotFound, SandboxPaused):
                 continue
             if (latest := self.metrics.latest(sandbox_id)) is not None:
                 found[sandbox_id] = latest
@@ -432,9 +834,15 @@ class SandboxService:
             await self._sample({sandbox.row.id: sandbox.row.started_at})
 
     async def logs(self, key_id: str, sandbox_id: str) -> tuple[Sandbox, builtins.list[LogLine]]:
-        """The sandbox, and its log: what its PID 1 and its start command wrote, oldest first."""
+        """The sandbox, and its log: what its PID 1 and its start command wrote, oldest first
+        (a paused sandbox's too: its log is on disk)."""
         sandbox = await self.get(key_id, sandbox_id)
         return sandbox, await self.runtime.logs(sandbox_id)
+
+
+# What a resume clears of a paused sandbox's row.
+_RESUMED = {"paused_at": None, "pause_memory": None}
+_NO_ROW = SandboxRow("", "", "", {}, "", 0.0)
 
 
 async def _finish(step: Awaitable[T]) -> T:

@@ -53,10 +53,22 @@ from bilik.sdk.models import (
     SandboxInfo,
     SandboxMetrics,
     SandboxQuery,
+    SnapshotInfo,
     WriteInfo,
 )
-from bilik.sdk.sandbox import CommandHandle, Sandbox, SandboxPaginator, WatchHandle
-from bilik.sdk.sandbox_async import AsyncSandbox, AsyncSandboxPaginator
+from bilik.sdk.sandbox import (
+    CommandHandle,
+    Sandbox,
+    SandboxPaginator,
+    SnapshotPaginator,
+    WatchHandle,
+)
+from bilik.sdk.sandbox_async import (
+    AsyncSandbox,
+    AsyncSandboxPaginator,
+    AsyncSnapshotPaginator,
+    SandboxLifecycle,
+)
 from bilik.sdk.template import (
     AsyncTemplate,
     BuildInfo,
@@ -77,6 +89,7 @@ __all__ = [
     "AsyncCommandHandle",
     "AsyncSandbox",
     "AsyncSandboxPaginator",
+    "AsyncSnapshotPaginator",
     "AsyncTemplate",
     "AsyncWatchHandle",
     "AuthenticationException",
@@ -113,12 +126,15 @@ __all__ = [
     "Sandbox",
     "SandboxException",
     "SandboxInfo",
+    "SandboxLifecycle",
     "SandboxMetrics",
     "SandboxNotFoundException",
     "SandboxNotRunningException",
     "SandboxPaginator",
     "SandboxQuery",
     "ServiceBusyException",
+    "SnapshotInfo",
+    "SnapshotPaginator",
     "Template",
     "TemplateBuildStatus",
     "TemplateException",

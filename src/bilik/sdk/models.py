@@ -29,6 +29,11 @@ class SandboxInfo:
     memory_mb: int
     envd_version: str
     allow_internet_access: bool | None = None
+    # What its timeout does and whether traffic resumes it once paused:
+    # ``{"on_timeout": "kill" | "pause", "auto_resume": bool}`` (as E2B's SDK shows it).
+    lifecycle: dict[str, Any] | None = None
+    # A paused sandbox's: what its pause kept ("full": memory and files; "filesystem").
+    pause_mode: str | None = None
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> SandboxInfo:
@@ -44,7 +49,29 @@ class SandboxInfo:
             memory_mb=body["memoryMB"],
             envd_version=body.get("envdVersion", ""),
             allow_internet_access=body.get("allowInternetAccess"),
+            lifecycle=(
+                {
+                    "on_timeout": body["lifecycle"]["onTimeout"],
+                    "auto_resume": body["lifecycle"]["autoResume"],
+                }
+                if isinstance(body.get("lifecycle"), dict)
+                else None
+            ),
+            pause_mode=body.get("pauseMode"),
         )
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """A snapshot: a template holding a sandbox's files, that sandboxes are created from
+    (``Sandbox.create(snapshot_id)``, or one of its ``names``)."""
+
+    snapshot_id: str
+    names: list[str]
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> SnapshotInfo:
+        return cls(snapshot_id=body["snapshotID"], names=list(body.get("names") or []))
 
 
 @dataclass

@@ -27,9 +27,16 @@ from bilik.sdk.models import (
     SandboxInfo,
     SandboxMetrics,
     SandboxQuery,
+    SnapshotInfo,
     WriteInfo,
 )
-from bilik.sdk.sandbox_async import AsyncSandbox, AsyncSandboxPaginator, NetworkOpts
+from bilik.sdk.sandbox_async import (
+    AsyncSandbox,
+    AsyncSandboxPaginator,
+    AsyncSnapshotPaginator,
+    NetworkOpts,
+    SandboxLifecycle,
+)
 
 
 class SandboxPaginator:
@@ -51,6 +58,29 @@ class SandboxPaginator:
         return run(self._inner.next_items())
 
     def __iter__(self) -> Iterator[SandboxInfo]:
+        while self.has_next:
+            yield from self.next_items()
+
+
+class SnapshotPaginator:
+    """Pages of snapshots, newest first: ``next_items()`` while ``has_next``."""
+
+    def __init__(self, inner: AsyncSnapshotPaginator) -> None:
+        self._inner = inner
+
+    @property
+    def has_next(self) -> bool:
+        return self._inner.has_next
+
+    @property
+    def next_token(self) -> str | None:
+        return self._inner.next_token
+
+    def next_items(self) -> list[SnapshotInfo]:
+        """The next page."""
+        return run(self._inner.next_items())
+
+    def __iter__(self) -> Iterator[SnapshotInfo]:
         while self.has_next:
             yield from self.next_items()
 
@@ -473,6 +503,7 @@ class Sandbox:
         network: NetworkOpts | None = None,
         cpu_count: int | None = None,
         memory_mb: int | None = None,
+        lifecycle: SandboxLifecycle | None = None,
         **opts: Any,
     ) -> Sandbox:
         """Create a sandbox (see ``AsyncSandbox.create``)."""
@@ -488,6 +519,7 @@ class Sandbox:
                     network,
                     cpu_count,
                     memory_mb,
+                    lifecycle,
                     **opts,
                 )
             )
@@ -495,7 +527,8 @@ class Sandbox:
 
     @classmethod
     def connect(cls, sandbox_id: str, timeout: int | None = None, **opts: Any) -> Sandbox:
-        """Connect to a running sandbox by id."""
+        """Connect to a sandbox by id, resuming it if it is paused (see
+        ``AsyncSandbox.connect``)."""
         return cls(run(AsyncSandbox.connect(sandbox_id, timeout, **opts)))
 
     @staticmethod
@@ -512,6 +545,44 @@ class Sandbox:
     def kill(cls, sandbox_id: str, /, **opts: Any) -> bool:
         """Kill the sandbox: ``sandbox.kill()`` or ``Sandbox.kill(sandbox_id)``."""
         return run(AsyncSandbox.kill(sandbox_id, **opts))
+
+    @dual
+    def pause(cls, sandbox_id: str, /, mode: str | None = None, **opts: Any) -> bool:
+        """Pause the sandbox (see ``AsyncSandbox.pause``); ``False`` if it was paused."""
+        return run(AsyncSandbox.pause(sandbox_id, mode, **opts))
+
+    @dual
+    def fork(
+        cls, sandbox_id: str, /, timeout: int | None = None, count: int | None = None, **opts: Any
+    ) -> builtins.list[Sandbox | Exception]:
+        """New sandboxes with a copy of this one's files (see ``AsyncSandbox.fork``)."""
+        made = run(AsyncSandbox.fork(sandbox_id, timeout, count, **opts))
+        return [Sandbox(m) if isinstance(m, AsyncSandbox) else m for m in made]
+
+    @dual
+    def create_snapshot(
+        cls, sandbox_id: str, /, name: str | None = None, mode: str | None = None, **opts: Any
+    ) -> SnapshotInfo:
+        """A snapshot of the sandbox's files (see ``AsyncSandbox.create_snapshot``)."""
+        return run(AsyncSandbox.create_snapshot(sandbox_id, name, mode, **opts))
+
+    @staticmethod
+    def list_snapshots(
+        sandbox_id: str | None = None,
+        limit: int | None = None,
+        next_token: str | None = None,
+        name: str | None = None,
+        **opts: Any,
+    ) -> SnapshotPaginator:
+        """The caller's snapshots, newest first, a page at a time."""
+        return SnapshotPaginator(
+            AsyncSandbox.list_snapshots(sandbox_id, limit, next_token, name, **opts)
+        )
+
+    @staticmethod
+    def delete_snapshot(snapshot_id: str, **opts: Any) -> bool:
+        """Delete a snapshot; ``False`` if there was none."""
+        return run(AsyncSandbox.delete_snapshot(snapshot_id, **opts))
 
     @dual
     def set_timeout(cls, sandbox_id: str, /, timeout: int, **opts: Any) -> None:

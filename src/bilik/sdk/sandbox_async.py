@@ -18,9 +18,20 @@ from bilik.sdk.code import AsyncCodeInterpreter
 from bilik.sdk.commands import AsyncCommands, AsyncPty
 from bilik.sdk.config import ConnectionConfig
 from bilik.sdk.envd import Envd
-from bilik.sdk.exceptions import SandboxNotFoundException
+from bilik.sdk.exceptions import (
+    InvalidArgumentException,
+    NotFoundException,
+    SandboxException,
+    SandboxNotFoundException,
+)
 from bilik.sdk.files import AsyncFilesystem
-from bilik.sdk.models import ResourceUsage, SandboxInfo, SandboxMetrics, SandboxQuery
+from bilik.sdk.models import (
+    ResourceUsage,
+    SandboxInfo,
+    SandboxMetrics,
+    SandboxQuery,
+    SnapshotInfo,
+)
 
 DEFAULT_TEMPLATE = "code-interpreter-v1"
 DEFAULT_TIMEOUT = 300
@@ -32,6 +43,88 @@ class NetworkOpts(TypedDict, total=False):
 
     allow_out: list[str]
     deny_out: list[str]
+
+
+class SandboxLifecycle(TypedDict, total=False):
+    """What a sandbox's timeout does: ``on_timeout`` ``"kill"`` (the default) or ``"pause"``
+    (or ``{"action": "pause", "mode": "full" | "filesystem"}``); with ``auto_resume``, a
+    request reaching the paused sandbox resumes it (not with a files-only pause)."""
+
+    on_timeout: str | dict[str, str]
+    auto_resume: bool
+
+
+def lifecycle_body(lifecycle: SandboxLifecycle) -> dict[str, Any]:
+    """A lifecycle as a create sends it (E2B's ``autoPause``, ``autoPauseMemory``,
+    ``autoResume``); what cannot be is refused here, as E2B's SDK does."""
+    on_timeout = lifecycle.get("on_timeout")
+    mode = None
+    if isinstance(on_timeout, dict):
+        mode = on_timeout.get("mode")
+        on_timeout = on_timeout.get("action")
+    if on_timeout not in (None, "kill", "pause"):
+        raise InvalidArgumentException(f"on_timeout must be kill or pause, got {on_timeout!r}")
+    if mode not in (None, "full", "filesystem") or (mode and on_timeout != "pause"):
+        raise InvalidArgumentException("mode is full or filesystem, and only for a pause")
+    auto_resume = lifecycle.get("auto_resume")
+    if auto_resume and (on_timeout != "pause" or mode == "filesystem"):
+        raise InvalidArgumentException(
+            "auto_resume needs on_timeout pause, keeping memory (a files-only pause is "
+            "resumed with connect())"
+        )
+    body: dict[str, Any] = {}
+    if on_timeout is not None:
+        body["autoPause"] = on_timeout == "pause"
+    if mode is not None:
+        body["autoPauseMemory"] = mode == "full"
+    if auto_resume is not None:
+        body["autoResume"] = {"enabled": bool(auto_resume)}
+    return body
+
+
+def pause_memory(mode: str | None) -> bool:
+    if mode not in (None, "full", "filesystem"):
+        raise InvalidArgumentException(f"mode must be full or filesystem, got {mode!r}")
+    return mode != "filesystem"
+
+
+class AsyncSnapshotPaginator:
+    """Pages of snapshots, newest first: ``await next_items()`` while ``has_next``."""
+
+    next_token: str | None
+    has_next: bool
+
+    def __init__(
+        self,
+        sandbox_id: str | None,
+        name: str | None,
+        limit: int | None,
+        next_token: str | None,
+        **opts: Any,
+    ) -> None:
+        self._api = ApiClient(ConnectionConfig.from_params(opts))
+        self._params = {
+            k: v for k, v in (("sandboxID", sandbox_id), ("name", name), ("limit", limit)) if v
+        }
+        self.next_token = next_token
+        self.has_next = True
+
+    async def next_items(self) -> list[SnapshotInfo]:
+        """The next page."""
+        if not self.has_next:
+            raise StopAsyncIteration("no more pages")
+        params = dict(self._params)
+        if self.next_token:
+            params["nextToken"] = self.next_token
+        response = await self._api.request("GET", "/snapshots", params=params)
+        self.next_token = response.headers.get("X-Next-Token") or None
+        self.has_next = self.next_token is not None
+        return [SnapshotInfo.from_json(s) for s in response.json()]
+
+    async def __aiter__(self) -> AsyncIterator[SnapshotInfo]:
+        while self.has_next:
+            for info in await self.next_items():
+                yield info
 
 
 class AsyncSandboxPaginator:
@@ -125,13 +218,16 @@ class AsyncSandbox(AsyncCodeInterpreter):
         network: NetworkOpts | None = None,
         cpu_count: int | None = None,
         memory_mb: int | None = None,
+        lifecycle: SandboxLifecycle | None = None,
         **opts: Any,
     ) -> AsyncSandbox:
-        """Create a sandbox from a template (``code-interpreter-v1`` unless given) and return
-        it once it is ready. ``timeout`` is its lifetime in seconds (300 by default);
-        ``envs`` are set for everything it runs; ``allow_internet_access`` and ``network``
-        (``allow_out``/``deny_out``) set its egress; ``cpu_count`` and ``memory_mb`` its size.
-        Connection options: ``api_key``, ``api_url``, ``request_timeout``, ``retries``."""
+        """Create a sandbox from a template (``code-interpreter-v1`` unless given; a
+        snapshot's id or name too) and return it once it is ready. ``timeout`` is its
+        lifetime in seconds (300 by default); ``envs`` are set for everything it runs;
+        ``allow_internet_access`` and ``network`` (``allow_out``/``deny_out``) set its egress;
+        ``cpu_count`` and ``memory_mb`` its size; ``lifecycle`` what its timeout does (a kill,
+        or a pause; see :class:`SandboxLifecycle`). Connection options: ``api_key``,
+        ``api_url``, ``request_timeout``, ``retries``."""
         config = ConnectionConfig.from_params(opts)
         body: dict[str, Any] = {
             "templateID": template or DEFAULT_TEMPLATE,
@@ -153,6 +249,8 @@ class AsyncSandbox(AsyncCodeInterpreter):
             body["cpuCount"] = cpu_count
         if memory_mb is not None:
             body["memoryMB"] = memory_mb
+        if lifecycle:
+            body.update(lifecycle_body(lifecycle))
         # Retried creates (a 502 from a proxy, say) must not make two sandboxes.
         once = {"Idempotency-Key": uuid.uuid4().hex}
         response = await ApiClient(config).request("POST", "/sandboxes", json=body, headers=once)
@@ -172,7 +270,9 @@ class AsyncSandbox(AsyncCodeInterpreter):
     async def connect(
         cls, sandbox_id: str, timeout: int | None = None, **opts: Any
     ) -> AsyncSandbox:
-        """Connect to a running sandbox by id (and set its remaining lifetime, when given)."""
+        """Connect to a sandbox by id: a running one's lifetime only extends (to ``timeout``
+        seconds from now, when given); a paused one is resumed, with the same id, and lives
+        ``timeout`` seconds (300 if not given) from now."""
         config = ConnectionConfig.from_params(opts)
         body = {"timeout": timeout} if timeout is not None else {}
         response = await ApiClient(config).request(
@@ -202,6 +302,98 @@ class AsyncSandbox(AsyncCodeInterpreter):
                 "DELETE", f"/sandboxes/{sandbox_id}", not_found=SandboxNotFoundException
             )
         except SandboxNotFoundException:
+            return False
+        return True
+
+    @dual
+    async def pause(cls, sandbox_id: str, /, mode: str | None = None, **opts: Any) -> bool:
+        """Pause the sandbox: ``mode`` ``"full"`` (the default) keeps its memory, and a
+        resume (:meth:`connect`) goes on where it was; ``"filesystem"`` keeps only its files,
+        and a resume boots it afresh. ``False`` if it was paused already."""
+        body = {"memory": pause_memory(mode)}
+        try:
+            await ApiClient(ConnectionConfig.from_params(opts)).request(
+                "POST",
+                f"/sandboxes/{sandbox_id}/pause",
+                json=body,
+                not_found=SandboxNotFoundException,
+            )
+        except InvalidArgumentException as e:
+            if e.status_code == 409:
+                return False
+            raise
+        return True
+
+    @dual
+    async def fork(
+        cls, sandbox_id: str, /, timeout: int | None = None, count: int | None = None, **opts: Any
+    ) -> builtins.list[AsyncSandbox | Exception]:
+        """``count`` new sandboxes (1 by default, 20 at most), each with a copy of this one's
+        files, from one snapshot of them; this one goes on. Each boots afresh (its processes
+        are not this one's) and succeeds or fails on its own: a sandbox or an exception each."""
+        config = ConnectionConfig.from_params(opts)
+        body: dict[str, Any] = {}
+        if timeout is not None:
+            body["timeout"] = timeout
+        if count is not None:
+            body["count"] = count
+        response = await ApiClient(config).request(
+            "POST", f"/sandboxes/{sandbox_id}/fork", json=body, not_found=SandboxNotFoundException
+        )
+        results: builtins.list[AsyncSandbox | Exception] = []
+        for result in response.json():
+            if result.get("sandbox"):
+                results.append(cls._from_answer(result["sandbox"], config))
+                continue
+            error = result.get("error") or {}
+            code, message = error.get("code", 500), error.get("message", "the fork failed")
+            if code == 404:
+                results.append(NotFoundException(f"{code}: {message}"))
+            else:
+                results.append(SandboxException(f"{code}: {message}", status_code=code))
+        return results
+
+    @dual
+    async def create_snapshot(
+        cls, sandbox_id: str, /, name: str | None = None, mode: str | None = None, **opts: Any
+    ) -> SnapshotInfo:
+        """A snapshot of the sandbox's files (it goes on, running or paused): a template of
+        the caller's that sandboxes are created from. Named ``name`` (a new build of it, if
+        that snapshot exists), else by its id. This server keeps files only, whatever
+        ``mode`` asks: sandboxes made from a snapshot boot afresh."""
+        body: dict[str, Any] = {}
+        if name:
+            body["name"] = name
+        if mode is not None:
+            body["memory"] = pause_memory(mode)
+        response = await ApiClient(ConnectionConfig.from_params(opts)).request(
+            "POST",
+            f"/sandboxes/{sandbox_id}/snapshots",
+            json=body,
+            not_found=SandboxNotFoundException,
+        )
+        return SnapshotInfo.from_json(response.json())
+
+    @staticmethod
+    def list_snapshots(
+        sandbox_id: str | None = None,
+        limit: int | None = None,
+        next_token: str | None = None,
+        name: str | None = None,
+        **opts: Any,
+    ) -> AsyncSnapshotPaginator:
+        """The caller's snapshots, newest first, a page at a time: of one sandbox, or of one
+        name or id."""
+        return AsyncSnapshotPaginator(sandbox_id, name, limit, next_token, **opts)
+
+    @staticmethod
+    async def delete_snapshot(snapshot_id: str, **opts: Any) -> bool:
+        """Delete a snapshot (the template it is); ``False`` if there was none."""
+        try:
+            await ApiClient(ConnectionConfig.from_params(opts)).request(
+                "DELETE", f"/templates/{snapshot_id}"
+            )
+        except NotFoundException:
             return False
         return True
 

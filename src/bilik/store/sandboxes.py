@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import sqlalchemy as sa
@@ -22,6 +23,15 @@ class SandboxRow:
     envd_access_token: str
     started_at: float
     state: str = "running"  # (``bilik.sandboxes.states``)
+    # E2B's lifecycle: what its timeout does ("kill" or "pause"), whether such a pause keeps
+    # its memory, whether traffic resumes it once paused, and the timeout it was made with.
+    on_timeout: str = "kill"
+    auto_pause_memory: bool = True
+    auto_resume: bool = False
+    timeout_s: int = 300
+    # While paused: since when, and whether its memory was kept.
+    paused_at: float | None = None
+    pause_memory: bool | None = None
 
 
 def _row(row: Any) -> SandboxRow:
@@ -33,6 +43,12 @@ def _row(row: Any) -> SandboxRow:
         row.envd_access_token,
         row.started_at,
         row.state,
+        row.on_timeout,
+        bool(row.auto_pause_memory),
+        bool(row.auto_resume),
+        row.timeout_s,
+        row.paused_at,
+        None if row.pause_memory is None else bool(row.pause_memory),
     )
 
 
@@ -51,15 +67,25 @@ class SandboxStore:
                     envd_access_token=row.envd_access_token,
                     started_at=row.started_at,
                     state=row.state,
+                    on_timeout=row.on_timeout,
+                    auto_pause_memory=row.auto_pause_memory,
+                    auto_resume=row.auto_resume,
+                    timeout_s=row.timeout_s,
                 )
             )
 
     async def set_state(
-        self, sandbox_id: str, old: str, new: str, started_at: float | None = None
+        self,
+        sandbox_id: str,
+        old: str,
+        new: str,
+        started_at: float | None = None,
+        record: Mapping[str, Any] | None = None,
     ) -> bool:
         """Move the sandbox from state ``old`` to ``new`` (and its start time to
-        ``started_at``, if given); False if it was not in state ``old``."""
-        values: dict[str, Any] = {"state": new}
+        ``started_at``, if given, and its other columns to ``record``); False if it was not
+        in state ``old``."""
+        values: dict[str, Any] = {**(record or {}), "state": new}
         if started_at is not None:
             values["started_at"] = started_at
         async with self.engine.begin() as conn:
@@ -88,12 +114,12 @@ class SandboxStore:
             return [_row(r) for r in rows]
 
     async def owners(self) -> dict[str, tuple[str, str]]:
-        """Every running sandbox's envd access token and owning key, by sandbox id (one still
-        being created is no one's to reach yet)."""
+        """Every made sandbox's envd access token and owning key, by sandbox id: running,
+        paused or on the way between (one still being created is no one's to reach yet)."""
         async with self.engine.connect() as conn:
             rows = await conn.execute(
                 sa.select(sandboxes.c.id, sandboxes.c.envd_access_token, sandboxes.c.key_id).where(
-                    sandboxes.c.state == "running"
+                    sandboxes.c.state != "creating"
                 )
             )
             return {r.id: (r.envd_access_token, r.key_id) for r in rows}
@@ -107,6 +133,19 @@ class SandboxStore:
                 )
             )
             return {r.id: r.started_at for r in rows}
+
+    async def all(self) -> list[SandboxRow]:
+        """Every recorded sandbox."""
+        async with self.engine.connect() as conn:
+            return [_row(r) for r in await conn.execute(sa.select(sandboxes))]
+
+    async def by_id(self, sandbox_id: str) -> SandboxRow | None:
+        """The sandbox, whoever owns it (for the server's own work, never a key's request)."""
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(sa.select(sandboxes).where(sandboxes.c.id == sandbox_id))
+            ).first()
+        return _row(row) if row else None
 
     async def states(self) -> dict[str, str]:
         """Every recorded sandbox's state, by sandbox id."""

@@ -54,6 +54,16 @@ sandboxes = sa.Table(
     # Where its lifecycle is (``bilik.sandboxes.states``): recorded before each step acts, so
     # a start after a crash finds the creates it cut short.
     sa.Column("state", sa.String(16), nullable=False, server_default="running"),
+    # What its timeout does ("kill" or "pause"), how such a pause keeps it (memory or files
+    # only), and whether a request to a paused one resumes it (E2B's lifecycle).
+    sa.Column("on_timeout", sa.String(8), nullable=False, server_default="kill"),
+    sa.Column("auto_pause_memory", sa.Boolean, nullable=False, server_default=sa.true()),
+    sa.Column("auto_resume", sa.Boolean, nullable=False, server_default=sa.false()),
+    # The timeout it was made with: what a resume by traffic gives it again.
+    sa.Column("timeout_s", sa.Integer, nullable=False, server_default="300"),
+    # While paused: since when (kept until then plus the retention), and whether with memory.
+    sa.Column("paused_at", sa.Float, nullable=True),
+    sa.Column("pause_memory", sa.Boolean, nullable=True),
 )
 
 
@@ -69,6 +79,8 @@ templates = sa.Table(
     sa.Column("memory_mb", sa.Integer, nullable=False),
     # The build that made the image sandboxes start from (NULL until one is ready).
     sa.Column("ready_build_id", sa.String(64), nullable=True),
+    # A snapshot's: the sandbox it was taken of (NULL for a built template).
+    sa.Column("source_sandbox_id", sa.String(32), nullable=True),
     sa.UniqueConstraint("key_id", "name"),
 )
 
@@ -214,6 +226,20 @@ def _v9_key_teams(conn: Connection) -> None:
     conn.execute(sa.text("ALTER TABLE api_keys ADD COLUMN suffix VARCHAR(8) NOT NULL DEFAULT ''"))
 
 
+def _v10_pause(conn: Connection) -> None:
+    # (Every sandbox recorded before this ran is killed at its timeout, as it was made to be.)
+    for column in (
+        "on_timeout VARCHAR(8) NOT NULL DEFAULT 'kill'",
+        "auto_pause_memory BOOLEAN NOT NULL DEFAULT TRUE",
+        "auto_resume BOOLEAN NOT NULL DEFAULT FALSE",
+        "timeout_s INTEGER NOT NULL DEFAULT 300",
+        "paused_at FLOAT",
+        "pause_memory BOOLEAN",
+    ):
+        conn.execute(sa.text(f"ALTER TABLE sandboxes ADD COLUMN {column}"))
+    conn.execute(sa.text("ALTER TABLE templates ADD COLUMN source_sandbox_id VARCHAR(32)"))
+
+
 # Append only: a released migration never changes, a new one goes at the end.
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _v1_api_keys,
@@ -225,6 +251,7 @@ MIGRATIONS: list[Callable[[Connection], None]] = [
     _v7_template_tags,
     _v8_sandbox_state,
     _v9_key_teams,
+    _v10_pause,
 ]
 
 

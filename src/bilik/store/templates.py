@@ -25,6 +25,7 @@ class TemplateRow:
     cpu_count: int
     memory_mb: int
     ready_build_id: str | None
+    source_sandbox_id: str | None = None  # a snapshot's: the sandbox it was taken of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +58,7 @@ def _template(row: Any) -> TemplateRow:
         row.cpu_count,
         row.memory_mb,
         row.ready_build_id,
+        row.source_sandbox_id,
     )
 
 
@@ -107,6 +109,68 @@ class TemplateStore:
                 await conn.execute(template_builds.insert().values(**values))
                 return template, build
         raise RuntimeError(f"could not make template {name!r}")
+
+    async def request_snapshot(
+        self, key_id: str, name: str | None, source_sandbox_id: str, cpu_count: int, memory_mb: int
+    ) -> tuple[TemplateRow, BuildRow, bool]:
+        """The key's snapshot template called ``name`` (made now if new, named by its id if
+        no name is given), a new build of it (``building``), and whether the template is new.
+        A name a built template of the key holds is refused (ValueError): a snapshot never
+        replaces a template's image."""
+        for _ in range(3):  # a concurrent request for the same new name may win the insert
+            template = await self.get(name, key_id) if name else None
+            if template is not None and template.source_sandbox_id is None:
+                raise ValueError(f"template {name!r} is a built template, not a snapshot")
+            new = template is None
+            async with self.engine.begin() as conn:
+                if template is None:
+                    template_id = secrets.token_hex(10)
+                    template = TemplateRow(
+                        template_id,
+                        key_id,
+                        name or template_id,
+                        time.time(),
+                        cpu_count,
+                        memory_mb,
+                        None,
+                        source_sandbox_id,
+                    )
+                    try:
+                        await conn.execute(
+                            templates.insert().values(**dataclasses.asdict(template))
+                        )
+                    except IntegrityError:
+                        continue
+                else:
+                    await conn.execute(
+                        templates.update()
+                        .where(templates.c.id == template.id)
+                        .values(source_sandbox_id=source_sandbox_id)
+                    )
+                    template = dataclasses.replace(template, source_sandbox_id=source_sandbox_id)
+                build = BuildRow(
+                    str(uuid.uuid4()), template.id, "building", None, time.time(), None
+                )
+                values = dataclasses.asdict(build)
+                values["reason"] = None
+                values["tags"] = json.dumps([])
+                await conn.execute(template_builds.insert().values(**values))
+                return template, build, new
+        raise RuntimeError(f"could not make snapshot {name!r}")
+
+    async def snapshots(self, key_id: str) -> list[TemplateRow]:
+        """The key's snapshots with a finished build, the newest first (then by id)."""
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                sa.select(templates)
+                .where(
+                    templates.c.key_id == key_id,
+                    templates.c.source_sandbox_id.is_not(None),
+                    templates.c.ready_build_id.is_not(None),
+                )
+                .order_by(templates.c.created_at.desc(), templates.c.id)
+            )
+            return [_template(r) for r in rows]
 
     async def get(self, id_or_name: str, key_id: str) -> TemplateRow | None:
         """The key's template with this id or name."""

@@ -125,6 +125,8 @@ class BuildLog:
 
     def output(self, text: str, step: str | None) -> None:
         """Log what a step printed, while the log has room for it."""
+        if not text.strip():
+            return  # (blank output says nothing, and shows as an empty line)
         room = LOG_OUTPUT_BYTES - self._output
         if room > ENTRY_COST:
             kept = self._add(self._entry(text.rstrip("\n")[: room - ENTRY_COST], "info", step))
@@ -217,7 +219,7 @@ class Builder:
                 if not isinstance(step, dict) or not isinstance(step.get("type"), str):
                     raise BuildFailed(f"step {number} is not a step", tag)
                 kind, args = step["type"].upper(), [str(a) for a in step.get("args") or []]
-                log(f"[{number}/{len(steps)}] {kind} {' '.join(args)}".rstrip(), step=tag)
+                log(f"[{number}/{len(steps)}] {describe_step(kind, args)}", step=tag)
                 force = force or bool(step.get("force"))
                 if kind == "ENV":
                     if len(args) % 2:
@@ -481,6 +483,26 @@ class Builder:
             raise BuildFailed(f"the start command did not become ready: {e}", "finalize") from None
         await self.runtime.kill(info.sandbox_id)
         log("Ready", step="finalize")
+
+
+def describe_step(kind: str, args: list[str]) -> str:
+    """A step as the build log shows it, read as a Dockerfile line: ``RUN (as root) CMD``,
+    ``COPY --chown=USER --chmod=MODE SRC DEST``, ``ENV NAME=VALUE`` (the SDK's positional
+    user and mode are not shown as if they were arguments of the command)."""
+    if kind == "RUN" and args:
+        user = f"(as {args[1]}) " if len(args) > 1 and args[1] else ""
+        return f"RUN {user}{args[0]}"
+    if kind == "COPY" and len(args) >= 2:
+        flags = []
+        if len(args) > 2 and args[2]:
+            flags.append(f"--chown={args[2]}")
+        if len(args) > 3 and args[3]:
+            flags.append(f"--chmod={args[3]}")
+        return " ".join(["COPY", *flags, shlex.quote(args[0]), shlex.quote(args[1])])
+    if kind == "ENV" and args and len(args) % 2 == 0:
+        pairs = zip(args[::2], args[1::2], strict=True)
+        return "ENV " + " ".join(f"{name}={shlex.quote(value)}" for name, value in pairs)
+    return f"{kind} {' '.join(args)}".rstrip()
 
 
 def scratch_image_of(build_id: str) -> str:
